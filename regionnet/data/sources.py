@@ -1,0 +1,202 @@
+"""Data sources: a folder tree, a CSV manifest, or phantoms -> a table of records.
+
+Every source yields a pandas DataFrame with one row per radiograph and these columns:
+`path` (absolute file path, or `phantom://<region>/<seed>`), `region` (a member of the
+region set or `other`), `patient_id` (splits never put one patient in two splits), `source`,
+`split` (train/val/test or empty), and one 0/1 label column per region in head order
+(`label_<region>`; 1 = shows the region, 0 = does not). Extra manifest columns are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from regionnet.data.phantom import PHANTOM_REGIONS, phantom_uri
+from regionnet.io import IMAGE_EXTENSIONS
+from regionnet.regions import OTHER, to_target
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def label_columns(regions: Sequence[str]) -> list[str]:
+    """Label column names in head order."""
+    return [f"label_{r}" for r in regions]
+
+
+def _finish(df: pd.DataFrame, regions: tuple[str, ...]) -> pd.DataFrame:
+    """Add label columns from `region` (unless present) and fill optional columns."""
+    for region, col in zip(regions, label_columns(regions), strict=True):
+        if col not in df:
+            df[col] = (df["region"] == region).astype(int)
+    for col in ("patient_id", "source", "split"):
+        if col not in df:
+            df[col] = ""
+    df["patient_id"] = df["patient_id"].fillna("").astype(str)
+    # A radiograph without a patient id is its own patient: no grouping is possible.
+    missing = df["patient_id"] == ""
+    df.loc[missing, "patient_id"] = df.loc[missing, "path"]
+    df["split"] = df["split"].fillna("").astype(str).str.strip().str.lower()
+    bad = sorted(set(df["split"]) - {"", *SPLITS})
+    if bad:
+        raise ValueError(f"split column has values {bad}; allowed: {', '.join(SPLITS)} or empty")
+    return df.reset_index(drop=True)
+
+
+def folder_records(
+    root: str | Path,
+    regions: tuple[str, ...],
+    aliases: Mapping[str, str] | None = None,
+    unknown_as_other: bool = False,
+    source: str | None = None,
+) -> pd.DataFrame:
+    """Records from `root/<region or alias>/**/*.{png,jpg,jpeg,tif,tiff,dcm}`.
+
+    The first folder level names the region (`hip/` -> pelvis, `chest/` -> other). Files with
+    other suffixes are skipped and counted in the log.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.root={str(root)!r} is not a folder. Point it at a folder whose sub-folders "
+            "are named by region (e.g. root/knee/*.png, root/hip/*.dcm)."
+        )
+    rows, skipped = [], 0
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subdirs:
+        raise ValueError(f"data.root={str(root)!r} has no region sub-folders (e.g. knee/, hand/)")
+    for sub in subdirs:
+        region = to_target(sub.name, regions, aliases, unknown_as_other, where=f"folder {sub}")
+        for f in sorted(sub.rglob("*")):
+            if not f.is_file() or f.name.startswith("."):
+                continue
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped += 1
+                continue
+            rows.append({"path": str(f.resolve()), "region": region, "folder": sub.name})
+    if skipped:
+        log.info("%s: skipped %d files without an image suffix %s", root, skipped, IMAGE_EXTENSIONS)
+    if not rows:
+        raise ValueError(f"data.root={str(root)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    df = pd.DataFrame(rows)
+    df["source"] = source or root.name
+    return _finish(df, regions)
+
+
+def csv_records(
+    csv_path: str | Path,
+    regions: tuple[str, ...],
+    aliases: Mapping[str, str] | None = None,
+    unknown_as_other: bool = False,
+    source: str | None = None,
+) -> pd.DataFrame:
+    """Records from a CSV manifest: `path` plus `region` or one 0/1 column per region.
+
+    Optional columns: `patient_id`, `split` (train/val/test), `source`. Relative paths resolve
+    against the CSV's folder. With per-region columns, a row with no 1 is `other`.
+    """
+    csv_path = Path(csv_path).expanduser()
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"data.csv={str(csv_path)!r} does not exist; give a CSV manifest")
+    df = pd.read_csv(csv_path, dtype={"patient_id": str, "split": str, "path": str})
+    if "path" not in df:
+        raise ValueError(f"{csv_path}: needs a 'path' column; has {list(df.columns)}")
+    if df.empty:
+        raise ValueError(f"{csv_path}: has no rows")
+    base = csv_path.resolve().parent
+    df["path"] = [str(p if Path(p).is_absolute() else (base / p)) for p in df["path"]]
+    region_cols = [r for r in regions if r in df]
+    if "region" in df:
+        df["region"] = [
+            to_target(v, regions, aliases, unknown_as_other, where=f"{csv_path} row {i + 2}")
+            for i, v in enumerate(df["region"].astype(str))
+        ]
+    elif len(region_cols) == len(regions):
+        values = df[list(regions)]
+        if not values.isin([0, 1]).all().all():
+            raise ValueError(f"{csv_path}: region columns {list(regions)} must hold 0 or 1")
+        for r in regions:
+            df[f"label_{r}"] = df[r].astype(int)
+        # The region column names the single positive head; several positives keep the first.
+        df["region"] = [
+            next((r for r in regions if row[r] == 1), OTHER) for _, row in values.iterrows()
+        ]
+    else:
+        raise ValueError(
+            f"{csv_path}: needs a 'region' column or one 0/1 column per region "
+            f"({', '.join(regions)}); found columns {list(df.columns)}"
+        )
+    if "source" not in df:
+        df["source"] = source or csv_path.stem
+    return _finish(df, regions)
+
+
+def phantom_records(
+    regions: tuple[str, ...],
+    per_region: int = 120,
+    other_regions: Sequence[str] = ("chest", "foot", "skull"),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Records of synthetic phantoms: `per_region` per target region and per other region.
+
+    Each phantom is its own patient. Target regions that `phantom.py` cannot draw raise.
+    """
+    drawable = [r for r in regions if r in PHANTOM_REGIONS]
+    if len(drawable) != len(regions):
+        missing = [r for r in regions if r not in PHANTOM_REGIONS]
+        raise ValueError(
+            f"data=phantom cannot draw regions {missing}; phantoms exist for {PHANTOM_REGIONS}"
+        )
+    bad_other = [r for r in other_regions if r not in PHANTOM_REGIONS or r in regions]
+    if bad_other:
+        raise ValueError(f"data.other_regions {bad_other} must be drawable and not in data.regions")
+    rows = []
+    for k, anatomy in enumerate((*regions, *other_regions)):
+        for i in range(per_region):
+            s = seed * 1_000_003 + k * 100_003 + i
+            target = anatomy if anatomy in regions else OTHER
+            rows.append({"path": phantom_uri(anatomy, s), "region": target, "anatomy": anatomy})
+    df = pd.DataFrame(rows)
+    df["source"] = "phantom"
+    return _finish(df, regions)
+
+
+def load_records(
+    kind: str,
+    regions: tuple[str, ...],
+    root: str | None = None,
+    csv: str | None = None,
+    aliases: Mapping[str, str] | None = None,
+    unknown_as_other: bool = False,
+    phantom: Mapping | None = None,
+) -> pd.DataFrame:
+    """Dispatch on `data.source` (phantom, folder, csv)."""
+    if kind == "folder":
+        if not root:
+            raise ValueError("data=folder needs data.root=DIR")
+        return folder_records(root, regions, aliases, unknown_as_other)
+    if kind == "csv":
+        if not csv:
+            raise ValueError("data=csv needs data.csv=FILE.csv")
+        return csv_records(csv, regions, aliases, unknown_as_other)
+    if kind == "phantom":
+        return phantom_records(regions, **dict(phantom or {}))
+    raise ValueError(f"data.source={kind!r}: choose phantom, folder or csv")
+
+
+def records_from_path(
+    path: str | Path,
+    regions: tuple[str, ...],
+    aliases: Mapping[str, str] | None = None,
+    unknown_as_other: bool = False,
+) -> pd.DataFrame:
+    """A folder tree or a CSV manifest, chosen by what `path` is (for `data.external_test`)."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() == ".csv":
+        return csv_records(path, regions, aliases, unknown_as_other)
+    return folder_records(path, regions, aliases, unknown_as_other)

@@ -1,0 +1,117 @@
+"""Per-region and summary metrics for one-vs-rest heads (torchmetrics, DDP-synced).
+
+Names follow `stage/metric/region` (`val/auroc/knee`) plus summaries: `stage/auroc_mean`
+and `stage/auroc_min` over heads with both positives and negatives in the stage, and
+`stage/top1_acc`, the share of single-region radiographs whose highest head is their region.
+Sensitivity, specificity and accuracy are taken at each head's operating threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryRecall,
+    BinaryROC,
+    BinarySpecificity,
+    MulticlassAccuracy,
+)
+
+
+class LabelCounts(Metric):
+    """Images seen and positives per head (summed across processes)."""
+
+    full_state_update = False
+
+    def __init__(self, num_regions: int):
+        super().__init__()
+        self.add_state("positives", torch.zeros(num_regions), dist_reduce_fx="sum")
+        self.add_state("images", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, labels: torch.Tensor) -> None:
+        self.positives += labels.sum(0).to(self.positives)
+        self.images += len(labels)
+
+    def compute(self) -> tuple[list[float], float]:
+        return self.positives.tolist(), float(self.images)
+
+
+class RegionMetrics(nn.Module):
+    """Metric state for one stage; `update` with probabilities and 0/1 labels, shape (B, R)."""
+
+    def __init__(self, regions: Sequence[str], thresholds: Sequence[float] | None = None):
+        super().__init__()
+        self.regions = list(regions)
+        thresholds = list(thresholds or [0.5] * len(self.regions))
+        self.per_region = nn.ModuleDict(
+            {
+                r: MetricCollection(
+                    {
+                        "auroc": BinaryAUROC(),
+                        "acc": BinaryAccuracy(threshold=t),
+                        "sensitivity": BinaryRecall(threshold=t),
+                        "specificity": BinarySpecificity(threshold=t),
+                    }
+                )
+                for r, t in zip(self.regions, thresholds, strict=True)
+            }
+        )
+        self.roc = nn.ModuleDict({r: BinaryROC(thresholds=200) for r in self.regions})
+        self.counts = LabelCounts(len(self.regions))
+        self.top1 = MulticlassAccuracy(num_classes=max(2, len(self.regions)), average="micro")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        target = labels.int()
+        for k, r in enumerate(self.regions):
+            self.per_region[r].update(probs[:, k], target[:, k])
+            self.roc[r].update(probs[:, k], target[:, k])
+        self.counts.update(labels)
+        single = labels.sum(1) == 1
+        if single.any():
+            self.top1.update(probs[single].argmax(1), labels[single].argmax(1))
+
+    def compute(self, stage: str) -> dict[str, float]:
+        """Plain floats keyed by logged name; AUROC only where a head saw both classes."""
+        out: dict[str, float] = {}
+        pos, n = self.counts.compute()
+        aurocs = []
+        for k, r in enumerate(self.regions):
+            values = self.per_region[r].compute()
+            defined = 0 < pos[k] < n
+            for name, value in values.items():
+                if name == "auroc" and not defined:
+                    continue
+                if name == "sensitivity" and pos[k] == 0:
+                    continue
+                if name == "specificity" and pos[k] == n:
+                    continue
+                out[f"{stage}/{name}/{r}"] = float(value)
+            if defined:
+                aurocs.append(out[f"{stage}/auroc/{r}"])
+            out[f"{stage}/positives/{r}"] = pos[k]
+        if aurocs:
+            out[f"{stage}/auroc_mean"] = sum(aurocs) / len(aurocs)
+            out[f"{stage}/auroc_min"] = min(aurocs)
+        if self.top1.update_count:
+            out[f"{stage}/top1_acc"] = float(self.top1.compute())
+        out[f"{stage}/images"] = n
+        return out
+
+    def roc_curves(self) -> dict[str, tuple[list[float], list[float]]]:
+        """(false positive rates, true positive rates) per region."""
+        curves = {}
+        for r in self.regions:
+            fpr, tpr, _ = self.roc[r].compute()
+            curves[r] = (fpr.tolist(), tpr.tolist())
+        return curves
+
+    def reset(self) -> None:
+        for m in (*self.per_region.values(), *self.roc.values()):
+            m.reset()
+        for m in (self.counts, self.top1):
+            m.reset()

@@ -1,0 +1,249 @@
+"""RegionNet: one timm backbone, one binary head per anatomical region.
+
+Input: (B, 1, S, S) normalised single-channel radiographs. `forward` returns a dict
+region -> logits (B,); `sigmoid(logit)` is the probability that the radiograph shows the region.
+Heads are independent (one-vs-rest), so all of them can say no: the radiograph is `unknown`
+(e.g. a chest film). `shared_backbone=false` builds the reference study's design instead: one
+backbone per region, for a side-by-side comparison of cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MaxMetric
+
+from regionnet.model.backbone import create_backbone, feature_dim
+from regionnet.model.heads import region_heads
+from regionnet.model.metrics import RegionMetrics
+from regionnet.regions import REGIONS, validate_regions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+
+
+class RegionNet(L.LightningModule):
+    """Shared-backbone multi-head region classifier (see module docstring)."""
+
+    def __init__(
+        self,
+        regions: Sequence[str] = REGIONS,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        in_chans: int = 1,
+        shared_backbone: bool = True,
+        head_hidden: int = 0,
+        head_dropout: float = 0.0,
+        drop_path_rate: float = 0.0,
+        pos_weight: str | float | None = "auto",
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        scheduler_interval: str = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
+        image_size: int = 224,
+        thresholds: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        regions = list(validate_regions(regions))
+        if pos_weight not in ("auto", None) and not isinstance(pos_weight, int | float):
+            raise ValueError(f"model.pos_weight={pos_weight!r}: use auto, null or a number")
+        # Plain values only, so load_from_checkpoint works without Hydra.
+        self.save_hyperparameters()
+        self.hparams["regions"] = regions
+        self.regions = regions
+        make = lambda: create_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)  # noqa: E731
+        if shared_backbone:
+            self.backbone = make()
+            width = feature_dim(self.backbone)
+        else:
+            self.backbones = nn.ModuleDict({r: make() for r in regions})
+            width = feature_dim(next(iter(self.backbones.values())))
+        self.heads = region_heads(regions, width, head_hidden, head_dropout)
+        thresholds = list(thresholds) if thresholds is not None else [0.5] * len(regions)
+        if len(thresholds) != len(regions):
+            raise ValueError(f"model.thresholds needs {len(regions)} values, got {thresholds}")
+        # Buffers travel with the checkpoint: operating thresholds and the loss's pos_weight.
+        self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
+        self.register_buffer("pos_weight", torch.ones(len(regions)))
+        self.metrics = nn.ModuleDict(
+            {s: RegionMetrics(regions, thresholds) for s in ("val", "test", "external")}
+        )
+        self.val_auroc_best = MaxMetric()
+
+    # -- model ----------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, F); shared design only."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.hparams.shared_backbone:
+            feats = self.backbone(x)
+            return {r: head(feats).squeeze(1) for r, head in self.heads.items()}
+        return {r: self.heads[r](self.backbones[r](x)).squeeze(1) for r in self.regions}
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits stacked in head order, (B, R)."""
+        out = self(x)
+        return torch.stack([out[r] for r in self.regions], dim=1)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities per head, (B, R)."""
+        return torch.sigmoid(self.logits(x).float())
+
+    def reset_heads(self, regions: Sequence[str]) -> None:
+        """New heads for another region set (fine-tune a trained backbone), like timm's
+        `reset_classifier`. Shared design only."""
+        if not self.hparams.shared_backbone:
+            raise ValueError("reset_heads needs model.shared_backbone=true")
+        regions = list(validate_regions(regions))
+        width = feature_dim(self.backbone)
+        self.heads = region_heads(
+            regions, width, self.hparams.head_hidden, self.hparams.head_dropout
+        )
+        self.regions = regions
+        self.hparams["regions"] = regions
+        self.thresholds = torch.full((len(regions),), 0.5, device=self.thresholds.device)
+        self.pos_weight = torch.ones(len(regions), device=self.pos_weight.device)
+        self.metrics = nn.ModuleDict(
+            {s: RegionMetrics(regions) for s in ("val", "test", "external")}
+        )
+
+    # -- training -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if stage != "fit" or self.hparams.pos_weight is None or dm is None:
+            return
+        if list(dm.regions) != self.regions:
+            raise ValueError(f"data.regions {list(dm.regions)} != model heads {self.regions}")
+        if self.hparams.pos_weight == "auto":
+            # negatives/positives per head: one-vs-rest is about 1:4 with five balanced regions
+            pos = torch.tensor(dm.positives(), dtype=torch.float32)
+            n = float(dm.train_size())
+            weight = ((n - pos) / pos.clamp(min=1)).clamp(1.0, 100.0)
+        else:
+            weight = torch.full((len(self.regions),), float(self.hparams.pos_weight))
+        self.pos_weight = weight.to(self.pos_weight.device)
+        log.info(
+            "BCE pos_weight per head: %s", dict(zip(self.regions, weight.tolist(), strict=True))
+        )
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over heads of per-head BCE-with-logits."""
+        return F.binary_cross_entropy_with_logits(
+            logits.float(), labels, pos_weight=self.pos_weight
+        )
+
+    def _warn_errors(self, batch: dict) -> None:
+        for path, why in batch.get("errors", []):
+            log.warning("skipped unreadable radiograph %s: %s", path, why)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return None
+        loss = self._loss(self.logits(batch["image"]), batch["labels"])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(batch["labels"]),
+        )
+        return loss
+
+    def on_train_start(self) -> None:
+        # Sanity-check validation must not leak into the best-so-far tracker.
+        self.metrics["val"].reset()
+        self.val_auroc_best.reset()
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return
+        logits = self.logits(batch["image"])
+        labels = batch["labels"]
+        self.log(
+            f"{stage}/loss",
+            self._loss(logits, labels),
+            on_epoch=True,
+            batch_size=len(labels),
+            add_dataloader_idx=False,
+        )
+        self.metrics[stage].update(torch.sigmoid(logits.float()), labels)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._test_stage(dataloader_idx))
+
+    def _test_stage(self, dataloader_idx: int) -> str:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = dm.test_stage_names() if hasattr(dm, "test_stage_names") else ["test"]
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"test{dataloader_idx}"
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        metrics = self.metrics[stage]
+        if not metrics.counts.update_count:
+            return {}
+        values = metrics.compute(stage)
+        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        self._log_roc(stage, metrics)
+        metrics.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._end_stage("val")
+        if "val/auroc_mean" in values and not self.trainer.sanity_checking:
+            self.val_auroc_best.update(torch.tensor(values["val/auroc_mean"]))
+            self.log("val/auroc_mean_best", self.val_auroc_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        for stage in ("test", "external"):
+            self._end_stage(stage)
+
+    def _log_roc(self, stage: str, metrics: RegionMetrics) -> None:
+        curves = metrics.roc_curves()  # every rank computes (sync); rank 0 logs
+        if self.trainer.sanity_checking:
+            return
+        from regionnet.loggers import log_roc_curves
+
+        log_roc_curves(self.loggers, stage, curves, self.global_step)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Probabilities per head for the readable images of a batch, plus its read errors:
+        {"path": [...], "probs": (B, R) float tensor on CPU, "errors": [(path, reason)]}."""
+        probs = (
+            self.predict_proba(batch["image"]).cpu()
+            if "image" in batch
+            else torch.empty(0, len(self.regions))
+        )
+        return {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+
+    def configure_optimizers(self):
+        from hydra.utils import instantiate  # only training needs Hydra
+
+        optimizer = instantiate(dict(self.hparams.optimizer or DEFAULT_OPTIMIZER))
+        optimizer = optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(dict(self.hparams.scheduler))(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": "val/auroc_mean",
+            },
+        }

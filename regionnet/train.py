@@ -1,0 +1,121 @@
+"""`train(cfg)`: fit a RegionNet, then validate and test its best checkpoint.
+
+Writes into the run directory (`paths.output_dir`, Hydra's run dir): `config.yaml`,
+`split.csv`, `checkpoints/best.ckpt` and `last.ckpt`, `metrics.json` (final val/test/external
+metrics keyed by their logged names), and the loggers' files (`csv/`, `wandb/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from regionnet.data.datamodule import RegionDataModule
+from regionnet.model.module import RegionNet
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> RegionDataModule:
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_model(cfg: DictConfig, regions) -> RegionNet:
+    """The model class named by `model._target_` with plain-value arguments (no Hydra
+    objects in the checkpoint's hyperparameters)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    cls = get_class(kwargs.pop("_target_", "regionnet.model.module.RegionNet"))
+    return cls(regions=list(regions), **kwargs)
+
+
+def instantiate_list(group: DictConfig | None) -> list:
+    """Instantiate every entry of a config group dict (`callbacks`, `logger`); skip nulls."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def numbers(metrics: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Plain floats of logged metrics whose names start with one of `prefixes`."""
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith(prefixes):
+            out[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
+    return dict(sorted(out.items()))
+
+
+def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "external")) -> None:
+    """A per-region AUROC table on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = [s for s in stages if any(k.startswith(f"{s}/") for k in metrics)]
+    table = Table(title="AUROC per region head (one-vs-rest)")
+    table.add_column("region")
+    for s in shown:
+        table.add_column(s, justify="right")
+    for r in [*regions, "auroc_mean", "top1_acc"]:
+        key = (lambda s: f"{s}/auroc/{r}") if r in regions else (lambda s: f"{s}/{r}")
+        cells = [f"{metrics[key(s)]:.3f}" if key(s) in metrics else "n/a" for s in shown]
+        table.add_row(r, *cells)
+    Console().print(table)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, validate and test as configured; return the final metrics."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+    dm = build_datamodule(cfg)
+    dm.setup()
+    if dm.hparams.source == "phantom":
+        log.warning(
+            "data=phantom: SYNTHETIC radiographs for trying regionnet, not clinical evidence"
+        )
+    model = build_model(cfg, dm.regions)
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        dm.write_split(out / "split.csv")
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(plain_cfg)
+
+    fit_model = torch.compile(model) if cfg.model.get("compile") else model
+    trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    if best is None:
+        log.warning(
+            "no best checkpoint (fast_dev_run or no checkpoint callback): using last weights"
+        )
+    metrics = numbers(trainer.callback_metrics, ("val/auroc_mean_best",))
+    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
+    metrics.update(numbers(trainer.callback_metrics, ("val/",)))
+    if cfg.get("test", True):
+        trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+        metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
+
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print_summary(metrics, dm.regions)
+        log.info("run directory: %s (best checkpoint: %s)", out, best)
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+    return metrics
