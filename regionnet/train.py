@@ -61,9 +61,8 @@ def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "ex
     for s in shown:
         table.add_column(s, justify="right")
     for r in [*regions, "auroc_mean", "top1_acc"]:
-        key = (lambda s: f"{s}/auroc/{r}") if r in regions else (lambda s: f"{s}/{r}")
-        cells = [f"{metrics[key(s)]:.3f}" if key(s) in metrics else "n/a" for s in shown]
-        table.add_row(r, *cells)
+        keys = [f"{s}/auroc/{r}" if r in regions else f"{s}/{r}" for s in shown]
+        table.add_row(r, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in keys))
     Console().print(table)
 
 
