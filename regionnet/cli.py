@@ -15,3 +15,27 @@ def train_main(cfg: DictConfig) -> float | None:
 
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric") or "", None)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    """`regionnet-eval ckpt_path=... [data=...]`."""
+    from regionnet.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+def predict_main(cfg: DictConfig) -> None:
+    """`regionnet-predict ckpt_path=... input=PATH output=preds.csv`."""
+    from regionnet.predict import predict
+
+    predict(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+def export_main(cfg: DictConfig) -> None:
+    """`regionnet-export ckpt_path=... format=onnx|torchscript`."""
+    from regionnet.export import export
+
+    export(cfg)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import Metric
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -44,31 +44,34 @@ class LabelCounts(Metric):
 class RegionMetrics(nn.Module):
     """Metric state for one stage; `update` with probabilities and 0/1 labels, shape (B, R)."""
 
-    def __init__(self, regions: Sequence[str], thresholds: Sequence[float] | None = None):
+    def __init__(self, regions: Sequence[str]):
         super().__init__()
         self.regions = list(regions)
-        thresholds = list(thresholds or [0.5] * len(self.regions))
         self.per_region = nn.ModuleDict(
             {
-                r: MetricCollection(
+                r: nn.ModuleDict(
                     {
                         "auroc": BinaryAUROC(),
-                        "acc": BinaryAccuracy(threshold=t),
-                        "sensitivity": BinaryRecall(threshold=t),
-                        "specificity": BinarySpecificity(threshold=t),
+                        "acc": BinaryAccuracy(),
+                        "sensitivity": BinaryRecall(),
+                        "specificity": BinarySpecificity(),
                     }
                 )
-                for r, t in zip(self.regions, thresholds, strict=True)
+                for r in self.regions
             }
         )
         self.roc = nn.ModuleDict({r: BinaryROC(thresholds=200) for r in self.regions})
         self.counts = LabelCounts(len(self.regions))
         self.top1 = MulticlassAccuracy(num_classes=max(2, len(self.regions)), average="micro")
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> None:
+        """`thresholds` (R,): each head's operating point for accuracy/sensitivity/specificity."""
         target = labels.int()
+        calls = (probs >= thresholds).float()  # 0/1 decisions; torchmetrics then cuts at 0.5
         for k, r in enumerate(self.regions):
-            self.per_region[r].update(probs[:, k], target[:, k])
+            self.per_region[r]["auroc"].update(probs[:, k], target[:, k])
+            for name in ("acc", "sensitivity", "specificity"):
+                self.per_region[r][name].update(calls[:, k], target[:, k])
             self.roc[r].update(probs[:, k], target[:, k])
         self.counts.update(labels)
         single = labels.sum(1) == 1
@@ -81,16 +84,15 @@ class RegionMetrics(nn.Module):
         pos, n = self.counts.compute()
         aurocs = []
         for k, r in enumerate(self.regions):
-            values = self.per_region[r].compute()
             defined = 0 < pos[k] < n
-            for name, value in values.items():
+            for name, metric in self.per_region[r].items():
                 if name == "auroc" and not defined:
                     continue
                 if name == "sensitivity" and pos[k] == 0:
                     continue
                 if name == "specificity" and pos[k] == n:
                     continue
-                out[f"{stage}/{name}/{r}"] = float(value)
+                out[f"{stage}/{name}/{r}"] = float(metric.compute())
             if defined:
                 aurocs.append(out[f"{stage}/auroc/{r}"])
             out[f"{stage}/positives/{r}"] = pos[k]
@@ -102,16 +104,15 @@ class RegionMetrics(nn.Module):
         out[f"{stage}/images"] = n
         return out
 
-    def roc_curves(self) -> dict[str, tuple[list[float], list[float]]]:
-        """(false positive rates, true positive rates) per region."""
-        curves = {}
-        for r in self.regions:
-            fpr, tpr, _ = self.roc[r].compute()
-            curves[r] = (fpr.tolist(), tpr.tolist())
-        return curves
+    def roc_curves(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(false positive rates, true positive rates, thresholds) per region."""
+        return {r: tuple(self.roc[r].compute()) for r in self.regions}
 
     def reset(self) -> None:
-        for m in (*self.per_region.values(), *self.roc.values()):
+        for group in self.per_region.values():
+            for m in group.values():
+                m.reset()
+        for m in self.roc.values():
             m.reset()
         for m in (self.counts, self.top1):
             m.reset()

@@ -21,6 +21,7 @@ from torchmetrics import MaxMetric
 from regionnet.model.backbone import create_backbone, feature_dim
 from regionnet.model.heads import region_heads
 from regionnet.model.metrics import RegionMetrics
+from regionnet.model.thresholds import choose_threshold, parse_method
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class RegionNet(L.LightningModule):
         compile: bool = False,
         image_size: int = 224,
         thresholds: Sequence[float] | None = None,
+        threshold_method: str = "youden",
     ):
         super().__init__()
         regions = list(validate_regions(regions))
+        parse_method(threshold_method)
         if pos_weight not in ("auto", None) and not isinstance(pos_weight, int | float):
             raise ValueError(f"model.pos_weight={pos_weight!r}: use auto, null or a number")
         # Plain values only, so load_from_checkpoint works without Hydra.
@@ -74,7 +77,7 @@ class RegionNet(L.LightningModule):
         self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
         self.register_buffer("pos_weight", torch.ones(len(regions)))
         self.metrics = nn.ModuleDict(
-            {s: RegionMetrics(regions, thresholds) for s in ("val", "test", "external")}
+            {s: RegionMetrics(regions) for s in ("val", "test", "external")}
         )
         self.val_auroc_best = MaxMetric()
 
@@ -180,7 +183,7 @@ class RegionNet(L.LightningModule):
             batch_size=len(labels),
             add_dataloader_idx=False,
         )
-        self.metrics[stage].update(torch.sigmoid(logits.float()), labels)
+        self.metrics[stage].update(torch.sigmoid(logits.float()), labels, self.thresholds)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -199,9 +202,23 @@ class RegionNet(L.LightningModule):
             return {}
         values = metrics.compute(stage)
         self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
-        self._log_roc(stage, metrics)
+        curves = metrics.roc_curves()  # every rank computes (a sync); rank 0 logs
+        if not self.trainer.sanity_checking:
+            self._log_roc(stage, curves)
+            if stage == "val":
+                self._calibrate(curves, values)
         metrics.reset()
         return values
+
+    def _calibrate(self, curves: dict, values: dict[str, float]) -> None:
+        """Choose each head's threshold on this validation pass (`threshold_method`); the
+        checkpoint saved after it carries them. Heads without both classes keep theirs."""
+        for k, r in enumerate(self.regions):
+            if f"val/auroc/{r}" not in values:
+                continue
+            t = choose_threshold(*curves[r], self.hparams.threshold_method)
+            if t is not None:
+                self.thresholds[k] = t
 
     def on_validation_epoch_end(self) -> None:
         values = self._end_stage("val")
@@ -213,13 +230,11 @@ class RegionNet(L.LightningModule):
         for stage in ("test", "external"):
             self._end_stage(stage)
 
-    def _log_roc(self, stage: str, metrics: RegionMetrics) -> None:
-        curves = metrics.roc_curves()  # every rank computes (sync); rank 0 logs
-        if self.trainer.sanity_checking:
-            return
+    def _log_roc(self, stage: str, curves: dict) -> None:
         from regionnet.loggers import log_roc_curves
 
-        log_roc_curves(self.loggers, stage, curves, self.global_step)
+        points = {r: (fpr.tolist(), tpr.tolist()) for r, (fpr, tpr, _) in curves.items()}
+        log_roc_curves(self.loggers, stage, points, self.global_step)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Probabilities per head for the readable images of a batch, plus its read errors:
