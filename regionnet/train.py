@@ -13,17 +13,23 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.model.module import RegionNet
+from regionnet.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> RegionDataModule:
-    return instantiate(cfg.data, _convert_="all")
+    try:
+        return instantiate(cfg.data, _convert_="all")
+    except InstantiationException as e:
+        # Our own errors already name the config key and the fix; Hydra's wrapper hides them.
+        raise (e.__cause__ or e) from None
 
 
 def build_model(cfg: DictConfig, regions) -> RegionNet:
@@ -111,6 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
         print_summary(metrics, dm.regions)
         log.info("run directory: %s (best checkpoint: %s)", out, best)
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):

@@ -148,7 +148,8 @@ class RegionDataModule(L.LightningDataModule):
             dataset,
             batch_size=h.batch_size,
             shuffle=train,
-            drop_last=False,
+            # a last training batch of one image breaks BatchNorm; the images return next epoch
+            drop_last=train and len(dataset) > h.batch_size,
             num_workers=h.num_workers,
             pin_memory=h.pin_memory,
             persistent_workers=h.persistent_workers and h.num_workers > 0,

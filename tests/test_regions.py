@@ -1,0 +1,73 @@
+"""The region vocabulary: order, aliases, targets and validation."""
+
+import pytest
+
+from regionnet.regions import (
+    OTHER,
+    REGIONS,
+    canonical_region,
+    dicom_term,
+    one_hot,
+    to_target,
+    validate_regions,
+)
+
+
+def test_regions_are_the_studys_five_in_order():
+    assert REGIONS == ("shoulder", "elbow", "hand", "pelvis", "knee")
+
+
+@pytest.mark.parametrize(
+    "label, expected",
+    [
+        ("hip", "pelvis"),
+        ("HIP", "pelvis"),
+        ("PELVIS", "pelvis"),
+        ("XR_SHOULDER", "shoulder"),
+        (" Knee ", "knee"),
+        ("ELBOW", "elbow"),
+        ("HAND", "hand"),
+        ("wrist", "wrist"),
+        ("lower-leg", "leg"),
+        ("banana", None),
+    ],
+)
+def test_canonical_region_maps_aliases_and_dicom_terms(label, expected):
+    assert canonical_region(label) == expected
+
+
+def test_wrist_and_finger_are_not_hand_unless_configured():
+    assert to_target("wrist", REGIONS) == OTHER
+    assert to_target("finger", REGIONS) == OTHER
+    assert to_target("wrist", REGIONS, aliases={"wrist": "hand"}) == "hand"
+
+
+def test_other_anatomy_is_negative_and_targets_follow_the_region_set():
+    seven = (*REGIONS, "wrist", "chest")
+    assert to_target("chest", REGIONS) == OTHER
+    assert to_target("chest", seven) == "chest"
+    assert one_hot("other", REGIONS) == (0, 0, 0, 0, 0)
+    assert one_hot("hand", REGIONS) == (0, 0, 1, 0, 0)
+
+
+def test_unknown_label_fails_with_valid_names_unless_other_is_allowed():
+    with pytest.raises(ValueError, match="unknown region name 'misc'.*knee.*unknown_as_other"):
+        to_target("misc", REGIONS, where="folder /x/misc")
+    assert to_target("misc", REGIONS, unknown_as_other=True) == OTHER
+
+
+def test_validate_regions_rejects_bad_sets():
+    assert validate_regions(["hip", "knee"]) == ("pelvis", "knee")
+    with pytest.raises(ValueError, match="more than once"):
+        validate_regions(["hip", "pelvis"])
+    with pytest.raises(ValueError, match="reserved"):
+        validate_regions(["knee", "other"])
+    with pytest.raises(ValueError, match="empty"):
+        validate_regions([])
+    with pytest.raises(ValueError, match="list of region names"):
+        validate_regions("knee")
+
+
+def test_dicom_terms():
+    assert [dicom_term(r) for r in REGIONS] == ["SHOULDER", "ELBOW", "HAND", "PELVIS", "KNEE"]
+    assert dicom_term("my_custom_region") == ""
