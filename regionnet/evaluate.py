@@ -1,0 +1,268 @@
+"""`evaluate(cfg)`: a trained checkpoint on the test split and on any external test set.
+
+The data are by default those of the training run: a checkpoint lives in
+`<run_dir>/checkpoints/`, and `<run_dir>/config.yaml` and `<run_dir>/split.csv` give its data
+config and split. The checkpoint decides the heads (`hparams.regions`, in head order), the
+input size (`hparams.image_size`) and the operating thresholds (its `thresholds` buffer).
+
+Writes into `paths.output_dir`: `metrics.json` (per stage and head: AUROC with a seeded
+bootstrap CI, accuracy/sensitivity/specificity at the threshold, top-1 accuracy, the share of
+`other` films called `unknown`, confusion counts), `roc.png`, `confusion.png`,
+`predictions.csv` (one row per readable image) and `errors.csv` (unreadable files, skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from regionnet.data.datamodule import RegionDataModule
+from regionnet.data.sources import label_columns
+from regionnet.model.module import RegionNet
+from regionnet.regions import validate_regions
+from regionnet.reporting import (
+    RocCurve,
+    decide_all,
+    plot_confusion,
+    plot_roc,
+    resampling_unit,
+    roc_points,
+    stage_metrics,
+)
+from regionnet.reporting import confusion as confusion_block
+from regionnet.train import build_datamodule, instantiate_list, print_summary
+
+log = logging.getLogger(__name__)
+
+SPLIT_CHOICES = ("test", "val", "external", "all")
+
+
+def load_checkpoint(ckpt_path: str | Path) -> RegionNet:
+    """The RegionNet of a `.ckpt`, on CPU, without downloading pretrained weights (the
+    checkpoint holds every weight)."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by "
+            "regionnet-train, e.g. ckpt_path=outputs/train/runs/RUN/checkpoints/best.ckpt"
+        )
+    try:
+        return RegionNet.load_from_checkpoint(
+            path, map_location="cpu", pretrained=False, weights_file=None
+        )
+    except Exception as e:  # torch/Lightning say "pickle" or "KeyError"; name the file
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is not a RegionNet checkpoint ({type(e).__name__}: {e})"
+        ) from e
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path:
+    """The training run directory of a checkpoint (`<run_dir>/checkpoints/best.ckpt`)."""
+    parent = Path(str(ckpt_path)).expanduser().resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def data_config(cfg: DictConfig, model: RegionNet, run_dir: Path) -> DictConfig:
+    """The data config to evaluate on: a chosen data group as is, otherwise the run's data
+    with its split.csv and the non-null `data.*` keys of `cfg` on top. Heads, image size and
+    normalisation always follow the checkpoint's run."""
+    user = cfg.get("data") or OmegaConf.create({})
+    run_file = run_dir / "config.yaml"
+    run_data = OmegaConf.load(run_file).get("data") if run_file.is_file() else None
+    if "_target_" in user:
+        data = OmegaConf.create(OmegaConf.to_container(user, resolve=True))
+        for key in ("mean", "std"):  # normalisation belongs to the model, not to the data
+            if run_data is not None and key in run_data:
+                data[key] = run_data[key]
+    else:
+        if run_data is None:
+            raise FileNotFoundError(
+                f"{run_file} not found: ckpt_path={cfg.ckpt_path} is not in a regionnet run "
+                "directory (<run_dir>/checkpoints/), so its training data are unknown. Name "
+                "the data to evaluate on, e.g. data=folder data.root=DIR split=all"
+            )
+        data = run_data
+        if (run_dir / "split.csv").is_file():
+            data.split_file = str(run_dir / "split.csv")
+        else:
+            log.warning("%s has no split.csv: re-splitting with the run's seed", run_dir)
+        overrides = {k: v for k, v in OmegaConf.to_container(user).items() if v is not None}
+        data = OmegaConf.merge(data, overrides)
+    heads = list(model.regions)
+    wanted = validate_regions(data.get("regions") or heads)
+    if set(wanted) != set(heads):
+        raise ValueError(
+            f"data.regions {list(wanted)} differ from the heads of ckpt_path={cfg.ckpt_path}: "
+            f"{heads}. Evaluate with data.regions=[{','.join(heads)}] (or null), or use a "
+            "checkpoint trained on these regions."
+        )
+    size = int(model.hparams.image_size)
+    if data.get("image_size") not in (None, size):
+        log.info("data.image_size=%s -> %d: the checkpoint's input size", data.image_size, size)
+    data.regions, data.image_size = heads, size
+    data.batch_size, data.num_workers = cfg.batch_size, cfg.num_workers
+    return data
+
+
+def stage_frames(dm: RegionDataModule, split: str) -> dict[str, pd.DataFrame]:
+    """Record tables to evaluate, keyed by stage (metric prefix)."""
+    if split == "all":
+        frames = {"all": dm.records}
+    elif split in ("test", "val"):
+        frames = {split: dm.split_frame(split)}
+    else:
+        frames = {}
+    if dm.external is not None and split != "val":
+        frames["external"] = dm.external
+    if split == "external" and not frames:
+        raise ValueError("split=external needs an external test set: data.external_test=DIR|CSV")
+    return frames
+
+
+def predict_frame(
+    trainer: L.Trainer, model: RegionNet, dm: RegionDataModule, frame: pd.DataFrame
+) -> tuple[pd.DataFrame, np.ndarray, list[tuple[str, str]]]:
+    """Probabilities (N, R) for the readable records of `frame` (returned, in order) and the
+    (path, reason) of the unreadable ones, through Lightning's predict loop."""
+    outputs = trainer.predict(model, dataloaders=dm._loader(frame, train=False)) or []
+    paths = [p for o in outputs for p in o["path"]]
+    errors = [tuple(e) for o in outputs for e in o["errors"]]
+    probs = [o["probs"] for o in outputs]
+    probs = torch.cat(probs).float().numpy() if probs else np.empty((0, len(model.regions)))
+    readable = frame[~frame["path"].isin({p for p, _ in errors})].reset_index(drop=True)
+    if readable["path"].tolist() != paths:
+        raise RuntimeError("predictions came back out of order; evaluate with trainer.devices=1")
+    return readable, probs, errors
+
+
+def predictions_table(
+    stage: str, records: pd.DataFrame, probs: np.ndarray, regions, thresholds
+) -> pd.DataFrame:
+    """One row per image: path, true region, p_<region> per head, decisions, provenance."""
+    table = pd.DataFrame({"path": records["path"], "true_region": records["region"]})
+    for k, r in enumerate(regions):
+        table[f"p_{r}"] = probs[:, k]
+    table["region"], table["regions"] = decide_all(probs, thresholds, regions)
+    split = records["split"].astype(str)
+    table["split"] = split.where(split != "", stage)  # external records carry no split
+    table["source"] = records["source"]
+    table["patient_id"] = records["patient_id"]
+    return table
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate `cfg.ckpt_path` as configured (conf/eval.yaml); return the metrics dict."""
+    out = Path(cfg.paths.output_dir)
+    split = cfg.get("split", "test")
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split={split!r}: choose one of {', '.join(SPLIT_CHOICES)}")
+    model = load_checkpoint(cfg.ckpt_path)
+    regions, thresholds = list(model.regions), model.thresholds.tolist()
+    run_dir = run_dir_of(cfg.ckpt_path)
+    dm = build_datamodule(OmegaConf.create({"data": data_config(cfg, model, run_dir)}))
+    dm.setup()
+    if dm.hparams.source == "phantom":
+        log.warning("data=phantom: SYNTHETIC radiographs; these numbers are no clinical evidence")
+    frames = stage_frames(dm, split)
+    out.mkdir(parents=True, exist_ok=True)
+
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    boot = cfg.get("bootstrap") or {}
+    boot = {"resamples": 1000, "seed": 0, "ci": 0.95, **boot}
+    result: dict = {
+        "checkpoint": str(Path(str(cfg.ckpt_path)).expanduser().resolve()),
+        "regions": regions,
+        "thresholds": dict(zip(regions, thresholds, strict=True)),
+        "threshold_method": model.hparams.get("threshold_method", "fixed"),
+        "bootstrap": {**boot, "method": "percentile", "unit": {}},
+    }
+    tables, errors, curves, blocks = [], [], {}, {}
+    for stage, frame in frames.items():
+        if frame.empty:
+            log.warning("%s: no records to evaluate", stage)
+            continue
+        records, probs, bad = predict_frame(trainer, model, dm, frame)
+        errors += [{"path": p, "reason": why, "stage": stage} for p, why in bad]
+        result[f"{stage}/unreadable"] = len(bad)
+        if not len(records):
+            log.warning("%s: no readable radiograph among %d records", stage, len(frame))
+            continue
+        unit = resampling_unit(records["patient_id"], records["path"])
+        result["bootstrap"]["unit"][stage] = unit
+        labels = records[label_columns(regions)].to_numpy()
+        values = stage_metrics(
+            stage, probs, labels, records["region"], regions, thresholds,
+            groups=records["patient_id"] if unit == "patient" else None,
+            resamples=int(boot["resamples"]), seed=int(boot["seed"]), ci=float(boot["ci"]),
+        )  # fmt: skip
+        result.update(values)
+        tables.append(predictions_table(stage, records, probs, regions, thresholds))
+        blocks[stage] = confusion_block(records["region"], tables[-1]["region"], regions)
+        curves[stage] = {
+            r: RocCurve(*roc_points(labels[:, k], probs[:, k]), a, _ci(values, stage, r))
+            for k, r in enumerate(regions)
+            if (a := values.get(f"{stage}/auroc/{r}")) is not None
+        }
+    result["confusion"] = blocks
+
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    predictions = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    predictions.to_csv(out / "predictions.csv", index=False)
+    pd.DataFrame(errors, columns=["path", "reason", "stage"]).to_csv(
+        out / "errors.csv", index=False
+    )
+    figures = {"roc": plot_roc(curves, out / "roc.png", boot["ci"])} if curves else {}
+    if blocks:
+        figures["confusion"] = plot_confusion(blocks, out / "confusion.png")
+    if errors:
+        log.warning("%d unreadable files skipped; listed in %s", len(errors), out / "errors.csv")
+    _log(cfg, result, figures, predictions)
+    print_summary(result, regions, stages=tuple(blocks))
+    log.info("evaluation of %s written to %s", cfg.ckpt_path, out)
+    return result
+
+
+def _ci(values: dict, stage: str, region: str) -> tuple[float, float] | None:
+    ci = values.get(f"{stage}/auroc_ci/{region}")
+    return tuple(ci) if ci else None
+
+
+def _log(cfg: DictConfig, result: dict, figures: dict, predictions: pd.DataFrame) -> None:
+    """Scalars to every logger; with W&B also the figures and the predictions table (patient
+    ids left out: they may identify patients)."""
+    group = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    for c in group.values():
+        if c and str(c.get("_target_", "")).endswith("wandb_logger"):
+            c["job_type"] = "eval"
+    loggers = instantiate_list(group)
+    scalars = {
+        k: float(v)
+        for k, v in result.items()
+        if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_metrics(scalars)
+        if type(lg).__name__ == "WandbLogger":
+            for name, path in figures.items():
+                lg.log_image(f"eval/{name}", images=[str(path)])
+            table = predictions.drop(columns=["patient_id"], errors="ignore")
+            lg.log_table("eval/predictions", dataframe=table)
+        lg.finalize("success")
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
