@@ -6,5 +6,15 @@ configured with Hydra, logged to Weights & Biases.
 
 from regionnet.regions import REGIONS
 
-__all__ = ["REGIONS"]
+__all__ = ["REGIONS", "Prediction", "RegionPredictor", "load_model"]
 __version__ = "0.1.0"
+
+_LAZY = {"load_model", "RegionPredictor", "Prediction"}  # from regionnet.api (imports torch)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from regionnet import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'regionnet' has no attribute {name!r}")

@@ -28,28 +28,51 @@ class Region:
     dicom: str  # DICOM PS3.16 CID 4031 defined term for BodyPartExamined
     snomed: str = ""  # SNOMED CT concept id
     aliases: tuple[str, ...] = ()
+    radlex: str = ""  # RadLex anatomy id (RID...), "" where not verified
 
 
 # Known anatomy, target regions first. Wrist and finger are NOT hand unless a user maps them
 # (`data.aliases={wrist: hand}`): a hand head trained on wrist films would fire on wrists.
+# RadLex ids as in the RSNA/LOINC Radiology Playbook anatomy (the HL7 CH RAD-Order RadLex
+# extract); "shoulder" RID39518 is also the anatomiclocations.org / OIDM shoulder.
 KNOWN_REGIONS: tuple[Region, ...] = (
-    Region("shoulder", "SHOULDER", "16982005", ("shoulders", "xr_shoulder", "glenohumeral")),
-    Region("elbow", "ELBOW", "127949000", ("elbows", "xr_elbow")),
-    Region("hand", "HAND", "85562004", ("hands", "xr_hand")),
-    Region("pelvis", "PELVIS", "12921003", ("hip", "hips", "pelvic", "xr_pelvis", "xr_hip")),
-    Region("knee", "KNEE", "72696002", ("knees", "xr_knee")),
-    Region("wrist", "WRIST", "8205005", ("wrists", "xr_wrist")),
-    Region("finger", "FINGER", "7569003", ("fingers", "xr_finger", "thumb")),
-    Region("forearm", "FOREARM", "14975008", ("xr_forearm",)),
-    Region("humerus", "HUMERUS", "85050009", ("arm", "upper_arm", "xr_humerus")),
-    Region("chest", "CHEST", "51185008", ("thorax", "cxr", "lung", "lungs")),
-    Region("foot", "FOOT", "56459004", ("feet", "toe", "toes")),
-    Region("ankle", "ANKLE", "344001", ("ankles",)),
-    Region("skull", "SKULL", "89546000", ("head",)),
-    Region("spine", "SPINE", "421060004", ("cspine", "tspine", "lspine", "c_spine", "l_spine")),
-    Region("femur", "FEMUR", "71341001", ("thigh",)),
-    Region("leg", "LEG", "30021000", ("lower_leg", "tibia", "fibula", "tibia_fibula")),
-    Region("abdomen", "ABDOMEN", "818983003", ("abdominal",)),
+    Region(
+        "shoulder",
+        "SHOULDER",
+        "16982005",
+        ("shoulders", "xr_shoulder", "glenohumeral"),
+        radlex="RID39518",
+    ),
+    Region("elbow", "ELBOW", "127949000", ("elbows", "xr_elbow"), radlex="RID2010"),
+    Region("hand", "HAND", "85562004", ("hands", "xr_hand"), radlex="RID2318"),
+    Region(
+        "pelvis",
+        "PELVIS",
+        "12921003",
+        ("hip", "hips", "pelvic", "xr_pelvis", "xr_hip"),
+        radlex="RID2507",
+    ),
+    Region("knee", "KNEE", "72696002", ("knees", "xr_knee"), radlex="RID2743"),
+    Region("wrist", "WRIST", "8205005", ("wrists", "xr_wrist"), radlex="RID2177"),
+    Region("finger", "FINGER", "7569003", ("fingers", "xr_finger", "thumb"), radlex="RID2391"),
+    Region("forearm", "FOREARM", "14975008", ("xr_forearm",), radlex="RID2107"),
+    Region("humerus", "HUMERUS", "85050009", ("arm", "upper_arm", "xr_humerus"), radlex="RID1971"),
+    Region("chest", "CHEST", "51185008", ("thorax", "cxr", "lung", "lungs"), radlex="RID1243"),
+    Region("foot", "FOOT", "56459004", ("feet", "toe", "toes"), radlex="RID28829"),
+    Region("ankle", "ANKLE", "344001", ("ankles",), radlex="RID28545"),
+    Region("skull", "SKULL", "89546000", ("head",), radlex="RID9196"),
+    Region(
+        "spine",
+        "SPINE",
+        "421060004",
+        ("cspine", "tspine", "lspine", "c_spine", "l_spine"),
+        radlex="RID7741",
+    ),
+    Region("femur", "FEMUR", "71341001", ("thigh",), radlex="RID2662"),
+    Region(
+        "leg", "LEG", "30021000", ("lower_leg", "tibia", "fibula", "tibia_fibula"), radlex="RID2869"
+    ),
+    Region("abdomen", "ABDOMEN", "818983003", ("abdominal",), radlex="RID56"),
 )
 REGIONS: tuple[str, ...] = ("shoulder", "elbow", "hand", "pelvis", "knee")
 

@@ -1,0 +1,185 @@
+"""Python API for notebooks and services: load a checkpoint, predict regions, no Hydra.
+
+    import regionnet
+    model = regionnet.load_model("outputs/train/runs/.../checkpoints/best.ckpt")
+    for p in model.predict(["knee.dcm", "hand.png", pixels]):
+        print(p.path, p.region, p.regions, p.probabilities)
+
+Inputs are file paths (DICOM, PNG, JPEG, TIFF; read by `regionnet.io.read_radiograph`, as in
+training) or arrays: float (H, W) in [0, 1] with bone bright (MONOCHROME2), or integer arrays
+(uint8 is divided by 255, deeper types are min-max scaled, like 16-bit PNGs). The decision
+rule and the preprocessing are the ones `regionnet-predict` uses, so both give the same
+probabilities for the same file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionnet.data.dataset import load_image
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.decision import decide, resolve_thresholds
+from regionnet.io import RadiographReadError
+
+Input = str | Path | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The prediction for one radiograph.
+
+    `region` is a head's region or `unknown` (no head passed its threshold), None for an
+    input that could not be read; `regions` lists every head above its threshold; `status`
+    is `ok` or `error: <why>` (the same text as the CLI's `status` column) and `error` the why.
+    """
+
+    probabilities: dict[str, float]
+    region: str | None
+    regions: list[str] = field(default_factory=list)
+    path: str | None = None
+    status: str = "ok"
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
+    """A trained `RegionNet` in eval mode on `device`, from a Lightning checkpoint."""
+    from regionnet.model.module import RegionNet
+
+    path = Path(ckpt).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} not found; pass a run's checkpoints/best.ckpt "
+            "(written by regionnet-train)"
+        )
+    # The checkpoint holds all weights: never download or read ImageNet weights again.
+    model = RegionNet.load_from_checkpoint(
+        path, map_location="cpu", pretrained=False, weights_file=None
+    )
+    return model.to(device).eval()
+
+
+def eval_transform(model) -> torch.nn.Module:
+    """The evaluation preprocessing the model was trained with (size from the checkpoint)."""
+    h = model.hparams
+    return build_transforms(
+        int(h.image_size), False, None, h.get("mean", GRAY_MEAN), h.get("std", GRAY_STD)
+    )
+
+
+def array_pixels(x: np.ndarray | torch.Tensor, name: str = "array") -> np.ndarray:
+    """An in-memory image as float32 (H, W) in [0, 1]; RadiographReadError if unusable."""
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
+    if arr.ndim != 2 or arr.size == 0:
+        raise RadiographReadError(name, f"expected a grey image of shape (H, W), got {arr.shape}")
+    if arr.dtype == np.uint8:
+        return (arr / 255.0).astype(np.float32)
+    if arr.dtype.kind in "iu":
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros(arr.shape)
+        return scaled.astype(np.float32)
+    if arr.dtype.kind != "f":
+        raise RadiographReadError(name, f"unsupported dtype {arr.dtype}; use float or integers")
+    if not np.isfinite(arr).all():
+        raise RadiographReadError(name, "image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise RadiographReadError(
+            name, f"float pixels must lie in [0, 1], got [{lo:g}, {hi:g}]", "scale them first"
+        )
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class RegionPredictor:
+    """A trained model with its thresholds and preprocessing; see the module docstring."""
+
+    def __init__(
+        self,
+        model,
+        device: str | torch.device = "cpu",
+        thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.regions: tuple[str, ...] = tuple(model.regions)
+        self._thresholds = resolve_thresholds(model.thresholds.tolist(), self.regions, thresholds)
+        self.transform = eval_transform(model)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Operating threshold per head (the checkpoint's unless overridden)."""
+        return dict(zip(self.regions, self._thresholds))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.hparams.image_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"RegionPredictor(regions={list(self.regions)}, backbone="
+            f"{self.model.hparams.backbone!r}, image_size={self.image_size}, device={self.device})"
+        )
+
+    def _load(self, x: Input, k: int) -> tuple[str | None, np.ndarray]:
+        if isinstance(x, str | Path):
+            return str(x), load_image(str(x), phantom_size=self.image_size)
+        return None, array_pixels(x, name=f"input {k}")
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Probabilities (B, R) for preprocessed images (B, 1, S, S)."""
+        return self.model.predict_proba(images.to(self.device)).float().cpu()
+
+    def predict(self, inputs: Input | Iterable[Input], batch_size: int = 32) -> list[Prediction]:
+        """One `Prediction` per input, in order; unreadable inputs give error predictions."""
+        if isinstance(inputs, str | Path | np.ndarray | torch.Tensor):
+            inputs = [inputs]
+        inputs = list(inputs)
+        size = max(1, int(batch_size))
+        out: list[Prediction | None] = [None] * len(inputs)
+        for start in range(0, len(inputs), size):
+            good, tensors = [], []
+            for k in range(start, min(start + size, len(inputs))):
+                path = str(inputs[k]) if isinstance(inputs[k], str | Path) else None
+                try:
+                    path, pixels = self._load(inputs[k], k)
+                except RadiographReadError as e:
+                    why = " ".join(e.reason.split())  # one line, as in the CLI's status
+                    out[k] = Prediction({}, None, [], path, f"error: {why}", why)
+                    continue
+                good.append((k, path))
+                tensors.append(self.transform(torch.from_numpy(pixels)[None]))
+            if not tensors:
+                continue
+            probs = self.probabilities(torch.stack(tensors)).tolist()
+            for (k, path), p in zip(good, probs):
+                region, above = decide(p, self._thresholds, self.regions)
+                out[k] = Prediction(dict(zip(self.regions, p)), region, above, path)
+        return out  # type: ignore[return-value]
+
+    def predict_one(self, x: Input) -> Prediction:
+        """The prediction for one path or array."""
+        return self.predict([x])[0]
+
+
+def load_model(
+    ckpt: str | Path,
+    device: str | torch.device = "cpu",
+    thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
+) -> RegionPredictor:
+    """A `RegionPredictor` from a checkpoint written by `regionnet-train`.
+
+    `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
+    or a mapping region -> threshold).
+    """
+    return RegionPredictor(load_checkpoint(ckpt, device), device, thresholds)

@@ -1,0 +1,261 @@
+"""`predict(cfg)`: which region does each radiograph show? Batch prediction to CSV or JSONL.
+
+    regionnet-predict ckpt_path=.../best.ckpt input=PATH output=preds.csv
+
+`input` is a radiograph, a folder (searched recursively for files with an image suffix, plus
+DICOM files without one, detected by their `DICM` magic), or a CSV with a `path` column
+(relative paths resolve against the CSV's folder). Files are read and preprocessed exactly as
+in training, batched through Lightning's prediction loop, and written row by row by
+`regionnet.writer.PredictionWriter` (columns documented there). A file that cannot be read
+gets a row with `status=error: <why>`; the run goes on and exits 0. `resume=true` skips the
+paths already in `output`; without it an existing output is overwritten.
+
+Options: `audit=true` compares DICOM BodyPartExamined with the prediction;
+`dicom.write_body_part=DIR` writes corrected DICOM copies (inputs are never modified);
+`cam=true cam_dir=DIR` saves class activation maps; `threshold_override` replaces the
+checkpoint's thresholds; `precision=bf16-mixed`, `channels_last=true` for speed on GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from regionnet.api import eval_transform, load_checkpoint
+from regionnet.data.dataset import RadiographDataset, collate, load_image
+from regionnet.decision import resolve_thresholds
+from regionnet.dicom_tags import mirrored_path
+from regionnet.io import IMAGE_EXTENSIONS, is_dicom
+from regionnet.regions import UNKNOWN
+from regionnet.writer import PredictionWriter, prediction_columns, read_done
+
+log = logging.getLogger(__name__)
+
+
+def _absolute(path: str | Path) -> str:
+    """Absolute path without resolving symlinks: the key `resume` matches on."""
+    return str(Path(path).expanduser().absolute())
+
+
+def folder_inputs(root: Path) -> list[str]:
+    """Radiographs under `root`, recursively, sorted; hidden files and folders skipped."""
+    out, skipped = [], 0
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).parts
+        if not f.is_file() or any(part.startswith(".") for part in rel):
+            continue
+        if f.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(f):  # PACS exports: no suffix
+            out.append(_absolute(f))
+        else:
+            skipped += 1
+    if skipped:
+        log.info("%s: skipped %d files that are neither images nor DICOM", root, skipped)
+    return out
+
+
+def csv_inputs(csv_path: Path) -> list[str]:
+    """The `path` column of a CSV; relative paths resolve against the CSV's folder."""
+    df = pd.read_csv(csv_path, dtype={"path": str})
+    if "path" not in df:
+        raise ValueError(f"input={str(csv_path)!r}: needs a 'path' column; has {list(df.columns)}")
+    paths = df["path"].dropna().str.strip()
+    if len(paths) < len(df):
+        log.warning("%s: %d rows without a path skipped", csv_path, len(df) - len(paths))
+    base = csv_path.parent
+    return [p if p.startswith("phantom://") else _absolute(base / p) for p in paths if p]
+
+
+def collect_inputs(input_path: str | Path) -> tuple[list[str], Path | None]:
+    """(radiograph paths, the folder whose layout output copies mirror) for `input`."""
+    path = Path(str(input_path)).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"input={str(input_path)!r} does not exist; give a radiograph, a folder of them or "
+            "a CSV with a 'path' column"
+        )
+    if path.is_dir():
+        paths, root = folder_inputs(path), path.absolute()
+    elif path.suffix.lower() == ".csv":
+        paths, root = csv_inputs(path), path.absolute().parent
+    else:
+        paths, root = [_absolute(path)], path.absolute().parent
+    if not paths:
+        raise ValueError(
+            f"input={str(input_path)!r} holds no radiographs ({', '.join(IMAGE_EXTENSIONS)} "
+            "or DICOM files)"
+        )
+    return paths, root
+
+
+def _check_cam(cfg: DictConfig) -> Path | None:
+    if not cfg.get("cam"):
+        return None
+    if not cfg.get("cam_dir"):
+        raise ValueError("cam=true needs cam_dir=DIR, the folder for the class activation maps")
+    try:
+        import regionnet.cam  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"cam=true needs regionnet.cam, which cannot be imported ({e})") from e
+    return Path(cfg.cam_dir).expanduser()
+
+
+def save_cams(model, items, cam_dir: Path, root: Path | None) -> int:
+    """Class activation maps `<cam_dir>/<layout>/<stem>_<region>.png` for (path, region,
+    head) items; gradients need the model in float32 outside inference mode, on the CPU."""
+    from regionnet.cam import cam_overlay, save_png
+
+    model = model.to("cpu").float().eval()
+    transform = eval_transform(model)
+    saved = 0
+    for path, region, head in items:
+        try:
+            pixels = load_image(path, int(model.hparams.image_size))
+            image = transform(torch.from_numpy(pixels)[None])[None]
+            with torch.enable_grad():
+                overlay = cam_overlay(model, image, head, pixels)
+            if path.startswith("phantom://"):
+                dst = cam_dir / f"{path[len('phantom://') :].replace('/', '_')}_{region}.png"
+            else:
+                src = mirrored_path(path, root, cam_dir)
+                dst = src.with_name(f"{Path(path).stem}_{region}.png")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            save_png(overlay, dst)
+            saved += 1
+        except Exception as e:  # a failed map must not cost the predictions
+            log.warning("cam: no class activation map for %s: %s", path, e)
+    return saved
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"regionnet-predict: {summary['output']}")
+    table.add_column("outcome")
+    table.add_column("radiographs", justify="right")
+    for name, n in summary["regions"].items():
+        table.add_row(name, str(n))
+    table.add_row("error (unreadable)", str(summary["errors"]))
+    if summary["resumed"]:
+        table.add_row("already done (resume)", str(summary["resumed"]))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"{summary['ok']} ok ({summary['unknown']} unknown), {summary['errors']} errors; "
+        f"{summary['per_second']:.1f} radiographs/s ({summary['seconds']:.1f} s)"
+    )
+
+
+def predict(cfg: DictConfig) -> dict:
+    """Predict the region of every radiograph in `cfg.input`; write `cfg.output`.
+
+    Returns a summary: counts `ok`, `unknown`, `errors`, `regions` (radiographs per
+    predicted region), `resumed`, `seconds` and `per_second` of the predict loop, `output`.
+    """
+    output = Path(str(cfg.output)).expanduser()
+    paths, root = collect_inputs(cfg.input)
+    body_part_dir = (cfg.get("dicom") or {}).get("write_body_part")
+    if body_part_dir:
+        body_part_dir = Path(str(body_part_dir)).expanduser().absolute()
+        if root is not None and body_part_dir == root:
+            raise ValueError(
+                f"dicom.write_body_part={str(body_part_dir)!r} is the input folder; choose "
+                "another folder (inputs are never modified)"
+            )
+    cam_dir = _check_cam(cfg)
+
+    model = load_checkpoint(cfg.ckpt_path)
+    regions = list(model.regions)
+    override = cfg.get("threshold_override")
+    if isinstance(override, DictConfig | ListConfig):
+        override = OmegaConf.to_container(override, resolve=True)
+    thresholds = resolve_thresholds(model.thresholds.tolist(), regions, override)
+    log.info("heads %s, thresholds %s", regions, [round(t, 4) for t in thresholds])
+
+    resumed = 0
+    if output.exists():
+        if cfg.get("resume"):
+            done = read_done(output, prediction_columns(regions, bool(cfg.get("audit"))))
+            resumed = sum(p in done for p in paths)
+            paths = [p for p in paths if p not in done]
+            log.info(
+                "resume: %d of %d radiographs already in %s", resumed, resumed + len(paths), output
+            )
+        else:
+            log.warning("overwriting %s (set resume=true to continue it instead)", output)
+
+    writer = PredictionWriter(
+        output,
+        regions,
+        thresholds,
+        append=bool(cfg.get("resume")),
+        audit=bool(cfg.get("audit")),
+        body_part_dir=body_part_dir,
+        input_root=root,
+        collect_cam=cam_dir is not None,
+    )
+    seconds = 0.0
+    if paths:
+        if cfg.get("channels_last"):
+            model.hparams.channels_last = True  # forward() converts each batch
+            model = model.to(memory_format=torch.channels_last)
+        dataset = RadiographDataset(
+            pd.DataFrame({"path": paths}),
+            regions,
+            eval_transform(model),
+            phantom_size=int(model.hparams.image_size),
+        )
+        accelerator = str(cfg.get("accelerator", "auto"))
+        loader = DataLoader(
+            dataset,
+            batch_size=int(cfg.batch_size),
+            shuffle=False,
+            num_workers=int(cfg.num_workers),
+            collate_fn=collate,
+            pin_memory=torch.cuda.is_available() and accelerator != "cpu",
+        )
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=1,  # one process writes the output file
+            precision=cfg.get("precision", "32-true"),
+            logger=False,
+            callbacks=[writer],
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=str(output.parent),
+        )
+        start = time.perf_counter()
+        trainer.predict(model, dataloaders=loader, return_predictions=False)
+        seconds = time.perf_counter() - start
+    else:
+        writer.write_rows([])  # an up-to-date resume still leaves a valid output file
+        writer.teardown(None, None, "predict")
+
+    if cam_dir is not None:
+        n = save_cams(model, writer.cam_items, cam_dir, root)
+        log.info("cam: %d class activation maps in %s", n, cam_dir)
+
+    counts: Counter[str] = writer.counts
+    per_region = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("region:")}
+    done = counts["ok"] + counts["error"]
+    summary = {
+        "ok": counts["ok"],
+        "unknown": per_region.get(UNKNOWN, 0),
+        "errors": counts["error"],
+        "regions": dict(sorted(per_region.items())),
+        "resumed": resumed,
+        "body_part_written": counts["body_part_written"],
+        "seconds": seconds,
+        "per_second": done / seconds if seconds > 0 else 0.0,
+        "output": str(output),
+    }
+    print_summary(summary)
+    return summary
