@@ -32,13 +32,16 @@ class LabelCounts(Metric):
         super().__init__()
         self.add_state("positives", torch.zeros(num_regions), dist_reduce_fx="sum")
         self.add_state("images", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("single", torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, labels: torch.Tensor) -> None:
         self.positives += labels.sum(0).to(self.positives)
         self.images += len(labels)
+        self.single += (labels.sum(1) == 1).sum().to(self.single)
 
-    def compute(self) -> tuple[list[float], float]:
-        return self.positives.tolist(), float(self.images)
+    def compute(self) -> tuple[list[float], float, float]:
+        """Positives per head, images, single-region images (synced across processes)."""
+        return self.positives.tolist(), float(self.images), float(self.single)
 
 
 class RegionMetrics(nn.Module):
@@ -81,7 +84,7 @@ class RegionMetrics(nn.Module):
     def compute(self, stage: str) -> dict[str, float]:
         """Plain floats keyed by logged name; AUROC only where a head saw both classes."""
         out: dict[str, float] = {}
-        pos, n = self.counts.compute()
+        pos, n, single = self.counts.compute()
         aurocs = []
         for k, r in enumerate(self.regions):
             defined = 0 < pos[k] < n
@@ -99,7 +102,9 @@ class RegionMetrics(nn.Module):
         if aurocs:
             out[f"{stage}/auroc_mean"] = sum(aurocs) / len(aurocs)
             out[f"{stage}/auroc_min"] = min(aurocs)
-        if self.top1.update_count:
+        # the synced count, not the local update_count: under DDP every process must compute
+        # (a collective) or none, even one that saw no single-region radiograph
+        if single > 0:
             out[f"{stage}/top1_acc"] = float(self.top1.compute())
         out[f"{stage}/images"] = n
         return out

@@ -1,6 +1,8 @@
 """RegionNet: one timm backbone, one binary head per anatomical region.
 
-Input: (B, 1, S, S) normalised single-channel radiographs. `forward` returns a dict
+Input: (B, 1, S, S) single-channel radiographs, pixels in [0, 1] normalised with the
+`mean`/`std` hyperparameters (kept in the checkpoint so inference matches training), S =
+`image_size`. `forward` returns a dict
 region -> logits (B,); `sigmoid(logit)` is the probability that the radiograph shows the region.
 Heads are independent (one-vs-rest), so all of them can say no: the radiograph is `unknown`
 (e.g. a chest film). `shared_backbone=false` builds the reference study's design instead: one
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric
 
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.model.backbone import create_backbone, feature_dim
 from regionnet.model.heads import region_heads
 from regionnet.model.metrics import RegionMetrics
@@ -50,6 +53,8 @@ class RegionNet(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         image_size: int = 224,
+        mean: float = GRAY_MEAN,
+        std: float = GRAY_STD,
         thresholds: Sequence[float] | None = None,
         threshold_method: str = "youden",
     ):
@@ -182,6 +187,7 @@ class RegionNet(L.LightningModule):
             on_epoch=True,
             batch_size=len(labels),
             add_dataloader_idx=False,
+            sync_dist=True,  # under DDP: the mean over every process's images
         )
         self.metrics[stage].update(torch.sigmoid(logits.float()), labels, self.thresholds)
 
