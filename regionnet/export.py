@@ -1,0 +1,242 @@
+"""`export(cfg)`: a trained RegionNet as a deployable ONNX or TorchScript file.
+
+The exported graph takes a normalised batch (B, 1, S, S) float32 — the radiograph resized so
+its longest side is S, centre-padded with black to S x S, then `(x - mean) / std` — and
+returns probabilities (B, R), one sigmoid per region head in head order. A head says "my
+region" when its probability reaches its threshold (chosen on validation, stored in the
+checkpoint); when no head does, the radiograph is `unknown`. Everything deployment code needs
+for this lies in a sidecar `<output>.json` (and inside the file: ONNX metadata_props /
+TorchScript extra file `regionnet.json`).
+
+ONNX uses torch's TorchScript-based exporter (`dynamo=False`: no onnxscript needed) with a
+dynamic batch axis. TorchScript (`torch.jit.trace`) is deprecated in recent torch; prefer ONNX.
+With `check=true` the file is run (onnxruntime / `torch.jit.load`) on random inputs and
+phantom radiographs and compared with PyTorch; a difference above `atol` is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.model.module import RegionNet
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+INPUT_NAME, OUTPUT_NAME = "image", "probs"
+
+
+class ProbabilityModel(nn.Module):
+    """RegionNet's backbone(s) and heads as a plain module: (B, 1, S, S) -> (B, R)
+    probabilities in head order. Plain so tracing does not touch Lightning or torchmetrics."""
+
+    def __init__(self, model: RegionNet):
+        super().__init__()
+        self.regions = list(model.regions)
+        self.shared = bool(model.hparams.shared_backbone)
+        if self.shared:
+            self.backbone = model.backbone
+        else:
+            self.backbones = model.backbones
+        self.heads = model.heads
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            feats = self.backbone(image)
+            logits = [self.heads[r](feats) for r in self.regions]
+        else:
+            logits = [self.heads[r](self.backbones[r](image)) for r in self.regions]
+        return torch.sigmoid(torch.cat(logits, dim=1).float())
+
+
+def load_checkpoint(path: str | Path) -> tuple[RegionNet, dict]:
+    """The model (eval, CPU) and the data settings it was trained with (`mean`, `std` from the
+    checkpoint's datamodule hyperparameters; regionnet's defaults when absent)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by regionnet-train "
+            "(e.g. outputs/train/runs/<date>/checkpoints/best.ckpt)"
+        )
+    model = RegionNet.load_from_checkpoint(path, map_location="cpu").eval()
+    raw = torch.load(path, map_location="cpu", weights_only=False)
+    data = raw.get("datamodule_hyper_parameters") or {}
+    norm = {"mean": float(data.get("mean", GRAY_MEAN)), "std": float(data.get("std", GRAY_STD))}
+    return model, norm
+
+
+def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -> dict:
+    """What deployment code needs besides the graph (written as `<output>.json`)."""
+    size = int(model.hparams.image_size)
+    return {
+        "format": fmt,
+        "model_file": output.name,
+        "checkpoint": str(ckpt),
+        "regions": list(model.regions),
+        "thresholds": [round(float(t), 6) for t in model.thresholds],
+        "image_size": size,
+        "mean": norm["mean"],
+        "std": norm["std"],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.regions)], "dtype": "float32"},
+        "preprocessing": (
+            "grey radiograph in [0, 1] (MONOCHROME2: bone bright); resize the longest side to "
+            "image_size (antialiased bilinear), centre-pad with 0 to image_size x image_size; "
+            "then (x - mean) / std"
+        ),
+        "decision": (
+            "probs[:, k] >= thresholds[k] means the radiograph shows regions[k]; "
+            "no head at or above its threshold means unknown"
+        ),
+        "backbone": model.hparams.backbone,
+        "shared_backbone": bool(model.hparams.shared_backbone),
+    }
+
+
+@contextmanager
+def _quiet_deprecations():
+    """torch warns that both exporters used here are legacy, several times per call; the
+    module docstring says so once."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*feature will be removed.*")
+        yield
+
+
+def export_onnx(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict, opset: int):
+    try:
+        import onnx
+    except ImportError as e:
+        raise ImportError(
+            "format=onnx needs the onnx package: pip install 'regionnet[export]'"
+        ) from e
+    with _quiet_deprecations():
+        torch.onnx.export(
+            net,
+            (example,),
+            str(output),
+            dynamo=False,
+            opset_version=int(opset),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+    graph = onnx.load(str(output))
+    onnx.checker.check_model(graph)
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "regionnet", json.dumps(meta)
+    onnx.save(graph, str(output))
+
+
+def export_torchscript(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict):
+    with _quiet_deprecations():
+        traced = torch.jit.trace(net, example)
+        torch.jit.save(traced, str(output), _extra_files={"regionnet.json": json.dumps(meta)})
+
+
+def exported_runner(fmt: str, output: Path):
+    """A function numpy (B, 1, S, S) -> numpy (B, R) running the exported file."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError(
+                "check=true for ONNX needs onnxruntime: pip install 'regionnet[export]' "
+                "(or check=false)"
+            ) from e
+        session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    with _quiet_deprecations():
+        loaded = torch.jit.load(str(output), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def sample_inputs(model: RegionNet, norm: dict, batch_size: int) -> dict[str, torch.Tensor]:
+    """Check inputs: random normal values, and one phantom per head in a batch of another
+    size (which exercises ONNX's dynamic batch axis)."""
+    size = int(model.hparams.image_size)
+    gen = torch.Generator().manual_seed(0)
+    shown = [r for r in model.regions if r in PHANTOM_REGIONS] or ["hand"]
+    if len(shown) == batch_size:
+        shown.append(shown[0])
+    tf = build_transforms(size, train=False, mean=norm["mean"], std=norm["std"])
+    phantoms = [
+        tf(torch.from_numpy(render_phantom(r, 7 + k, size=size))[None]) for k, r in enumerate(shown)
+    ]
+    return {
+        "random": torch.randn(batch_size, 1, size, size, generator=gen),
+        "phantoms": torch.stack(phantoms),
+    }
+
+
+def check_export(fmt: str, output: Path, model: RegionNet, inputs: dict, atol: float) -> float:
+    """Largest |exported - PyTorch| probability over the inputs; raises above `atol`."""
+    run = exported_runner(fmt, output)
+    diffs = {}
+    with torch.no_grad():
+        for name, x in inputs.items():
+            expected = model.predict_proba(x).numpy()
+            got = run(x.numpy())
+            if got.shape != expected.shape:
+                raise RuntimeError(
+                    f"{output}: exported model gives shape {got.shape} for {name} input "
+                    f"{tuple(x.shape)}, PyTorch {expected.shape}"
+                )
+            diffs[name] = float(np.abs(got - expected).max())
+    worst = max(diffs.values())
+    detail = ", ".join(f"{k} (batch {len(inputs[k])}): {v:.2e}" for k, v in diffs.items())
+    print(f"check {fmt}: max |exported - pytorch| probability = {worst:.2e} ({detail})")
+    if worst > atol:
+        raise RuntimeError(
+            f"{output}: exported {fmt} model differs from PyTorch by {worst:.3e} > atol={atol} "
+            f"({detail}). Try another opset (opset=...), format=torchscript, or raise atol"
+        )
+    return worst
+
+
+def export(cfg: DictConfig) -> Path:
+    """Export `cfg.ckpt_path` as `cfg.format` to `cfg.output`; return the output path."""
+    fmt = str(cfg.format).lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"format={cfg.format!r} is not supported; use format=onnx or torchscript")
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise ValueError("ckpt_path is required: regionnet-export ckpt_path=.../best.ckpt")
+    ckpt = Path(cfg.ckpt_path).expanduser()
+    model, norm = load_checkpoint(ckpt)
+    output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.parent / FORMATS[fmt]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    batch_size = int(cfg.get("batch_size", 2))
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: use 1 or more")
+
+    net = ProbabilityModel(model).eval()  # eval: the exporters keep the mode they are given
+    meta = metadata(model, norm, fmt, output, ckpt)
+    inputs = sample_inputs(model, norm, batch_size)
+    with torch.no_grad():
+        if fmt == "onnx":
+            meta["opset"] = int(cfg.get("opset", 17))
+            export_onnx(net, inputs["random"], output, meta, meta["opset"])
+        else:
+            export_torchscript(net, inputs["random"], output, meta)
+    if cfg.get("check", True):
+        meta["check_max_abs_diff"] = check_export(
+            fmt, output, model, inputs, float(cfg.get("atol", 1e-4))
+        )
+    sidecar = output.with_name(output.name + ".json")
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"exported {fmt}: {output}\nmetadata: {sidecar}")
+    return output
