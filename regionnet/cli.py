@@ -6,6 +6,10 @@ import hydra
 from omegaconf import DictConfig
 
 from regionnet.config import CONF_DIR
+from regionnet.sweep import register_resolvers
+
+# before Hydra composes: hparams_search/optuna.yaml's storage uses ${regionnet.sqlite:...}
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

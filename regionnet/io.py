@@ -68,6 +68,16 @@ def read_radiograph(path: str | Path) -> np.ndarray:
     path = Path(path)
     _check_file(path)
     arr = _read_dicom(path) if is_dicom(path) else _read_pillow(path)
+    return _checked(path, arr)
+
+
+def dicom_pixels(ds: pydicom.Dataset, name: str) -> np.ndarray:
+    """`read_radiograph` for a DICOM dataset already in memory (retrieved over DICOMweb);
+    `name` stands for the path in errors."""
+    return _checked(name, _dicom_array(ds, name))
+
+
+def _checked(path: str | Path, arr: np.ndarray) -> np.ndarray:
     if arr.ndim != 2 or arr.size == 0:
         raise RadiographReadError(path, f"expected a non-empty 2-D image, got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -79,7 +89,11 @@ def read_dicom_header(path: str | Path) -> dict[str, str]:
     """The region-audit tags of a DICOM file as plain strings (missing tags -> "")."""
     path = Path(path)
     _check_file(path)
-    ds = _dcmread(path, stop_before_pixels=True)
+    return dataset_header(_dcmread(path, stop_before_pixels=True))
+
+
+def dataset_header(ds: pydicom.Dataset) -> dict[str, str]:
+    """`read_dicom_header` for a DICOM dataset already in memory."""
     return {tag: str(ds.get(tag, "") or "") for tag in HEADER_TAGS}
 
 
@@ -102,7 +116,10 @@ def _dcmread(path: Path, **kwargs) -> pydicom.Dataset:
 
 
 def _read_dicom(path: Path) -> np.ndarray:
-    ds = _dcmread(path)
+    return _dicom_array(_dcmread(path), path)
+
+
+def _dicom_array(ds: pydicom.Dataset, path: str | Path) -> np.ndarray:
     if not any(tag in ds for tag in _PIXEL_TAGS):
         fix = "It is likely a structured report or presentation state; skip it"
         raise RadiographReadError(path, "DICOM has no pixel data", fix)

@@ -83,3 +83,34 @@ def log_roc_curves(
     )
     for lg in wandb_loggers:
         lg.experiment.log({f"{stage}/roc": plot, "trainer/global_step": step})
+
+
+def wandb_summary(
+    loggers: Sequence[Logger],
+    metrics: dict[str, float],
+    predictions=None,
+    regions: Sequence[str] = (),
+) -> None:
+    """Final metrics on each W&B run's summary (the runs table then compares backbones on
+    `val/auroc_mean_best`, `test/auroc/<region>`, ...) and the test confusion matrix as a W&B
+    plot from the test predictions (true region or `other` x called region or `unknown`;
+    `other` and `unknown` share one class, "none"). Rank 0 only; other loggers skip it."""
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wandb_loggers:
+        return
+    import wandb
+
+    plots = {}
+    if predictions is not None and len(predictions) and regions:
+        names = [*regions, "none"]
+        index = lambda r: names.index(r) if r in regions else len(regions)  # noqa: E731
+        plots["test/confusion"] = wandb.plot.confusion_matrix(
+            y_true=[index(r) for r in predictions["true_region"]],
+            preds=[index(r) for r in predictions["region"]],
+            class_names=names,
+            title="test: true region x called region",
+        )
+    for lg in wandb_loggers:
+        lg.experiment.summary.update(metrics)
+        if plots:
+            lg.experiment.log(plots)

@@ -2,7 +2,8 @@
 
 Writes into the run directory (`paths.output_dir`, Hydra's run dir): `config.yaml`,
 `split.csv`, `checkpoints/best.ckpt` and `last.ckpt`, `metrics.json` (final val/test/external
-metrics keyed by their logged names), and the loggers' files (`csv/`, `wandb/`).
+metrics keyed by their logged names), `test_predictions.csv` (per-image test probabilities,
+for pooling k folds), and the loggers' files (`csv/`, `wandb/`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.data.datamodule import RegionDataModule
+from regionnet.distributed import DistributedJob
+from regionnet.loggers import wandb_summary
 from regionnet.model.module import RegionNet
 from regionnet.model_card import write_model_card
+from regionnet.sweep import apply_sweep_group, finished_run, test_predictions
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,20 @@ def numbers(metrics: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
+def speed_up(model: RegionNet, channels_last: bool = False, compile: bool = False) -> None:
+    """`model.channels_last`: weights in channels-last memory format (forward converts the
+    batches), faster convolutions on tensor cores. `model.compile`: torch.compile each backbone
+    in place (`nn.Module.compile`: checkpoint keys unchanged). Not the whole LightningModule:
+    Lightning would then compile the steps too, torchmetrics updates included, which dynamo
+    cannot trace."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        backbones = getattr(model, "backbones", None) or {"": model.backbone}
+        for backbone in backbones.values():
+            backbone.compile()
+
+
 def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "external")) -> None:
     """A per-region AUROC table on the console."""
     from rich.console import Console
@@ -72,8 +90,21 @@ def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "ex
     Console().print(table)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train, validate and test as configured; return the final metrics."""
+def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, float]:
+    """Train, validate and test as configured; return the final metrics.
+
+    With `skip_if_done`, a run directory that already holds a finished run of this config
+    returns its metrics instead (a re-launched sweep skips its finished jobs). Under DDP every
+    process runs this; see `regionnet.distributed` for how processes start and end.
+    """
+    done = finished_run(cfg)
+    if done is not None:
+        return done
+    with DistributedJob() as job:
+        return _train(cfg, job, extra_callbacks)
+
+
+def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
@@ -88,9 +119,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "data=phantom: SYNTHETIC radiographs for trying regionnet, not clinical evidence"
         )
     model = build_model(cfg, dm.regions)
-    callbacks = instantiate_list(cfg.get("callbacks"))
+    callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks or [])
+    apply_sweep_group(cfg)
     loggers = instantiate_list(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    job.track(trainer)
 
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
@@ -99,8 +132,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:
         lg.log_hyperparams(plain_cfg)
 
-    fit_model = torch.compile(model) if cfg.model.get("compile") else model
-    trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    speed_up(model, cfg.model.get("channels_last"), cfg.model.get("compile"))
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
@@ -108,14 +141,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.warning(
             "no best checkpoint (fast_dev_run or no checkpoint callback): using last weights"
         )
-    metrics = numbers(trainer.callback_metrics, ("val/auroc_mean_best",))
+    metrics = numbers(trainer.callback_metrics, ("val/auroc_mean_best", "train/images_per_s"))
+    metrics["model/params"] = sum(p.numel() for p in model.parameters())
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
     metrics.update(numbers(trainer.callback_metrics, ("val/",)))
     if cfg.get("test", True):
         trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
         metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
+    predictions = test_predictions(trainer, model, dm, best) if cfg.get("test", True) else None
 
     if trainer.is_global_zero:
+        if predictions is not None:
+            predictions.to_csv(out / "test_predictions.csv", index=False)
+        wandb_summary(loggers, metrics, predictions, dm.regions)
+        # after the predictions: a run directory with metrics.json is finished (skip_if_done)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
         print_summary(metrics, dm.regions)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import pandas as pd
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from regionnet.data.dataset import RadiographDataset, collate
@@ -144,10 +146,16 @@ class RegionDataModule(L.LightningDataModule):
             repeat=h.augment_factor if train else 1,
             phantom_size=h.image_size,
         )
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Under DDP Lightning would give val/test a DistributedSampler, which repeats images
+            # so every process gets as many; metrics must count each radiograph once.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=h.batch_size,
             shuffle=train,
+            sampler=sampler,
             # a last training batch of one image breaks BatchNorm; the images return next epoch
             drop_last=train and len(dataset) > h.batch_size,
             num_workers=h.num_workers,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -66,9 +66,17 @@ class RegionMetrics(nn.Module):
         self.roc = nn.ModuleDict({r: BinaryROC(thresholds=200) for r in self.regions})
         self.counts = LabelCounts(len(self.regions))
         self.top1 = MulticlassAccuracy(num_classes=max(2, len(self.regions)), average="micro")
+        self.loss = MeanMetric()
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor) -> None:
-        """`thresholds` (R,): each head's operating point for accuracy/sensitivity/specificity."""
+    def update(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        thresholds: torch.Tensor,
+        loss: torch.Tensor | None = None,
+    ) -> None:
+        """`thresholds` (R,): each head's operating point for accuracy/sensitivity/specificity;
+        `loss`: the batch's mean loss, averaged over images into `stage/loss`."""
         target = labels.int()
         calls = (probs >= thresholds).float()  # 0/1 decisions; torchmetrics then cuts at 0.5
         for k, r in enumerate(self.regions):
@@ -77,6 +85,8 @@ class RegionMetrics(nn.Module):
                 self.per_region[r][name].update(calls[:, k], target[:, k])
             self.roc[r].update(probs[:, k], target[:, k])
         self.counts.update(labels)
+        if loss is not None:
+            self.loss.update(loss.detach().float(), weight=len(labels))
         single = labels.sum(1) == 1
         if single.any():
             self.top1.update(probs[single].argmax(1), labels[single].argmax(1))
@@ -107,6 +117,8 @@ class RegionMetrics(nn.Module):
         if single > 0:
             out[f"{stage}/top1_acc"] = float(self.top1.compute())
         out[f"{stage}/images"] = n
+        if n:  # synced: every process computes (a collective) or none does
+            out[f"{stage}/loss"] = float(self.loss.compute())
         return out
 
     def roc_curves(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -119,5 +131,5 @@ class RegionMetrics(nn.Module):
                 m.reset()
         for m in self.roc.values():
             m.reset()
-        for m in (self.counts, self.top1):
+        for m in (self.counts, self.top1, self.loss):
             m.reset()

@@ -181,15 +181,10 @@ class RegionNet(L.LightningModule):
             return
         logits = self.logits(batch["image"])
         labels = batch["labels"]
-        self.log(
-            f"{stage}/loss",
-            self._loss(logits, labels),
-            on_epoch=True,
-            batch_size=len(labels),
-            add_dataloader_idx=False,
-            sync_dist=True,  # under DDP: the mean over every process's images
-        )
-        self.metrics[stage].update(torch.sigmoid(logits.float()), labels, self.thresholds)
+        # the loss goes through torchmetrics too (`stage/loss`): Lightning's sync_dist mean
+        # is wrong when processes see unequal image counts (it averages an integer count)
+        loss = self._loss(logits, labels)
+        self.metrics[stage].update(torch.sigmoid(logits.float()), labels, self.thresholds, loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
