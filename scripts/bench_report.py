@@ -1,0 +1,218 @@
+"""RESULTS.md from the results dict of scripts/benchmark.py (every number comes from it)."""
+
+from __future__ import annotations
+
+
+def _f(x, nd=3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+
+
+def _accuracy(name: str, run: dict) -> list[str]:
+    ev, regions = run["eval"], run["eval"].get("regions", [])
+    lines = [
+        f"### {name}",
+        "",
+        f"Overrides: `{' '.join(run['overrides'])}`  ",
+        f"Training: {_f(run['train_seconds'] / 60, 1)} min wall, "
+        f"{_f(run['train_images_per_s'], 1)} training radiographs/s; "
+        f"time to `val/auroc_mean` ≥ 0.99: {_f(run['seconds_to_val_auroc_mean_0.99'], 0)} s.  ",
+        f"Checkpoint: `{run['checkpoint']}`",
+        "",
+        "| head | test images (+) | AUROC [95% CI] | sensitivity | specificity | threshold |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in regions:
+        pos = ev.get(f"test/positives/{r}")
+        if f"test/auroc/{r}" not in ev:
+            lines.append(f"| {r} | {_f(pos, 0)} | no real positives in test | | | |")
+            continue
+        auc = f"{_f(ev[f'test/auroc/{r}'])} {_ci(ev.get(f'test/auroc_ci/{r}'))}"
+        lines.append(
+            f"| {r} | {_f(pos, 0)} | {auc}"
+            f" | {_f(ev.get(f'test/sensitivity/{r}'))} | {_f(ev.get(f'test/specificity/{r}'))}"
+            f" | {_f(ev.get(f'test/threshold/{r}'))} |"
+        )
+    lines += [
+        "",
+        f"AUROC mean {_f(ev.get('test/auroc_mean'))}, min {_f(ev.get('test/auroc_min'))}; "
+        f"top-1 region accuracy {_f(ev.get('test/top1_acc'))}; "
+        f"out-of-set films called `unknown`: {_f(ev.get('test/unknown_rate_other'))}.",
+        "",
+        "| out-of-set anatomy (test) | images | called `unknown` | share |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for anatomy, u in sorted(run["breakdown"]["unknown_share_by_anatomy"].items()):
+        lines.append(f"| {anatomy} | {u['images']} | {u['unknown']} | {_f(u['share'])} |")
+    lines += [
+        "",
+        "Within the fracture-film source only (shoulder, elbow, finger, forearm, humerus and wrist "
+        "films from one export: no source shortcut, anatomy is the only cue):",
+        "",
+        "| head | positives | negatives | AUROC [95% CI, by patient] |",
+        "| --- | ---: | ---: | --- |",
+    ]
+    for r, w in run["breakdown"]["within_fracture_source"].items():
+        lines.append(
+            f"| {r} | {w['positives']} | {w['negatives']} | {_f(w['auroc'])} {_ci(w['ci'])} |"
+        )
+    fr = run["fullres"]
+    lines += [
+        "",
+        f"Full-resolution originals ({fr['images']} files: hands must be `hand`, chests "
+        f"`unknown`): accuracy {_f(fr['accuracy'])} ("
+        + ", ".join(f"{a} {_f(v)}" for a, v in fr["accuracy_by_anatomy"].items())
+        + f"); predicted {fr['predicted']}.",
+        "",
+    ]
+    return lines
+
+
+def _speed(sp: dict) -> list[str]:
+    sv = sp["shared_vs_separate"]
+    lines = [
+        "## Speed (model only, inference, this machine)",
+        "",
+        f"{sp['image_size']} px, batch {sp['batch']}, {sp['threads']} threads, median of repeated "
+        "timed runs after warm-up.",
+        "",
+        "| design | radiographs/s |",
+        "| --- | ---: |",
+        f"| one shared ResNet-18 + 5 heads (regionnet) | {_f(sv['shared'], 1)} |",
+        f"| five separate ResNet-18s (the study's design) | {_f(sv['separate'], 1)} |",
+        f"| **ratio** | **{_f(sv['ratio'], 2)}x** |",
+        "| the study's reported rate (GPU, for reference) | 33 |",
+        "",
+        "| precision / layout | radiographs/s |",
+        "| --- | ---: |",
+        *[f"| {k} | {_f(v, 1)} |" for k, v in sp["precision_layout"].items()],
+        "",
+        "| batch size | radiographs/s |",
+        "| ---: | ---: |",
+        *[f"| {k} | {_f(v, 1)} |" for k, v in sp["batch_sizes"].items()],
+        "",
+        "| image size (px) | radiographs/s |",
+        "| ---: | ---: |",
+        *[f"| {k} | {_f(v, 1)} |" for k, v in sp["image_sizes"].items()],
+        "",
+    ]
+    rf = sp["roofline"]
+    lines += [
+        f"Compute: {_f(rf['gflop_per_image'], 2)} GFLOP per radiograph, "
+        f"{_f(rf['achieved_gflops'], 1)} GFLOP/s achieved vs {_f(rf['matmul_gflops'], 1)} GFLOP/s "
+        f"measured fp32 matmul roofline ({_f(100 * rf['fraction_of_roofline'], 0)} %).",
+        "",
+    ]
+    if "predict" in sp:
+        pr = sp["predict"]
+        lines += [
+            f"End-to-end `regionnet-predict` on {pr['files']} real files ({pr['input']}, "
+            f"{pr['image_size']} px, decode + resize + model + CSV): "
+            f"{_f(pr['end_to_end_per_s'], 1)} radiographs/s vs {_f(pr['model_only_per_s'], 1)} "
+            f"model-only = {_f(100 * pr['fraction_of_model_only'], 0)} %.",
+            "",
+        ]
+    if "training" in sp:
+        tr = sp["training"]
+        lines += [
+            f"Training throughput {_f(tr['images_per_s'], 1)} radiographs/s; time to "
+            f"`val/auroc_mean` ≥ 0.99: {_f(tr['seconds_to_val_auroc_mean_0.99'], 0)} s.",
+            "",
+        ]
+    return lines
+
+
+def _scaling(sc: dict) -> list[str]:
+    lines = [
+        "## Cost curves",
+        "",
+        "![scaling](scaling.png)",
+        "",
+        "| batch (224 px) | radiographs/s | peak RSS MiB | of which inference MiB |",
+        "| ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {b} | {_f(v['rate'], 1)} | {_f(v['peak_mib'], 0)} | {_f(v['inference_mib'], 0)} |"
+        for b, v in sc["by_batch"].items()
+    ]
+    lines += [
+        "",
+        "| size px (batch 8) | radiographs/s | peak RSS MiB |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {z} | {_f(v['rate'], 1)} | {_f(v['peak_mib'], 0)} | {_f(v['inference_mib'], 0)} |"
+        for z, v in sc["by_size"].items()
+    ]
+    return [*lines, ""]
+
+
+def _backbones(bb: dict) -> list[str]:
+    lines = [
+        "## Backbones (Hydra multirun on the real data)",
+        "",
+        f"{bb['image_size']} px, {bb['epochs']} epochs each, {bb.get('precision')}; "
+        f"sweep dir `{bb['sweep_dir']}`.",
+        "",
+        "| backbone | test AUROC mean | min head AUROC | params (M) | train img/s | infer img/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in bb["rows"]:
+        params = r.get("params")
+        auc = f"{_f(r.get('test_auroc_mean'))} | {_f(r.get('test_auroc_min'))}"
+        lines.append(
+            f"| {r.get('backbone')} | {auc}"
+            f" | {_f(params / 1e6 if params else None, 2)} | {_f(r.get('images_per_s'), 1)}"
+            f" | {_f(r.get('infer_images_per_s'), 1)} |"
+        )
+    return [*lines, ""]
+
+
+def markdown_report(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        "# regionnet benchmark results",
+        "",
+        f"Measured by `{m['command']}` at commit `{m['commit']}` on {m['date']}: "
+        f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu']}, "
+        f"Python {m['python']}, torch {m['torch']}. Total {res['wall_seconds'] / 60:.1f} min."
+        + (" **Quick smoke run: numbers are not meaningful.**" if res.get("quick") else ""),
+        "",
+    ]
+    if "accuracy" in res:
+        acc = res["accuracy"]
+        s = acc["settings"]
+        lines += [
+            "## Accuracy on real radiographs (../shared/data)",
+            "",
+            f"{acc['data']['images']} radiographs: {acc['data']['by_anatomy']}. Study protocol "
+            f"(`experiment=yi2019`, ResNet-18 from random init — no ImageNet download here — "
+            f"patient-grouped stratified 64/12/24 split, augmentation, other regions as "
+            f"negatives) at {s['image_size']} px, {s['epochs']} epochs, augment factor "
+            f"{s['augment_factor']}, {s['precision']}; accuracy section wall time "
+            f"{acc['wall_seconds'] / 60:.1f} min. Hand, knee, pelvis and chest each come from one "
+            "source, so their AUROC may reflect the source; the within-source table is the "
+            "confound-free measure.",
+            "",
+        ]
+        lines += _accuracy("Study protocol (yi2019)", acc["yi2019"])
+        if "yi2019_crop" in acc:
+            lines += _accuracy(
+                "With crop augmentation hiding image size and crop style", acc["yi2019_crop"]
+            )
+        loso = acc["leave_one_source_out"]
+        lines += [f"Leave-one-source-out: {loso['note']} {loso['regions_with_two_sources']}.", ""]
+    if "speed" in res:
+        lines += _speed(res["speed"])
+    if "scaling" in res:
+        lines += _scaling(res["scaling"])
+    if "backbones" in res:
+        lines += _backbones(res["backbones"])
+    return "\n".join(lines) + "\n"

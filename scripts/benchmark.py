@@ -1,0 +1,256 @@
+"""regionnet benchmarks on real radiographs and this machine, in one run.
+
+    python scripts/benchmark.py            # the full run (about 40-50 min on 2 CPU cores)
+    python scripts/benchmark.py --quick    # a smoke test of every section (< 3 min)
+    python scripts/benchmark.py --skip backbones scaling --out /tmp/bench
+
+Writes `<out>/results.json` and `<out>/RESULTS.md` (and `<out>/scaling.png`); trained
+checkpoints stay in `<out>/artifacts/` (git-ignored). Every figure in RESULTS.md is measured
+by this script in this run; nothing is typed by hand. Sections:
+  accuracy   the study's protocol (experiment=yi2019) on ../shared/data, evaluated per head,
+             per out-of-set anatomy, within the fracture-film source, on full-resolution files,
+             and again with crop augmentation that hides image size and crop style
+  speed      shared backbone + 5 heads vs five ResNet-18s, fp32/bf16, channels_last, batch and
+             image sizes, end-to-end regionnet-predict vs model-only, GFLOP/s vs matmul roofline
+  scaling    throughput and peak memory as batch size and image size grow (scaling.png)
+  backbones  a Hydra multirun over timm backbones on the real data, one row each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STUDY_RATE = 33.0  # radiographs/s reported by Yi et al. 2019 (five ResNet-18s, a GPU)
+SECTIONS = ("accuracy", "speed", "scaling", "backbones")
+BACKBONES = ("resnet18", "mobilenetv3_large_100", "efficientnet_b0", "convnext_atto")
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "regionnet", "conf", "scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit + ("+uncommitted" if dirty else ""),
+        "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def predict_throughput(ckpt: Path, folder: Path, out: Path, quick: bool) -> dict:
+    """End-to-end regionnet-predict on a folder of real files vs model-only at the same size."""
+    from bench_speed import images_per_second
+
+    from regionnet.api import load_model
+    from regionnet.config import compose_config
+    from regionnet.predict import predict
+
+    model = load_model(ckpt).model
+    size = int(model.hparams.image_size)
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={ckpt}",
+            f"input={folder}",
+            f"output={out / 'predict_bench.csv'}",
+            f"paths.output_dir={out}",
+            "batch_size=32",
+            "num_workers=2",
+            "accelerator=cpu",
+        ],
+    )
+    summary = predict(cfg)
+    model_only = images_per_second(model, 32, size, repeats=3 if quick else 5)
+    return {
+        "input": str(folder),
+        "image_size": size,
+        "files": summary.get("total", summary.get("ok")),
+        "end_to_end_per_s": summary["per_second"],
+        "model_only_per_s": model_only,
+        "fraction_of_model_only": summary["per_second"] / model_only,
+        "study_per_s": STUDY_RATE,
+    }
+
+
+def backbones_section(
+    data_dir: Path, out: Path, quick: bool, size: int, epochs: int, precision: str
+) -> dict:
+    """`regionnet-train -m` over timm backbones on the real data; gathered into one table,
+    plus each backbone's inference radiographs/s measured here."""
+    from bench_speed import images_per_second
+
+    from regionnet.model.module import RegionNet
+    from regionnet.sweep import gather
+
+    names = BACKBONES[:2] if quick else BACKBONES
+    sweep = out / "artifacts" / "backbones"
+    cmd = [
+        shutil.which("regionnet-train") or "regionnet-train",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        f"model={','.join(names)}",
+        "data=shared",
+        f"paths.data_dir={data_dir}",
+        "logger=csv",
+        "trainer.accelerator=cpu",
+        f"data.image_size={size}",
+        f"trainer.max_epochs={epochs}",
+        "data.num_workers=2",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "skip_if_done=false",
+    ]
+    if quick:
+        cmd += [
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=2",
+        ]
+    log(f"backbones: regionnet-train {' '.join(cmd[1:])}")
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    table = gather(sweep)
+    rows = []
+    for _, row in table.iterrows():
+        model = RegionNet(backbone=row["backbone"]).eval()
+        rate = images_per_second(model, 16, size, repeats=3 if quick else 5)
+        rows.append({**{k: _plain(v) for k, v in row.items()}, "infer_images_per_s": rate})
+    return {
+        "sweep_dir": str(sweep),
+        "image_size": size,
+        "epochs": epochs,
+        "precision": precision,
+        "rows": rows,
+    }
+
+
+def _plain(v):
+    try:
+        return v.item()
+    except AttributeError:
+        return v
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke test of every section (< 3 min)")
+    p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    p.add_argument("--image-size", type=int, default=128, help="accuracy training size")
+    p.add_argument("--epochs", type=int, default=20, help="accuracy training epochs")
+    p.add_argument("--augment-factor", type=int, default=2, help="data.augment_factor")
+    p.add_argument("--precision", default="bf16-mixed", help="trainer.precision for training")
+    p.add_argument("--backbone-size", type=int, default=96)
+    p.add_argument("--backbone-epochs", type=int, default=6)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.image_size, args.epochs, args.backbone_size, args.backbone_epochs = 48, 1, 48, 1
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(HERE))
+    args.out.mkdir(parents=True, exist_ok=True)
+    needs_data = "accuracy" not in args.skip or "backbones" not in args.skip
+    if needs_data and not (args.data_dir / "radiographs" / "manifest.csv").is_file():
+        raise SystemExit(
+            f"--data-dir {args.data_dir} has no radiographs/manifest.csv; "
+            "give the shared data folder or --skip accuracy backbones"
+        )
+
+    results: dict = {"machine": machine(), "quick": args.quick}
+    start = time.perf_counter()
+    if "accuracy" not in args.skip:
+        from bench_accuracy import accuracy_section
+
+        results["accuracy"] = accuracy_section(
+            args.data_dir,
+            args.out,
+            args.quick,
+            args.image_size,
+            args.epochs,
+            args.augment_factor,
+            args.precision,
+            log,
+        )
+    if "backbones" not in args.skip:
+        results["backbones"] = backbones_section(
+            args.data_dir,
+            args.out,
+            args.quick,
+            args.backbone_size,
+            args.backbone_epochs,
+            args.precision,
+        )
+    # timing sections last: they want a quiet machine, the training sections do not mind
+    if "speed" not in args.skip:
+        from bench_speed import speed_section
+
+        results["speed"] = speed_section(args.quick, log)
+        if "accuracy" in results:
+            log("speed: end-to-end regionnet-predict on the real radiographs folder")
+            ckpt = Path(results["accuracy"]["yi2019"]["checkpoint"])
+            folder = args.data_dir / "radiographs" / ("kneeoa_rohan145" if args.quick else "")
+            results["speed"]["predict"] = predict_throughput(
+                ckpt, folder, args.out / "artifacts", args.quick
+            )
+            acc = results["accuracy"]["yi2019"]
+            results["speed"]["training"] = {
+                "images_per_s": acc["train_images_per_s"],
+                "seconds_to_val_auroc_mean_0.99": acc["seconds_to_val_auroc_mean_0.99"],
+            }
+    if "scaling" not in args.skip:
+        from bench_speed import plot_scaling, scaling_section
+
+        results["scaling"] = scaling_section(args.quick, log)
+        plot_scaling(results["scaling"], args.out / "scaling.png")
+    results["wall_seconds"] = time.perf_counter() - start
+
+    from bench_report import markdown_report
+
+    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "RESULTS.md").write_text(markdown_report(results))
+    log(
+        f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} "
+        f"in {results['wall_seconds'] / 60:.1f} min"
+    )
+    if "accuracy" in results:
+        log(f"real-data checkpoint: {results['accuracy']['yi2019']['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""scripts/benchmark.py --quick: a smoke test that every section runs and reports."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+
+
+def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(out),
+           "--data-dir", str(shared_data)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=900)
+    results = json.loads((out / "results.json").read_text())
+    assert {"machine", "accuracy", "speed", "scaling", "backbones"} <= set(results)
+    acc = results["accuracy"]["yi2019"]
+    assert Path(acc["checkpoint"]).is_file()
+    assert set(acc["breakdown"]["within_fracture_source"]) == {"shoulder", "elbow"}
+    assert acc["fullres"]["images"] == len(list((shared_data / "fullres").rglob("*.png")))
+    speed = results["speed"]
+    assert speed["shared_vs_separate"]["ratio"] > 1.5  # five backbones cost more than one
+    assert speed["predict"]["files"] > 0 and speed["predict"]["end_to_end_per_s"] > 0
+    assert len(results["backbones"]["rows"]) == 2
+    report = (out / "RESULTS.md").read_text()
+    for heading in (
+        "## Accuracy on real radiographs",
+        "## Speed",
+        "## Cost curves",
+        "## Backbones",
+    ):
+        assert heading in report
+    assert (out / "scaling.png").stat().st_size > 1000
