@@ -52,19 +52,9 @@ class Prediction:
 
 def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
     """A trained `RegionNet` in eval mode on `device`, from a Lightning checkpoint."""
-    from regionnet.model.module import RegionNet
+    from regionnet.model.module import load_regionnet
 
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(path)!r} not found; pass a run's checkpoints/best.ckpt "
-            "(written by regionnet-train)"
-        )
-    # The checkpoint holds all weights: never download or read ImageNet weights again.
-    model = RegionNet.load_from_checkpoint(
-        path, map_location="cpu", pretrained=False, weights_file=None
-    )
-    return model.to(device).eval()
+    return load_regionnet(ckpt, device)
 
 
 def eval_transform(model) -> torch.nn.Module:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import label_columns
-from regionnet.model.module import RegionNet
+from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
     RocCurve,
@@ -42,25 +42,6 @@ from regionnet.train import build_datamodule, instantiate_list, print_summary
 log = logging.getLogger(__name__)
 
 SPLIT_CHOICES = ("test", "val", "external", "all")
-
-
-def load_checkpoint(ckpt_path: str | Path) -> RegionNet:
-    """The RegionNet of a `.ckpt`, on CPU, without downloading pretrained weights (the
-    checkpoint holds every weight)."""
-    path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by "
-            "regionnet-train, e.g. ckpt_path=outputs/train/runs/RUN/checkpoints/best.ckpt"
-        )
-    try:
-        return RegionNet.load_from_checkpoint(
-            path, map_location="cpu", pretrained=False, weights_file=None
-        )
-    except Exception as e:  # torch/Lightning say "pickle" or "KeyError"; name the file
-        raise ValueError(
-            f"ckpt_path={str(path)!r} is not a RegionNet checkpoint ({type(e).__name__}: {e})"
-        ) from e
 
 
 def run_dir_of(ckpt_path: str | Path) -> Path:
@@ -163,7 +144,7 @@ def evaluate(cfg: DictConfig) -> dict:
     split = cfg.get("split", "test")
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split={split!r}: choose one of {', '.join(SPLIT_CHOICES)}")
-    model = load_checkpoint(cfg.ckpt_path)
+    model = load_regionnet(cfg.ckpt_path)
     regions, thresholds = list(model.regions), model.thresholds.tolist()
     run_dir = run_dir_of(cfg.ckpt_path)
     dm = build_datamodule(OmegaConf.create({"data": data_config(cfg, model, run_dir)}))

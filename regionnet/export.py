@@ -28,7 +28,7 @@ from torch import nn
 
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
-from regionnet.model.module import RegionNet
+from regionnet.model.module import RegionNet, load_regionnet
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INPUT_NAME, OUTPUT_NAME = "image", "probs"
@@ -58,19 +58,10 @@ class ProbabilityModel(nn.Module):
 
 
 def load_checkpoint(path: str | Path) -> tuple[RegionNet, dict]:
-    """The model (eval, CPU) and the data settings it was trained with (`mean`, `std` from the
-    checkpoint's datamodule hyperparameters; regionnet's defaults when absent)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by regionnet-train "
-            "(e.g. outputs/train/runs/<date>/checkpoints/best.ckpt)"
-        )
-    model = RegionNet.load_from_checkpoint(path, map_location="cpu").eval()
-    raw = torch.load(path, map_location="cpu", weights_only=False)
-    data = raw.get("datamodule_hyper_parameters") or {}
-    norm = {"mean": float(data.get("mean", GRAY_MEAN)), "std": float(data.get("std", GRAY_STD))}
-    return model, norm
+    """The model (eval, CPU) and the intensity normalisation it was trained with."""
+    model = load_regionnet(path)
+    h = model.hparams
+    return model, {"mean": float(h.get("mean", GRAY_MEAN)), "std": float(h.get("std", GRAY_STD))}
 
 
 def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -> dict:

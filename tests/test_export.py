@@ -23,11 +23,16 @@ THRESHOLDS = [0.3, 0.5, 0.7]
 
 
 def save_checkpoint(path, shared: bool = True):
-    """A random-init RegionNet saved as Lightning would (no Trainer needed), with the data
-    normalisation Lightning stores from the datamodule's hyperparameters."""
+    """A random-init RegionNet saved as Lightning would (no Trainer needed), with a non-default
+    intensity normalisation in its hyperparameters."""
     torch.manual_seed(0)
     model = RegionNet(
-        regions=REGIONS, backbone="resnet18", image_size=S, shared_backbone=shared
+        regions=REGIONS,
+        backbone="resnet18",
+        image_size=S,
+        shared_backbone=shared,
+        mean=0.5,
+        std=0.25,
     ).eval()
     model.thresholds.copy_(torch.tensor(THRESHOLDS))
     torch.save(
@@ -35,7 +40,6 @@ def save_checkpoint(path, shared: bool = True):
             "state_dict": model.state_dict(),
             "hyper_parameters": dict(model.hparams),
             "pytorch-lightning_version": lightning.__version__,
-            "datamodule_hyper_parameters": {"mean": 0.5, "std": 0.25},
         },
         path,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -263,3 +264,23 @@ class RegionNet(L.LightningModule):
                 "monitor": "val/auroc_mean",
             },
         }
+
+
+def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") -> RegionNet:
+    """A trained RegionNet from a `.ckpt`, in eval mode on `device`. Never downloads or reads
+    ImageNet weights again: the checkpoint holds every weight."""
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={str(path)!r} does not exist; give a checkpoint written by "
+            "regionnet-train, e.g. ckpt_path=outputs/train/runs/RUN/checkpoints/best.ckpt"
+        )
+    try:
+        model = RegionNet.load_from_checkpoint(
+            path, map_location="cpu", pretrained=False, weights_file=None
+        )
+    except Exception as e:  # torch/Lightning say "pickle" or "KeyError"; name the file
+        raise ValueError(
+            f"ckpt_path={str(path)!r} is not a RegionNet checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    return model.to(device).eval()
