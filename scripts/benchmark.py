@@ -1,6 +1,6 @@
 """regionnet benchmarks on real radiographs and this machine, in one run.
 
-    python scripts/benchmark.py            # the full run (about 40-50 min on 2 CPU cores)
+    python scripts/benchmark.py            # the full run (about 30 min on 2 quiet CPU cores)
     python scripts/benchmark.py --quick    # a smoke test of every section (< 3 min)
     python scripts/benchmark.py --skip backbones scaling --out /tmp/bench
 
@@ -171,9 +171,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
-    p.add_argument("--image-size", type=int, default=128, help="accuracy training size")
-    p.add_argument("--epochs", type=int, default=20, help="accuracy training epochs")
-    p.add_argument("--augment-factor", type=int, default=2, help="data.augment_factor")
+    p.add_argument("--image-size", type=int, default=112, help="accuracy training size")
+    p.add_argument("--epochs", type=int, default=12, help="accuracy training epochs")
+    p.add_argument("--augment-factor", type=int, default=1, help="data.augment_factor")
     p.add_argument("--precision", default="bf16-mixed", help="trainer.precision for training")
     p.add_argument("--backbone-size", type=int, default=96)
     p.add_argument("--backbone-epochs", type=int, default=6)
