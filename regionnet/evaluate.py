@@ -190,6 +190,7 @@ def evaluate(cfg: DictConfig) -> dict:
             resamples=int(boot["resamples"]), seed=int(boot["seed"]), ci=float(boot["ci"]),
         )  # fmt: skip
         result.update(values)
+        result.update(per_source_metrics(stage, records, probs, labels, regions, thresholds, boot))
         tables.append(predictions_table(stage, records, probs, regions, thresholds))
         blocks[stage] = confusion_block(records["region"], tables[-1]["region"], regions)
         curves[stage] = {
@@ -214,6 +215,28 @@ def evaluate(cfg: DictConfig) -> dict:
     print_summary(result, regions, stages=tuple(blocks))
     log.info("evaluation of %s written to %s", cfg.ckpt_path, out)
     return result
+
+
+def per_source_metrics(stage, records, probs, labels, regions, thresholds, boot) -> dict:
+    """The stage's metrics within each source (`test/source/<source>/auroc/<region>`, ...)
+    when it mixes sources: where one source holds one region, the pooled AUROC can reflect
+    the source rather than the anatomy."""
+    sources = records["source"].astype(str).to_numpy()
+    if len(set(sources)) < 2:
+        return {}
+    out = {}
+    for src in sorted(set(sources)):
+        m = sources == src
+        unit = resampling_unit(records["patient_id"][m], records["path"][m])
+        out.update(
+            stage_metrics(
+                f"{stage}/source/{src}", probs[m], labels[m], records["region"].to_numpy()[m],
+                regions, thresholds,
+                groups=records["patient_id"].to_numpy()[m] if unit == "patient" else None,
+                resamples=int(boot["resamples"]), seed=int(boot["seed"]), ci=float(boot["ci"]),
+            )
+        )  # fmt: skip
+    return out
 
 
 def _ci(values: dict, stage: str, region: str) -> tuple[float, float] | None:

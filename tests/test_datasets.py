@@ -619,3 +619,20 @@ def test_training_on_a_merged_two_source_manifest(real_manifests, tmp_path):
     assert (split.groupby("patient_id")["split"].nunique() == 1).all()  # no patient leak
     assert set(split["source"]) == {"kneeoa", "bonefracture_veda_osteoai"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    # evaluation reports metrics per source, since source and region are confounded here
+    from regionnet.evaluate import evaluate
+
+    ecfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}",
+            f"paths.output_dir={tmp_path / 'eval'}",
+            "split=all",
+            "bootstrap.resamples=50",
+            "num_workers=0",
+        ],
+    )
+    result = evaluate(ecfg)
+    for source in ("kneeoa", "bonefracture_veda_osteoai"):
+        assert result[f"all/source/{source}/images"] > 0
+    assert "all/source/bonefracture_veda_osteoai/auroc/shoulder" in result
