@@ -62,16 +62,23 @@ def mismatch(predicted: str, claimed: str | None, regions: Sequence[str]) -> boo
     return predicted != UNKNOWN
 
 
-def audit(path: str, predicted: str, regions: Sequence[str]) -> dict[str, object]:
-    """The audit columns for one file ({} values for non-DICOM or unreadable headers)."""
+def audit(
+    path: str, predicted: str, regions: Sequence[str], header: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """The audit columns for one file ({} values for non-DICOM or unreadable headers).
+
+    `header` (tags as `read_dicom_header` returns them) stands in for reading `path`: an
+    instance retrieved over DICOMweb has no file to read.
+    """
     out: dict[str, object] = dict.fromkeys(AUDIT_COLUMNS)
-    if path.startswith("phantom://") or not is_dicom(path):
-        return out
-    try:
-        header = read_dicom_header(path)
-    except RadiographReadError as e:
-        log.warning("audit: cannot read the DICOM header of %s: %s", path, e.reason)
-        return out
+    if header is None:
+        if path.startswith("phantom://") or not is_dicom(path):
+            return out
+        try:
+            header = read_dicom_header(path)
+        except RadiographReadError as e:
+            log.warning("audit: cannot read the DICOM header of %s: %s", path, e.reason)
+            return out
     claimed = header_region(header)
     out.update(
         header_region=claimed,

@@ -3,8 +3,11 @@
     regionnet-predict ckpt_path=.../best.ckpt input=PATH output=preds.csv
 
 `input` is a radiograph, a folder (searched recursively for files with an image suffix, plus
-DICOM files without one, detected by their `DICM` magic), or a CSV with a `path` column
-(relative paths resolve against the CSV's folder). Files are read and preprocessed exactly as
+DICOM files without one, detected by their `DICM` magic), a CSV with a `path` column
+(relative paths resolve against the CSV's folder), or `dicomweb`: the CR/DX instances a
+DICOMweb server (`dicomweb.url`, filters in `dicomweb.*`) finds, retrieved into memory
+(`regionnet.dicomweb`); their rows carry Study/Series/SOP Instance UIDs and the path
+`dicomweb://<study>/<series>/<sop>`. Files are read and preprocessed exactly as
 in training, batched through Lightning's prediction loop, and written row by row by
 `regionnet.writer.PredictionWriter` (columns documented there). A file that cannot be read
 gets a row with `status=error: <why>`; the run goes on and exits 0. `resume=true` skips the
@@ -13,7 +16,9 @@ paths already in `output`; without it an existing output is overwritten.
 Options: `audit=true` compares DICOM BodyPartExamined with the prediction;
 `dicom.write_body_part=DIR` writes corrected DICOM copies (inputs are never modified);
 `cam=true cam_dir=DIR` saves class activation maps; `threshold_override` replaces the
-checkpoint's thresholds; `precision=bf16-mixed`, `channels_last=true` for speed on GPUs.
+checkpoint's thresholds; `precision=bf16-mixed`, `channels_last=true` for speed on GPUs;
+`dicomweb.store_sr=true` writes a DICOM SR per instance back to the PACS (`regionnet.sr`);
+`group_by=study` also writes one row per study (`regionnet.study_view`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import mirrored_path
 from regionnet.io import IMAGE_EXTENSIONS, is_dicom
 from regionnet.regions import UNKNOWN
+from regionnet.study_view import GROUP_BY, write_study_view
 from regionnet.writer import PredictionWriter, prediction_columns, read_done
 
 log = logging.getLogger(__name__)
@@ -146,6 +152,11 @@ def print_summary(summary: dict) -> None:
     table.add_row("error (unreadable)", str(summary["errors"]))
     if summary["resumed"]:
         table.add_row("already done (resume)", str(summary["resumed"]))
+    if summary.get("sr_stored") or summary.get("sr_failed"):
+        table.add_row("SRs stored (STOW-RS)", str(summary["sr_stored"]))
+        table.add_row("SRs not stored", str(summary["sr_failed"]))
+    if summary.get("study_output"):
+        table.add_row(f"studies ({summary['study_output']})", str(summary["studies"]))
     console = Console()
     console.print(table)
     console.print(
@@ -161,7 +172,21 @@ def predict(cfg: DictConfig) -> dict:
     predicted region), `resumed`, `seconds` and `per_second` of the predict loop, `output`.
     """
     output = Path(str(cfg.output)).expanduser()
-    paths, root = collect_inputs(cfg.input)
+    group_by = cfg.get("group_by")
+    if group_by not in GROUP_BY:
+        raise ValueError(f"group_by={group_by!r}: choose null or study")
+    audit = bool(cfg.get("audit")) or group_by == "study"  # the study view needs the audit
+    web_cfg = cfg.get("dicomweb") or {}
+    server = None
+    if str(cfg.input) == "dicomweb":
+        _check_dicomweb_options(cfg)
+        from regionnet.dicomweb import dicomweb_inputs
+
+        server, paths = dicomweb_inputs(web_cfg)
+        root = None
+    else:
+        paths, root = collect_inputs(cfg.input)
+    store_sr = server is not None and bool(web_cfg.get("store_sr"))
     body_part_dir = (cfg.get("dicom") or {}).get("write_body_part")
     if body_part_dir:
         body_part_dir = Path(str(body_part_dir)).expanduser().absolute()
@@ -183,7 +208,7 @@ def predict(cfg: DictConfig) -> dict:
     resumed = 0
     if output.exists():
         if cfg.get("resume"):
-            done = read_done(output, prediction_columns(regions, bool(cfg.get("audit"))))
+            done = read_done(output, prediction_columns(regions, audit, server is not None))
             resumed = sum(p in done for p in paths)
             paths = [p for p in paths if p not in done]
             log.info(
@@ -197,29 +222,39 @@ def predict(cfg: DictConfig) -> dict:
         regions,
         thresholds,
         append=bool(cfg.get("resume")),
-        audit=bool(cfg.get("audit")),
+        audit=audit,
         body_part_dir=body_part_dir,
         input_root=root,
         collect_cam=cam_dir is not None,
+        uids=server is not None,
     )
+    sr_store = _sr_store(cfg, model, regions, thresholds) if store_sr else None
     seconds = 0.0
     if paths:
         if cfg.get("channels_last"):
             model.hparams.channels_last = True  # forward() converts each batch
             model = model.to(memory_format=torch.channels_last)
-        dataset = RadiographDataset(
-            pd.DataFrame({"path": paths}),
-            regions,
-            eval_transform(model),
-            phantom_size=int(model.hparams.image_size),
-        )
+        batch_size, collate_fn = int(cfg.batch_size), collate
+        if server is not None:
+            from regionnet.dicomweb import DicomWebDataset, dicomweb_collate
+
+            dataset = DicomWebDataset(server, paths, eval_transform(model), keep_datasets=store_sr)
+            batch_size = int(web_cfg.get("batch_size") or batch_size)
+            collate_fn = dicomweb_collate
+        else:
+            dataset = RadiographDataset(
+                pd.DataFrame({"path": paths}),
+                regions,
+                eval_transform(model),
+                phantom_size=int(model.hparams.image_size),
+            )
         accelerator = str(cfg.get("accelerator", "auto"))
         loader = DataLoader(
             dataset,
-            batch_size=int(cfg.batch_size),
+            batch_size=batch_size,
             shuffle=False,
             num_workers=int(cfg.num_workers),
-            collate_fn=collate,
+            collate_fn=collate_fn,
             pin_memory=torch.cuda.is_available() and accelerator != "cpu",
         )
         trainer = L.Trainer(
@@ -227,7 +262,7 @@ def predict(cfg: DictConfig) -> dict:
             devices=1,  # one process writes the output file
             precision=cfg.get("precision", "32-true"),
             logger=False,
-            callbacks=[writer],
+            callbacks=[writer] + ([sr_store] if sr_store else []),
             enable_checkpointing=False,
             enable_model_summary=False,
             default_root_dir=str(output.parent),
@@ -257,5 +292,37 @@ def predict(cfg: DictConfig) -> dict:
         "per_second": done / seconds if seconds > 0 else 0.0,
         "output": str(output),
     }
+    if sr_store is not None:
+        summary.update(
+            sr_stored=sr_store.counts["sr_stored"], sr_failed=sr_store.counts["sr_failed"]
+        )
+    if group_by == "study":
+        study_path, studies = write_study_view(output, regions)
+        summary.update(study_output=str(study_path), studies=len(studies))
     print_summary(summary)
     return summary
+
+
+def _check_dicomweb_options(cfg: DictConfig) -> None:
+    """Options that work on files only."""
+    if (cfg.get("dicom") or {}).get("write_body_part"):
+        raise ValueError(
+            "dicom.write_body_part writes file copies and does not apply to input=dicomweb; "
+            "use dicomweb.store_sr=true to write the regions back as DICOM SR"
+        )
+    if cfg.get("cam"):
+        raise ValueError("cam=true needs files; it does not apply to input=dicomweb")
+
+
+def _sr_store(cfg: DictConfig, model, regions: list[str], thresholds: list[float]):
+    """The SR callback for `dicomweb.store_sr=true` (to `dicomweb.sr_url` or `dicomweb.url`)."""
+    from regionnet.dicomweb import Server
+    from regionnet.sr import SRStore, model_info
+
+    web_cfg = cfg.dicomweb
+    sr_url = web_cfg.get("sr_url")
+    server = Server.from_config(
+        web_cfg, url=sr_url or None, key="dicomweb.sr_url" if sr_url else "dicomweb.url"
+    )
+    info = model_info(model, cfg.ckpt_path, thresholds)
+    return SRStore(server, regions, info, int(web_cfg.get("batch_size") or cfg.batch_size))

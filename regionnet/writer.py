@@ -4,7 +4,10 @@ A Lightning `BasePredictionWriter` callback (`write_interval="batch"`), so an in
 keeps every finished batch and `resume=true` carries on from there. Output is CSV, or JSON
 lines when the file name ends in `.jsonl`. Columns, in order:
 
-- `path`: the input file (absolute path);
+- `path`: the input file (absolute path), or `dicomweb://<study>/<series>/<sop>` for an
+  instance retrieved over DICOMweb (`input=dicomweb`), which `resume` matches on;
+- with `input=dicomweb`: `study_uid`, `series_uid`, `sop_uid` of the instance (also on error
+  rows: they come from the QIDO-RS query);
 - `p_<region>` per head, in head order: the head's probability;
 - `region`: the calling head with the highest probability, or `unknown` when no head passes
   its threshold (see `regionnet.decision`); empty for unreadable files;
@@ -12,7 +15,8 @@ lines when the file name ends in `.jsonl`. Columns, in order:
 - `status`: `ok`, or `error: <why>` for a corrupt, empty, non-image or pixel-less file;
 - `snomed`, `radlex`, `dicom_body_part`: codes of the predicted region (empty for unknown);
 - with `audit=true`: `header_region`, `mismatch`, `study_uid`, `series_uid`, `sop_uid`
-  (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable).
+  (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable; the UIDs
+  are not repeated for `input=dicomweb`).
 """
 
 from __future__ import annotations
@@ -35,12 +39,25 @@ from regionnet.regions import UNKNOWN, region_info
 log = logging.getLogger(__name__)
 
 CODE_COLUMNS = ("snomed", "radlex", "dicom_body_part")
+UID_COLUMNS = ("study_uid", "series_uid", "sop_uid")
+DICOMWEB_SCHEME = "dicomweb://"
 
 
-def prediction_columns(regions: Sequence[str], audit: bool = False) -> list[str]:
-    """Output columns in order (see the module docstring)."""
-    cols = ["path", *(f"p_{r}" for r in regions), "region", "regions", "status", *CODE_COLUMNS]
-    return cols + list(AUDIT_COLUMNS) if audit else cols
+def prediction_columns(
+    regions: Sequence[str], audit: bool = False, uids: bool = False
+) -> list[str]:
+    """Output columns in order (see the module docstring); `uids` for `input=dicomweb`."""
+    cols = ["path", *(UID_COLUMNS if uids else ())]
+    cols += [*(f"p_{r}" for r in regions), "region", "regions", "status", *CODE_COLUMNS]
+    return cols + [c for c in AUDIT_COLUMNS if c not in cols] if audit else cols
+
+
+def uri_uids(path: str) -> dict[str, str]:
+    """The UID columns of a `dicomweb://<study>/<series>/<sop>` path."""
+    parts = path[len(DICOMWEB_SCHEME) :].split("/") if path.startswith(DICOMWEB_SCHEME) else []
+    if len(parts) != 3:
+        raise ValueError(f"{path!r} is not a {DICOMWEB_SCHEME}<study>/<series>/<sop> path")
+    return dict(zip(UID_COLUMNS, parts))
 
 
 def region_codes(region: str) -> dict[str, str]:
@@ -98,7 +115,9 @@ class PredictionWriter(BasePredictionWriter):
     Optional side effects per readable DICOM: the audit columns (`audit`) and a copy with
     `BodyPartExamined` set to the predicted region (`body_part_dir`, mirroring the layout
     under `input_root`). `cam_items` collects (path, region, head index) of readable
-    radiographs for class activation maps drawn after the loop.
+    radiographs for class activation maps drawn after the loop. `uids` (input=dicomweb):
+    rows carry the UID columns, and the audit reads the headers the batch brings along
+    (`batch["headers"]`: path -> tags) instead of files.
     """
 
     def __init__(
@@ -112,6 +131,7 @@ class PredictionWriter(BasePredictionWriter):
         body_part_dir: str | Path | None = None,
         input_root: str | Path | None = None,
         collect_cam: bool = False,
+        uids: bool = False,
     ):
         super().__init__(write_interval="batch")
         self.output = Path(output)
@@ -122,7 +142,8 @@ class PredictionWriter(BasePredictionWriter):
         self.body_part_dir = Path(body_part_dir) if body_part_dir else None
         self.input_root = Path(input_root) if input_root else None
         self.collect_cam = collect_cam
-        self.columns = prediction_columns(self.regions, audit)
+        self.uids = uids
+        self.columns = prediction_columns(self.regions, audit, uids)
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
         self.cam_items: list[tuple[str, str, int]] = []
@@ -165,13 +186,19 @@ class PredictionWriter(BasePredictionWriter):
         self._fh.flush()
 
     # -- rows ----------------------------------------------------------------------------
-    def ok_row(self, path: str, probabilities: Sequence[float]) -> dict:
+    def _audit(self, path: str, region: str, header: dict | None) -> dict[str, object]:
+        if self.uids:  # over DICOMweb the header comes with the batch; the URI has the UIDs
+            found = audit(path, region, self.regions, header) if header else {}
+            return {c: found.get(c) for c in AUDIT_COLUMNS if c not in UID_COLUMNS}
+        return audit(path, region, self.regions)
+
+    def ok_row(self, path: str, probabilities: Sequence[float], header: dict | None = None) -> dict:
         region, above = decide(probabilities, self.thresholds, self.regions)
-        row: dict[str, Any] = {"path": path}
+        row: dict[str, Any] = {"path": path, **(uri_uids(path) if self.uids else {})}
         row.update({f"p_{r}": round(float(p), 6) for r, p in zip(self.regions, probabilities)})
         row.update(region=region, regions=";".join(above), status="ok", **region_codes(region))
         if self.audit:
-            row.update(audit(path, region, self.regions))
+            row.update(self._audit(path, region, header))
         self.counts["ok"] += 1
         self.counts[f"region:{region}"] += 1
         if self.collect_cam:
@@ -182,12 +209,12 @@ class PredictionWriter(BasePredictionWriter):
             self._copy_with_body_part(path, region)
         return row
 
-    def error_row(self, path: str, reason: str) -> dict:
+    def error_row(self, path: str, reason: str, header: dict | None = None) -> dict:
         row: dict[str, Any] = dict.fromkeys(self.columns)
         row.update(path=path, region="", regions="", status=f"error: {' '.join(reason.split())}")
-        row.update(region_codes(""))
+        row.update(region_codes(""), **(uri_uids(path) if self.uids else {}))
         if self.audit:
-            row.update(audit(path, "", self.regions))
+            row.update(self._audit(path, "", header))
         self.counts["error"] += 1
         return {k: row[k] for k in self.columns}
 
@@ -207,6 +234,10 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         probs = prediction["probs"].float().tolist()
-        rows = [self.ok_row(p, pr) for p, pr in zip(prediction["path"], probs, strict=True)]
-        rows += [self.error_row(p, why) for p, why in prediction["errors"]]
+        headers = batch.get("headers", {}) if isinstance(batch, dict) else {}
+        rows = [
+            self.ok_row(p, pr, headers.get(p))
+            for p, pr in zip(prediction["path"], probs, strict=True)
+        ]
+        rows += [self.error_row(p, why, headers.get(p)) for p, why in prediction["errors"]]
         self.write_rows(rows)
