@@ -136,7 +136,7 @@ def _scaling(sc: dict) -> list[str]:
         "![scaling](scaling.png)",
         "",
         "| batch (224 px) | radiographs/s | peak RSS MiB | of which inference MiB |",
-        "| ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     lines += [
         f"| {b} | {_f(v['rate'], 1)} | {_f(v['peak_mib'], 0)} | {_f(v['inference_mib'], 0)} |"
@@ -144,7 +144,7 @@ def _scaling(sc: dict) -> list[str]:
     ]
     lines += [
         "",
-        "| size px (batch 8) | radiographs/s | peak RSS MiB |",
+        "| size px (batch 8) | radiographs/s | peak RSS MiB | of which inference MiB |",
         "| ---: | ---: | ---: | ---: |",
     ]
     lines += [
@@ -216,3 +216,13 @@ def markdown_report(res: dict) -> str:
     if "backbones" in res:
         lines += _backbones(res["backbones"])
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # Re-render RESULTS.md from a results.json (after a change to this report's layout only).
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results.json")
+    (src.parent / "RESULTS.md").write_text(markdown_report(json.loads(src.read_text())))
