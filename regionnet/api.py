@@ -128,7 +128,7 @@ class RegionPredictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities (B, R) for preprocessed images (B, 1, S, S)."""
-        return self.model.predict_proba(images.to(self.device)).float().cpu()
+        return self.model.inference_proba(images.to(self.device)).float().cpu()
 
     def predict(self, inputs: Input | Iterable[Input], batch_size: int = 32) -> list[Prediction]:
         """One `Prediction` per input, in order; unreadable inputs give error predictions."""

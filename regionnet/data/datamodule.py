@@ -10,7 +10,7 @@ import lightning as L
 import pandas as pd
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from regionnet.data.dataset import RadiographDataset, collate
 from regionnet.data.sources import SPLITS, label_columns, load_records, records_from_path
@@ -35,6 +35,9 @@ class RegionDataModule(L.LightningDataModule):
     patient-grouped stratified split (`split_fractions`, default the study's 64/12/24 %).
     `external_test` (a folder or CSV) is a second test set, reported as `external/...`.
     `batch_size` is per device: under DDP the global batch is batch_size x devices x nodes.
+    `balanced_sampling` draws training images (with replacement, as many per epoch as the
+    training set holds) so each class of the `region` column, `other` included, comes equally
+    often; under DDP Lightning splits the draws between processes.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class RegionDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        balanced_sampling: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -147,6 +151,8 @@ class RegionDataModule(L.LightningDataModule):
             phantom_size=h.image_size,
         )
         sampler = None
+        if train and h.balanced_sampling:
+            sampler = balanced_sampler(frame, dataset.repeat)
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Under DDP Lightning would give val/test a DistributedSampler, which repeats images
             # so every process gets as many; metrics must count each radiograph once.
@@ -154,7 +160,7 @@ class RegionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=h.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
             sampler=sampler,
             # a last training batch of one image breaks BatchNorm; the images return next epoch
             drop_last=train and len(dataset) > h.batch_size,
@@ -180,3 +186,15 @@ class RegionDataModule(L.LightningDataModule):
     def test_stage_names(self) -> list[str]:
         """Metric prefixes of the test loaders, in order."""
         return ["test"] + (["external"] if self.external is not None else [])
+
+
+def balanced_sampler(frame: pd.DataFrame, repeat: int = 1) -> WeightedRandomSampler:
+    """Indices into a dataset of `frame`'s rows repeated `repeat` times (index i is row
+    i % rows, as in `RadiographDataset`), as many as it holds, drawn with replacement so every
+    class of the `region` column is equally likely: each row weighs 1 / (rows of its class).
+    Draws come from torch's global generator (seeded by `seed`)."""
+    regions = frame["region"].astype(str).to_numpy()
+    per_class = pd.Series(regions).value_counts()
+    weights = torch.as_tensor(1.0 / per_class.loc[regions].to_numpy(), dtype=torch.double)
+    weights = weights.repeat(max(1, int(repeat)))
+    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)

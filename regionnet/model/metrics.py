@@ -4,6 +4,8 @@ Names follow `stage/metric/region` (`val/auroc/knee`) plus summaries: `stage/aur
 and `stage/auroc_min` over heads with both positives and negatives in the stage, and
 `stage/top1_acc`, the share of single-region radiographs whose highest head is their region.
 Sensitivity, specificity and accuracy are taken at each head's operating threshold.
+The probabilities of the stage's `other` films (labels all 0) are kept too (`other_probs`),
+for `threshold_method=rejection@X`; nothing is logged from them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,30 @@ class LabelCounts(Metric):
         return self.positives.tolist(), float(self.images), float(self.single)
 
 
+class OtherProbs(Metric):
+    """Per-head probabilities of the films with no positive label (`other` films), gathered
+    from every process. Kept flat, so a process that saw none adds an empty tensor of the same
+    shape as the others' and the concatenation across processes stays well defined."""
+
+    full_state_update = False
+
+    def __init__(self, num_regions: int):
+        super().__init__()
+        self.num_regions = num_regions
+        self.add_state("probs", [], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        other = labels.sum(1) == 0
+        self.probs.append(probs[other].detach().float().flatten())
+
+    def compute(self) -> torch.Tensor:
+        """(N other films, R) probabilities; N may be 0."""
+        state = self.probs
+        if isinstance(state, list):  # unsynced list of batches (or no batch)
+            state = torch.cat(state) if state else torch.zeros(0, device=self.device)
+        return state.reshape(-1, self.num_regions)
+
+
 class RegionMetrics(nn.Module):
     """Metric state for one stage; `update` with probabilities and 0/1 labels, shape (B, R)."""
 
@@ -67,6 +93,7 @@ class RegionMetrics(nn.Module):
         self.counts = LabelCounts(len(self.regions))
         self.top1 = MulticlassAccuracy(num_classes=max(2, len(self.regions)), average="micro")
         self.loss = MeanMetric()
+        self.other = OtherProbs(len(self.regions))
 
     def update(
         self,
@@ -85,6 +112,7 @@ class RegionMetrics(nn.Module):
                 self.per_region[r][name].update(calls[:, k], target[:, k])
             self.roc[r].update(probs[:, k], target[:, k])
         self.counts.update(labels)
+        self.other.update(probs, labels)
         if loss is not None:
             self.loss.update(loss.detach().float(), weight=len(labels))
         single = labels.sum(1) == 1
@@ -125,11 +153,15 @@ class RegionMetrics(nn.Module):
         """(false positive rates, true positive rates, thresholds) per region."""
         return {r: tuple(self.roc[r].compute()) for r in self.regions}
 
+    def other_probs(self) -> torch.Tensor:
+        """Probabilities (N, R) of the stage's films with no positive label, all processes."""
+        return self.other.compute()
+
     def reset(self) -> None:
         for group in self.per_region.values():
             for m in group.values():
                 m.reset()
         for m in self.roc.values():
             m.reset()
-        for m in (self.counts, self.top1, self.loss):
+        for m in (self.counts, self.top1, self.loss, self.other):
             m.reset()

@@ -7,6 +7,12 @@ region -> logits (B,); `sigmoid(logit)` is the probability that the radiograph s
 Heads are independent (one-vs-rest), so all of them can say no: the radiograph is `unknown`
 (e.g. a chest film). `shared_backbone=false` builds the reference study's design instead: one
 backbone per region, for a side-by-side comparison of cost.
+
+Training recipe knobs (defaults leave plain BCE): `label_smoothing` (targets y(1-e)+e/2, in the
+training loss only), `other_weight` (loss weight of `other` films, labels all 0, in the
+training loss only), `tta` (validation, test, predict and the Python API average each
+radiograph's probabilities with those of its horizontal flip: left and right limbs are mirror
+images). Exports (`regionnet.export`) hold the plain forward, `predict_proba`, without the flip.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric
 
@@ -25,7 +32,7 @@ from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.model.backbone import create_backbone, feature_dim
 from regionnet.model.heads import region_heads
 from regionnet.model.metrics import RegionMetrics
-from regionnet.model.thresholds import choose_threshold, parse_method
+from regionnet.model.thresholds import choose_threshold, parse_method, rejection_thresholds
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
@@ -58,10 +65,23 @@ class RegionNet(L.LightningModule):
         std: float = GRAY_STD,
         thresholds: Sequence[float] | None = None,
         threshold_method: str = "youden",
+        label_smoothing: float = 0.0,
+        other_weight: float = 1.0,
+        tta: bool = False,
     ):
         super().__init__()
         regions = list(validate_regions(regions))
         parse_method(threshold_method)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(
+                f"model.label_smoothing={label_smoothing!r}: use 0 <= value < 1 (e.g. 0.1; "
+                "0 = hard 0/1 targets)"
+            )
+        if float(other_weight) < 0.0:
+            raise ValueError(
+                f"model.other_weight={other_weight!r}: use a weight >= 0 (1 = like every other "
+                "film, 2 = other films count double in the training loss)"
+            )
         if pos_weight not in ("auto", None) and not isinstance(pos_weight, int | float):
             raise ValueError(f"model.pos_weight={pos_weight!r}: use auto, null or a number")
         # Plain values only, so load_from_checkpoint works without Hydra.
@@ -106,8 +126,24 @@ class RegionNet(L.LightningModule):
         return torch.stack([out[r] for r in self.regions], dim=1)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        """Probabilities per head, (B, R)."""
+        """Probabilities per head of the plain forward, (B, R): what an export computes.
+        Evaluation and prediction go through `inference_proba`."""
         return torch.sigmoid(self.logits(x).float())
+
+    def inference_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities per head, (B, R), as validation, test, predict and the Python API
+        report them: `predict_proba`, averaged with that of the horizontally flipped image when
+        `tta` is set."""
+        return self._infer(x)[1]
+
+    def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plain logits, inference probabilities); the one place test-time augmentation is."""
+        logits = self.logits(x)
+        probs = torch.sigmoid(logits.float())
+        if self.hparams.get("tta", False):
+            flipped = torch.sigmoid(self.logits(torch.flip(x, dims=(-1,))).float())
+            probs = (probs + flipped) / 2
+        return logits, probs
 
     def reset_heads(self, regions: Sequence[str]) -> None:
         """New heads for another region set (fine-tune a trained backbone), like timm's
@@ -146,10 +182,23 @@ class RegionNet(L.LightningModule):
             "BCE pos_weight per head: %s", dict(zip(self.regions, weight.tolist(), strict=True))
         )
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over heads of per-head BCE-with-logits."""
+    def _loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, train: bool = False
+    ) -> torch.Tensor:
+        """Mean over heads and images of per-head BCE-with-logits. `train`: with the recipe's
+        label smoothing and `other` film weight; validation and test losses use neither, so they
+        stay comparable between recipes."""
+        targets, weight = labels, None
+        if train:
+            eps = float(self.hparams.get("label_smoothing", 0.0))
+            if eps:
+                targets = labels * (1 - eps) + eps / 2
+            other_weight = float(self.hparams.get("other_weight", 1.0))
+            if other_weight != 1.0:
+                other = (labels.sum(1, keepdim=True) == 0).to(logits.dtype)
+                weight = (1 + (other_weight - 1) * other).float()  # (B, 1), broadcast over heads
         return F.binary_cross_entropy_with_logits(
-            logits.float(), labels, pos_weight=self.pos_weight
+            logits.float(), targets, weight=weight, pos_weight=self.pos_weight
         )
 
     def _warn_errors(self, batch: dict) -> None:
@@ -160,7 +209,7 @@ class RegionNet(L.LightningModule):
         self._warn_errors(batch)
         if "image" not in batch:
             return None
-        loss = self._loss(self.logits(batch["image"]), batch["labels"])
+        loss = self._loss(self.logits(batch["image"]), batch["labels"], train=True)
         self.log(
             "train/loss",
             loss,
@@ -180,12 +229,13 @@ class RegionNet(L.LightningModule):
         self._warn_errors(batch)
         if "image" not in batch:
             return
-        logits = self.logits(batch["image"])
+        logits, probs = self._infer(batch["image"])
         labels = batch["labels"]
         # the loss goes through torchmetrics too (`stage/loss`): Lightning's sync_dist mean
-        # is wrong when processes see unequal image counts (it averages an integer count)
+        # is wrong when processes see unequal image counts (it averages an integer count);
+        # it is the plain forward's, with or without tta
         loss = self._loss(logits, labels)
-        self.metrics[stage].update(torch.sigmoid(logits.float()), labels, self.thresholds, loss)
+        self.metrics[stage].update(probs, labels, self.thresholds, loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -205,22 +255,52 @@ class RegionNet(L.LightningModule):
         values = metrics.compute(stage)
         self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
         curves = metrics.roc_curves()  # every rank computes (a sync); rank 0 logs
+        other = metrics.other_probs()  # a sync too: every rank, whatever the method
         if not self.trainer.sanity_checking:
             self._log_roc(stage, curves)
             if stage == "val":
-                self._calibrate(curves, values)
+                self._calibrate(curves, values, other)
         metrics.reset()
         return values
 
-    def _calibrate(self, curves: dict, values: dict[str, float]) -> None:
+    def _calibrate(self, curves: dict, values: dict[str, float], other: torch.Tensor) -> None:
         """Choose each head's threshold on this validation pass (`threshold_method`); the
-        checkpoint saved after it carries them. Heads without both classes keep theirs."""
+        checkpoint saved after it carries them. Heads without both classes keep theirs, except
+        under `rejection@X`, which may raise them (see `rejection_thresholds`). `other`: the
+        probabilities (N, R) of the validation films with no positive label."""
+        method = self.hparams.threshold_method
+        kind, target = parse_method(method)
+        if kind == "rejection" and len(other) == 0:
+            log.warning(
+                "model.threshold_method=%s: the validation split has no other films (labels "
+                "all 0), so no rejection rate can be measured; using specificity@%s per head",
+                method,
+                target,
+            )
+            method, kind = f"specificity@{target}", "specificity"
+        chosen = self.thresholds.tolist()
+        if kind == "rejection":
+            # floors of heads without both classes: the configured thresholds, not the last
+            # pass's raised ones (those would ratchet up from one epoch to the next)
+            configured = self.hparams.get("thresholds")
+            ok = configured is not None and len(configured) == len(self.regions)
+            chosen = [float(t) for t in configured] if ok else [0.5] * len(self.regions)
         for k, r in enumerate(self.regions):
             if f"val/auroc/{r}" not in values:
                 continue
-            t = choose_threshold(*curves[r], self.hparams.threshold_method)
+            t = choose_threshold(*curves[r], method)
             if t is not None:
-                self.thresholds[k] = t
+                chosen[k] = t
+        if kind == "rejection":  # the per-head choices above are Youden's: the floors
+            chosen, rejected = rejection_thresholds(other, chosen, target)
+            log.info(
+                "%s: thresholds %s reject %.3f of %d validation other films",
+                method,
+                dict(zip(self.regions, [round(t, 4) for t in chosen], strict=True)),
+                rejected,
+                len(other),
+            )
+        self.thresholds.copy_(torch.tensor(chosen, dtype=self.thresholds.dtype))
 
     def on_validation_epoch_end(self) -> None:
         values = self._end_stage("val")
@@ -242,11 +322,35 @@ class RegionNet(L.LightningModule):
         """Probabilities per head for the readable images of a batch, plus its read errors:
         {"path": [...], "probs": (B, R) float tensor on CPU, "errors": [(path, reason)]}."""
         probs = (
-            self.predict_proba(batch["image"]).cpu()
+            self.inference_proba(batch["image"]).cpu()
             if "image" in batch
             else torch.empty(0, len(self.regions))
         )
         return {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+
+    # -- weight averaging (callbacks.ema) ---------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A weight-averaging callback (Lightning's EMAWeightAveraging; it runs first) puts the
+        # averaged weights into `state_dict` and the trained ones into `current_model_state`.
+        # It averages every buffer too, but thresholds and pos_weight are no weights: keep the
+        # ones chosen on this validation pass (on the averaged weights) and the loss's.
+        if "current_model_state" in checkpoint:
+            for name in ("thresholds", "pos_weight"):
+                checkpoint["state_dict"][name] = getattr(self, name).detach().clone()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Outside a fit (validate/test/predict with ckpt_path=, as `train` does with best.ckpt)
+        # a checkpoint written under weight averaging means its averaged weights, the ones its
+        # metrics were measured on. Lightning's callback would load the trained ones into the
+        # model and swap the averaged ones in for validation only, so test and predict would
+        # see other weights than validation; resuming a fit still restores both.
+        trainer = self._trainer
+        if (
+            trainer is not None
+            and "current_model_state" in checkpoint
+            and trainer.state.fn != TrainerFn.FITTING
+        ):
+            checkpoint["current_model_state"] = checkpoint["state_dict"]
 
     def configure_optimizers(self):
         from hydra.utils import instantiate  # only training needs Hydra
