@@ -21,6 +21,14 @@ def train_main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric") or "", None)
 
 
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
+def pretrain_main(cfg: DictConfig) -> None:
+    """`regionnet-pretrain data=unlabeled|unlabeled_folder|unlabeled_csv ssl=simclr|byol`."""
+    from regionnet.pretrain import pretrain
+
+    pretrain(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     """`regionnet-eval ckpt_path=... [data=...]`."""

@@ -18,6 +18,9 @@ def compose_config(name: str = "train", overrides: Sequence[str] = ()) -> DictCo
     """
     from hydra import compose, initialize_config_dir
 
+    from regionnet.sweep import register_resolvers
+
+    register_resolvers()
     if not CONF_DIR.is_dir():
         raise FileNotFoundError(
             f"regionnet's configs are not at {CONF_DIR}; install from a source checkout "

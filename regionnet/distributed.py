@@ -16,6 +16,7 @@ the process group (gloo processes can abort at exit without `destroy_process_gro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
@@ -63,13 +64,14 @@ def child_overrides(task: Sequence[str], hydra: Sequence[str], output_dir: str) 
     ]
 
 
-def child_command(local_rank: int) -> tuple[list[str], str]:
+def child_command(local_rank: int, program: str = CHILD_PROGRAM) -> tuple[list[str], str]:
     """Command and working directory of DDP child `local_rank` under Hydra; replaces
-    Lightning's `_hydra_subprocess_cmd` (same signature and return)."""
+    Lightning's `_hydra_subprocess_cmd` (same signature and return). `program` is the Python
+    statement that runs the app's task function (train's by default)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    command = [sys.executable, "-c", CHILD_PROGRAM, "--config-name", hc.job.config_name]
+    command = [sys.executable, "-c", program, "--config-name", hc.job.config_name]
     for source in hc.runtime.config_sources:
         where = source.path if source.schema == "file" else f"{source.schema}://{source.path}"
         if source.provider == "main":
@@ -89,8 +91,9 @@ class DistributedJob:
     launcher's environment is restored for the next job of a multirun.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, program: str = CHILD_PROGRAM) -> None:
         self.trainers: list = []
+        self.program = program
 
     def track(self, trainer):
         self.trainers.append(trainer)
@@ -101,7 +104,9 @@ class DistributedJob:
 
         self._launcher_module = subprocess_script
         self._original_command = subprocess_script._hydra_subprocess_cmd
-        subprocess_script._hydra_subprocess_cmd = child_command
+        subprocess_script._hydra_subprocess_cmd = functools.partial(
+            child_command, program=self.program
+        )
         self._env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()

@@ -66,8 +66,12 @@ def sqlite_url(path: str) -> str:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers the configs use (`${regionnet.sqlite:PATH}`)."""
+    """OmegaConf resolvers the configs use (`${regionnet.sqlite:PATH}`,
+    `${regionnet.fast_precision:}`)."""
+    from regionnet.precision import fast_precision
+
     OmegaConf.register_new_resolver("regionnet.sqlite", sqlite_url, replace=True)
+    OmegaConf.register_new_resolver("regionnet.fast_precision", fast_precision, replace=True)
 
 
 def sweep_group() -> str | None:

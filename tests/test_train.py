@@ -15,8 +15,19 @@ from regionnet.data.phantom import render_phantom
 from regionnet.model.module import RegionNet
 from regionnet.train import build_datamodule, build_model, train
 
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug"]
-REQUIRED = {"folder": ["data.root=/tmp"], "csv": ["data.csv=/tmp/m.csv"]}
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "ssl"]
+REQUIRED = {
+    "folder": ["data.root=/tmp"],
+    "csv": ["data.csv=/tmp/m.csv"],
+    "unlabeled_folder": ["data.root=/tmp"],
+    "unlabeled_csv": ["data.csv=/tmp/u.csv"],
+}
+
+
+def _app(group: str, option: str) -> str:
+    """regionnet-pretrain's own options (unlabelled data, SSL methods) compose with it."""
+    pretrain_only = group == "ssl" or option.startswith("unlabeled") or option == "pretrain"
+    return "pretrain" if pretrain_only else "train"
 
 
 def _options(group: str) -> list[str]:
@@ -28,9 +39,14 @@ def _options(group: str) -> list[str]:
 )
 def test_every_config_option_composes_and_resolves(group, option, tmp_path):
     extra = REQUIRED.get(option, []) if group == "data" else []
-    cfg = compose_config("train", [f"{group}={option}", f"paths.output_dir={tmp_path}", *extra])
+    app = _app(group, option)
+    cfg = compose_config(app, [f"{group}={option}", f"paths.output_dir={tmp_path}", *extra])
     # resolve everything but Hydra's own runtime values
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if app == "pretrain":
+        assert container["data"]["_target_"].endswith("UnlabeledDataModule")
+        assert container["ssl"]["method"] in ("simclr", "byol")
+        return
     assert container["data"]["_target_"].endswith("RegionDataModule")
     assert container["model"]["image_size"] == container["data"]["image_size"]
 

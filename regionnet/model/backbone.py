@@ -49,6 +49,21 @@ def feature_dim(model: torch.nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
+def _check_weights_match(model: torch.nn.Module, path: Path, name: str) -> None:
+    """timm loads a weights file non-strictly once the classifier is dropped, so a file of
+    another architecture (or with prefixed keys) would silently leave random weights."""
+    state = timm.models.load_state_dict(str(path))
+    own = model.state_dict()
+    matched = [k for k in own if k in state and state[k].numel() == own[k].numel()]
+    if len(matched) < 0.9 * len(own):
+        missing = [k for k in own if k not in state][:3]
+        raise ValueError(
+            f"model.weights_file={str(path)!r} matches only {len(matched)} of {len(own)} tensors "
+            f"of {name!r} (missing e.g. {missing}); give weights of the same model.backbone, "
+            "such as regionnet-pretrain's backbone.pth or timm's ImageNet file"
+        )
+
+
 def create_backbone(
     name: str,
     pretrained: bool = False,
@@ -68,9 +83,18 @@ def create_backbone(
                 f"model.weights_file={str(path)!r} does not exist; give a .pth/.safetensors "
                 "state dict of this architecture, or drop it to start from random weights"
             )
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
-        )
+        try:
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+            )
+        except RuntimeError as e:  # torch's size-mismatch report, one line per tensor
+            raise ValueError(
+                f"model.weights_file={str(path)!r} does not fit model.backbone={name!r}: "
+                f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}; it "
+                "matches only part of the tensors: give weights of the same architecture"
+            ) from None
+        _check_weights_match(model, path, name)
+        return model
     if pretrained:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"  # then timm reads only its cache
         if not offline and not _network_reachable():

@@ -1,0 +1,122 @@
+"""`pretrain(cfg)`: self-supervised pretraining of a timm backbone on unlabelled radiographs.
+
+Writes into the run directory (`paths.output_dir`): `backbone.pth` (the backbone's state dict,
+the keys of `timm.create_model(model.backbone, num_classes=0, in_chans=model.in_chans)`;
+fine-tune with `regionnet-train model.backbone=<same> model.weights_file=.../backbone.pth`),
+`metrics.json`, `config.yaml`, `pretrain_images.csv` (every image used, with its origin),
+`labelled_split.csv` when a labelled training split was added, `checkpoints/last.ckpt` (resume
+with `ckpt_path=`), and the loggers' files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from regionnet.distributed import DistributedJob
+from regionnet.ssl.data import UnlabeledDataModule
+from regionnet.ssl.module import SelfSupervised
+from regionnet.train import instantiate_list, numbers, speed_up
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_PROGRAM = "from regionnet.cli import pretrain_main; pretrain_main()"
+# the model group's keys that describe the backbone; the rest (heads, loss) is fine-tuning's
+BACKBONE_KEYS = ("backbone", "pretrained", "weights_file", "in_chans", "drop_path_rate")
+
+
+class SaveBackbone(L.Callback):
+    """Writes `backbone.pth` when the fit ends (also when `trainer.max_time` stops it)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: SelfSupervised) -> None:
+        if trainer.is_global_zero:
+            torch.save(pl_module.backbone_state(), self.path)
+            log.info("backbone weights: %s", self.path)
+
+
+def build_ssl_datamodule(cfg: DictConfig) -> UnlabeledDataModule:
+    try:
+        dm = instantiate(cfg.data, _convert_="all")
+    except InstantiationException as e:
+        raise (e.__cause__ or e) from None  # our errors name the key and the fix
+    if not isinstance(dm, UnlabeledDataModule):
+        raise ValueError(
+            f"regionnet-pretrain needs unlabelled data (data=unlabeled, unlabeled_folder or "
+            f"unlabeled_csv), not {type(dm).__name__}"
+        )
+    return dm
+
+
+def build_ssl_model(cfg: DictConfig) -> SelfSupervised:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    ssl = OmegaConf.to_container(cfg.ssl, resolve=True)
+    kwargs = {k: model[k] for k in BACKBONE_KEYS if k in model}
+    return SelfSupervised(**kwargs, **ssl, channels_last=bool(model.get("channels_last")))
+
+
+def pretrain(cfg: DictConfig) -> dict:
+    """Pretrain as configured; return the run's metrics (also in `metrics.json`)."""
+    with DistributedJob(PRETRAIN_PROGRAM) as job:
+        return _pretrain(cfg, job)
+
+
+def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    dm = build_ssl_datamodule(cfg)
+    dm.setup()
+    model = build_ssl_model(cfg)
+    weights = out / "backbone.pth"
+    callbacks = [*instantiate_list(cfg.get("callbacks")), SaveBackbone(weights)]
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    job.track(trainer)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        dm.write_manifest(out)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.log_hyperparams(plain)
+
+    speed_up(model, cfg.model.get("channels_last"), cfg.model.get("compile"))
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    seconds = time.perf_counter() - start
+    metrics = numbers(trainer.callback_metrics, ("train/",))
+    metrics.update(
+        {
+            "pretrain/images": len(dm.records),
+            "pretrain/epochs": trainer.current_epoch,
+            "pretrain/steps": trainer.global_step,
+            "pretrain/seconds": seconds,
+            "pretrain/method": cfg.ssl.method,
+            "weights_file": str(weights.resolve()),
+        }
+    )
+    if trainer.is_global_zero:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        log.info(
+            "fine-tune from these weights: regionnet-train model.backbone=%s model.weights_file=%s",
+            cfg.model.backbone,
+            weights.resolve(),
+        )
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+    return metrics

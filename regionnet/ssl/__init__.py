@@ -1,0 +1,4 @@
+"""Self-supervised pretraining of a timm backbone on unlabelled radiographs.
+
+`regionnet-pretrain`: see regionnet/pretrain.py.
+"""
