@@ -140,6 +140,7 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
         "checkpoint": str(ckpt),
         "overrides": overrides,
         "train_seconds": seconds,
+        "val_auroc_mean_best": metrics.get("val/auroc_mean_best"),
         "train_images_per_s": metrics.get("train/images_per_s"),
         "seconds_to_val_auroc_mean_0.99": reach,
         "timeline": timeline.points,

@@ -175,6 +175,78 @@ def _backbones(bb: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _provenance(m: dict) -> str:
+    where = f"{m['cpu']}, GPU: {m['gpu']}"
+    return f"`{m['command']}` at commit `{m['commit']}` on {m['date']} ({where})"
+
+
+SSL_NAMES = {
+    "scratch": "scratch (random init)",
+    "ssl": "SSL-pretrained",
+    "ssl_recipe": "SSL + recipe",
+}
+
+
+def _ssl(ss: dict) -> list[str]:
+    st, pre = ss["settings"], ss["pretrain"]
+    rows = [k for k in SSL_NAMES if k in ss]
+    regions = ss[rows[0]]["eval"].get("regions", [])
+    lines = [
+        "## Self-supervised pretraining and the stronger recipe",
+        "",
+        f"Measured by {_provenance(ss['machine'])}. `regionnet-pretrain ssl={st['method']}` on "
+        f"{pre['pretrain/images']} films (../shared/data/unlabeled plus the labelled training "
+        f"split without labels; val/test never), {st['pretrain_image_size']} px views, "
+        f"{pre['pretrain/epochs']} epochs ({pre['pretrain/steps']} steps) in "
+        f"{_f(pre['wall_seconds'] / 60, 1)} min (budget {st['pretrain_minutes_max']} min, "
+        f"{st['precision']}). Then each row fine-tunes the study protocol on the same split at "
+        f"{st['image_size']} px for {st['epochs']} epochs; the recipe row is "
+        f"`experiment={st['recipe']}`, chosen on the validation split before this run.",
+        "",
+        "| | " + " | ".join(SSL_NAMES[k] for k in rows) + " |",
+        "| --- |" + " --- |" * len(rows),
+    ]
+
+    def row(label, cell):
+        lines.append(f"| {label} | " + " | ".join(cell(ss[k]) for k in rows) + " |")
+
+    for r in regions:
+        row(
+            f"test AUROC {r} [95% CI]",
+            lambda x, r=r: (
+                f"{_f(x['eval'].get(f'test/auroc/{r}'))} {_ci(x['eval'].get(f'test/auroc_ci/{r}'))}"
+            ),
+        )
+    for r in ("shoulder", "elbow"):
+        row(
+            f"within fracture source, {r} [95% CI]",
+            lambda x, r=r: (
+                f"{_f(x['breakdown']['within_fracture_source'][r]['auroc'])} "
+                f"{_ci(x['breakdown']['within_fracture_source'][r]['ci'])}"
+            ),
+        )
+    anatomies = sorted(ss[rows[0]]["breakdown"]["unknown_share_by_anatomy"])
+    for a in anatomies:
+        row(
+            f"{a} films called `unknown`",
+            lambda x, a=a: (
+                f"{x['breakdown']['unknown_share_by_anatomy'][a]['unknown']}/"
+                f"{x['breakdown']['unknown_share_by_anatomy'][a]['images']}"
+            ),
+        )
+    row("all out-of-set films rejected", lambda x: _f(x["operating_point"]["other_rejected"]))
+    row(
+        "in-set sensitivity (true head fires)",
+        lambda x: _f(x["operating_point"]["in_set_sensitivity"]),
+    )
+    row("in-set top-1 region", lambda x: _f(x["operating_point"]["in_set_top1"]))
+    row("threshold method", lambda x: f"`{x['eval'].get('threshold_method')}`")
+    row("val AUROC mean (best epoch)", lambda x: _f(x.get("val_auroc_mean_best")))
+    row("fine-tune wall min", lambda x: _f(x["train_seconds"] / 60, 1))
+    lines += ["", *[f"- {SSL_NAMES[k]}: `{' '.join(ss[k]['overrides'])}`" for k in rows], ""]
+    return lines
+
+
 def markdown_report(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -186,6 +258,13 @@ def markdown_report(res: dict) -> str:
         + (" **Quick smoke run: numbers are not meaningful.**" if res.get("quick") else ""),
         "",
     ]
+    if "machine_of_skipped" in res:
+        lines += [
+            "Sections this run skipped are kept from the earlier run: "
+            + _provenance(res["machine_of_skipped"])
+            + ".",
+            "",
+        ]
     if "accuracy" in res:
         acc = res["accuracy"]
         s = acc["settings"]
@@ -209,6 +288,8 @@ def markdown_report(res: dict) -> str:
             )
         loso = acc["leave_one_source_out"]
         lines += [f"Leave-one-source-out: {loso['note']} {loso['regions_with_two_sources']}.", ""]
+    if "ssl" in res:
+        lines += _ssl(res["ssl"])
     if "speed" in res:
         lines += _speed(res["speed"])
     if "scaling" in res:

@@ -14,6 +14,11 @@ by this script in this run; nothing is typed by hand. Sections:
              image sizes, end-to-end regionnet-predict vs model-only, GFLOP/s vs matmul roofline
   scaling    throughput and peak memory as batch size and image size grow (scaling.png)
   backbones  a Hydra multirun over timm backbones on the real data, one row each
+  ssl        regionnet-pretrain (SimCLR) on the unlabelled films, then scratch vs SSL vs
+             SSL + recipe fine-tunes on one split (see bench_ssl.py)
+
+    python scripts/benchmark.py --skip accuracy speed scaling backbones --merge
+                                           # only the ssl section, into the existing results
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STUDY_RATE = 33.0  # radiographs/s reported by Yi et al. 2019 (five ResNet-18s, a GPU)
-SECTIONS = ("accuracy", "speed", "scaling", "backbones")
+SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl")
 BACKBONES = ("resnet18", "mobilenetv3_large_100", "efficientnet_b0", "convnext_atto")
 
 
@@ -174,17 +179,37 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=112, help="accuracy training size")
     p.add_argument("--epochs", type=int, default=12, help="accuracy training epochs")
     p.add_argument("--augment-factor", type=int, default=1, help="data.augment_factor")
-    p.add_argument("--precision", default="bf16-mixed", help="trainer.precision for training")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="trainer.precision for training (default: bf16-mixed where bf16 is native, else "
+        "32-true: emulated bf16 on an AVX2-only CPU is several times slower)",
+    )
     p.add_argument("--backbone-size", type=int, default=96)
     p.add_argument("--backbone-epochs", type=int, default=6)
+    p.add_argument("--pretrain-size", type=int, default=64, help="SSL view size (px)")
+    p.add_argument("--pretrain-epochs", type=int, default=10)
+    p.add_argument("--pretrain-minutes", type=int, default=25, help="SSL wall-time budget")
+    p.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"))
+    p.add_argument("--recipe", default="recipe", help="experiment config of the recipe row")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of <out>/results.json that this run skips (each section "
+        "records the commit and date it was measured at)",
+    )
     args = p.parse_args(argv)
+    if args.precision is None:
+        from regionnet.precision import fast_precision
+
+        args.precision = fast_precision()
     if args.quick:
         args.image_size, args.epochs, args.backbone_size, args.backbone_epochs = 48, 1, 48, 1
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(HERE))
     args.out.mkdir(parents=True, exist_ok=True)
-    needs_data = "accuracy" not in args.skip or "backbones" not in args.skip
+    needs_data = any(s not in args.skip for s in ("accuracy", "backbones", "ssl"))
     if needs_data and not (args.data_dir / "radiographs" / "manifest.csv").is_file():
         raise SystemExit(
             f"--data-dir {args.data_dir} has no radiographs/manifest.csv; "
@@ -192,6 +217,14 @@ def main(argv=None) -> int:
         )
 
     results: dict = {"machine": machine(), "quick": args.quick}
+    previous = args.out / "results.json"
+    if args.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        for section in SECTIONS:
+            if section in args.skip and section in old:
+                results[section] = old[section]
+                results[section].setdefault("machine", old["machine"])
+        results["machine_of_skipped"] = old["machine"]
     start = time.perf_counter()
     if "accuracy" not in args.skip:
         from bench_accuracy import accuracy_section
@@ -215,12 +248,30 @@ def main(argv=None) -> int:
             args.backbone_epochs,
             args.precision,
         )
+    if "ssl" not in args.skip:
+        from bench_ssl import ssl_section
+
+        results["ssl"] = ssl_section(
+            args.data_dir,
+            args.out,
+            args.quick,
+            args.image_size,
+            args.epochs,
+            args.precision,
+            48 if args.quick else args.pretrain_size,
+            1 if args.quick else args.pretrain_epochs,
+            args.pretrain_minutes,
+            args.ssl_method,
+            args.recipe,
+            log,
+        )
+        results["ssl"]["machine"] = results["machine"]
     # timing sections last: they want a quiet machine, the training sections do not mind
     if "speed" not in args.skip:
         from bench_speed import speed_section
 
         results["speed"] = speed_section(args.quick, log)
-        if "accuracy" in results:
+        if "accuracy" in results and "accuracy" not in args.skip:
             log("speed: end-to-end regionnet-predict on the real radiographs folder")
             ckpt = Path(results["accuracy"]["yi2019"]["checkpoint"])
             folder = args.data_dir / "radiographs" / ("kneeoa_rohan145" if args.quick else "")

@@ -18,7 +18,7 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
            "--data-dir", str(shared_data)]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=900)
     results = json.loads((out / "results.json").read_text())
-    assert {"machine", "accuracy", "speed", "scaling", "backbones"} <= set(results)
+    assert {"machine", "accuracy", "speed", "scaling", "backbones", "ssl"} <= set(results)
     acc = results["accuracy"]["yi2019"]
     assert Path(acc["checkpoint"]).is_file()
     assert set(acc["breakdown"]["within_fracture_source"]) == {"shoulder", "elbow"}
@@ -27,12 +27,20 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     assert speed["shared_vs_separate"]["ratio"] > 1.5  # five backbones cost more than one
     assert speed["predict"]["files"] > 0 and speed["predict"]["end_to_end_per_s"] > 0
     assert len(results["backbones"]["rows"]) == 2
+    ssl = results["ssl"]
+    assert Path(ssl["pretrain"]["weights_file"]).is_file() and ssl["pretrain"]["pretrain/steps"] > 0
+    for row in ("scratch", "ssl", "ssl_recipe"):
+        assert 0 <= ssl[row]["operating_point"]["in_set_sensitivity"] <= 1
+        assert set(ssl[row]["breakdown"]["within_fracture_source"]) == {"shoulder", "elbow"}
+    assert "weights_file" not in " ".join(ssl["scratch"]["overrides"])
+    assert "experiment=recipe" in ssl["ssl_recipe"]["overrides"]
     report = (out / "RESULTS.md").read_text()
     for heading in (
         "## Accuracy on real radiographs",
         "## Speed",
         "## Cost curves",
         "## Backbones",
+        "## Self-supervised pretraining and the stronger recipe",
     ):
         assert heading in report
     assert (out / "scaling.png").stat().st_size > 1000
