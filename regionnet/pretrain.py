@@ -101,7 +101,8 @@ def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
     metrics.update(
         {
             "pretrain/images": len(dm.records),
-            "pretrain/epochs": trainer.current_epoch,
+            # a fractional count when trainer.max_time stopped the fit mid-epoch
+            "pretrain/epochs": round(trainer.global_step / max(1, trainer.num_training_batches), 2),
             "pretrain/steps": trainer.global_step,
             "pretrain/seconds": seconds,
             "pretrain/method": cfg.ssl.method,

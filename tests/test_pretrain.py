@@ -1,5 +1,6 @@
 """regionnet-pretrain: unlabelled sources, SimCLR/BYOL runs, and fine-tuning from its weights."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,26 @@ def test_pretrain_on_shared_unlabelled_data(tmp_path, shared_data):
     assert set(used["origin"]) <= {"unlabelled", "labelled_train"}
     assert not set(used["path"]) & set(split.loc[split["split"] != "train", "path"])
     assert (out / "backbone.pth").is_file()
+
+
+def test_pretrain_ddp_sim_two_processes(tmp_path):
+    """Multi-device like train: `trainer=ddp_sim` starts a second process that runs the
+    pretrain app (not train's), SimCLR gathers both processes' negatives, rank 0 saves."""
+    root = archive(tmp_path / "archive", n=40)
+    out = tmp_path / "run"
+    exe = Path(sys.executable).with_name("regionnet-pretrain")
+    cmd = [
+        str(exe) if exe.is_file() else "regionnet-pretrain",
+        "trainer=ddp_sim",
+        "data=unlabeled_folder",
+        f"data.root={root}",
+        f"hydra.run.dir={out}",
+        *TINY,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    assert (out / "backbone.pth").is_file()
+    assert '"pretrain/steps": 2' in (out / "metrics.json").read_text()
