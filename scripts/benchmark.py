@@ -257,6 +257,7 @@ def main(argv=None) -> int:
             args.quick,
             args.image_size,
             args.epochs,
+            args.augment_factor,
             args.precision,
             48 if args.quick else args.pretrain_size,
             1 if args.quick else args.pretrain_epochs,
