@@ -200,7 +200,8 @@ def _ssl(ss: dict) -> list[str]:
         f"{pre['pretrain/epochs']} epochs ({pre['pretrain/steps']} steps) in "
         f"{_f(pre['wall_seconds'] / 60, 1)} min (budget {st['pretrain_minutes_max']} min, "
         f"{st['precision']}). Then each row fine-tunes the study protocol on the same split at "
-        f"{st['image_size']} px for {st['epochs']} epochs; the recipe row is "
+        f"{st['image_size']} px for {st['epochs']} epochs (augment factor "
+        f"{st.get('augment_factor', 1)}); the recipe row is "
         f"`experiment={st['recipe']}`, chosen on the validation split before this run.",
         "",
         "| | " + " | ".join(SSL_NAMES[k] for k in rows) + " |",
