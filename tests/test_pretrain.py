@@ -150,7 +150,7 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_pretrain_cli_on_a_user_folder(tmp_path):
-    """The README's command form, as a user runs it."""
+    """The README's command form, as a user runs it, logging to W&B (offline) like train."""
     root = archive(tmp_path / "archive")
     out = tmp_path / "run"
     cmd = [
@@ -161,10 +161,13 @@ def test_pretrain_cli_on_a_user_folder(tmp_path):
         f"data.root={root}",
         f"hydra.run.dir={out}",
         *TINY,
+        "logger=wandb",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "backbone.pth").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
 
 
 def test_pretrain_on_shared_unlabelled_data(tmp_path, shared_data):
