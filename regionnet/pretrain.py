@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from regionnet.distributed import DistributedJob
 from regionnet.ssl.data import UnlabeledDataModule
 from regionnet.ssl.module import SelfSupervised
-from regionnet.train import instantiate_list, numbers, speed_up
+from regionnet.train import instantiate_list, numbers, prepare_run, speed_up
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,7 @@ def pretrain(cfg: DictConfig) -> dict:
 
 
 def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")
+    out = prepare_run(cfg)
     dm = build_ssl_datamodule(cfg)
     dm.setup()
     model = build_ssl_model(cfg)

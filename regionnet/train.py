@@ -104,14 +104,19 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, flo
         return _train(cfg, job, extra_callbacks)
 
 
-def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -> dict[str, float]:
+def prepare_run(cfg: DictConfig) -> Path:
+    """The run directory (created), the seed, and TF32 matmuls on GPUs; returns the directory."""
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
+    return out
 
+
+def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -> dict[str, float]:
+    out = prepare_run(cfg)
     dm = build_datamodule(cfg)
     dm.setup()
     if dm.hparams.source == "phantom":

@@ -154,6 +154,27 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
     }
 
 
+def protocol_overrides(
+    data_dir: Path, quick: bool, size: int, epochs: int, augment_factor: int, precision: str
+) -> list[str]:
+    """regionnet-train overrides every benchmark fine-tune on the shared data shares."""
+    base = [
+        "data=shared",
+        f"paths.data_dir={data_dir}",
+        "logger=csv",
+        f"trainer.precision={precision}",
+        f"data.image_size={size}",
+        f"trainer.max_epochs={epochs}",
+        f"data.augment_factor={augment_factor}",
+        "data.num_workers=2",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
+    if quick:
+        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+    return base
+
+
 def accuracy_section(
     data_dir: Path,
     out_dir: Path,
@@ -167,20 +188,9 @@ def accuracy_section(
     manifest = _manifest(data_dir)
     base = [
         "experiment=yi2019",
-        "data=shared",
-        f"paths.data_dir={data_dir}",
-        "logger=csv",
         "trainer.accelerator=cpu",
-        f"trainer.precision={precision}",
-        f"data.image_size={size}",
-        f"trainer.max_epochs={epochs}",
-        f"data.augment_factor={augment_factor}",
-        "data.num_workers=2",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
+        *protocol_overrides(data_dir, quick, size, epochs, augment_factor, precision),
     ]
-    if quick:
-        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
     out = {
         "data": {
             "images": len(manifest),

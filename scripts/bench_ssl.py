@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from bench_accuracy import _manifest, one_protocol
+from bench_accuracy import _manifest, one_protocol, protocol_overrides
 
 from regionnet.config import compose_config
 from regionnet.pretrain import pretrain
@@ -83,20 +83,9 @@ def ssl_section(
     weights, split = run / "backbone.pth", run / "labelled_split.csv"
 
     base = [
-        "data=shared",
-        f"paths.data_dir={data_dir}",
+        *protocol_overrides(data_dir, quick, size, epochs, augment_factor, precision),
         f"data.split_file={split}",
-        "logger=csv",
-        f"trainer.precision={precision}",
-        f"data.image_size={size}",
-        f"trainer.max_epochs={epochs}",
-        f"data.augment_factor={augment_factor}",
-        "data.num_workers=2",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
     ]
-    if quick:
-        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
     rows_overrides = {
         "scratch": ["experiment=yi2019", *base],
         "ssl": ["experiment=yi2019", *base, f"model.weights_file={weights}"],
