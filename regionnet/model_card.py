@@ -82,6 +82,9 @@ def model_card(model, datamodule, metrics: Mapping[str, float]) -> dict:
             "library": "timm",
             "shared": bool(h.get("shared_backbone", True)),
             "pretrained": bool(h.get("pretrained")) or bool(h.get("weights_file")),
+            # starting weights: random, imagenet-package (package, version, sha256), timm-hub
+            # or file (name, sha256)
+            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
         "training_data": _training_data(records, regions, datamodule),

@@ -67,11 +67,19 @@ def sqlite_url(path: str) -> str:
 
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use (`${regionnet.sqlite:PATH}`,
-    `${regionnet.fast_precision:}`)."""
+    `${regionnet.fast_precision:}`, `${regionnet.input_mean:BACKBONE}` and `input_std`)."""
+    from regionnet.model.backbone import input_stats
     from regionnet.precision import fast_precision
 
     OmegaConf.register_new_resolver("regionnet.sqlite", sqlite_url, replace=True)
     OmegaConf.register_new_resolver("regionnet.fast_precision", fast_precision, replace=True)
+    # the intensity statistics the backbone's ImageNet weights expect, averaged to gray
+    OmegaConf.register_new_resolver(
+        "regionnet.input_mean", lambda name: input_stats(str(name))[0], replace=True
+    )
+    OmegaConf.register_new_resolver(
+        "regionnet.input_std", lambda name: input_stats(str(name))[1], replace=True
+    )
 
 
 def sweep_group() -> str | None:

@@ -1,10 +1,13 @@
 """timm backbones for single-channel radiographs, with offline-safe weight handling.
 
 `timm.create_model(name, num_classes=0, in_chans=1)` gives a headless backbone whose forward
-returns pooled features; with ImageNet weights timm adapts the first conv to one channel by
-summing its RGB filters. Weights come from (a) nowhere (random init: tests, air-gapped use),
-(b) timm's normal download (`pretrained=true`, needs a network), or (c) a local file of
-ImageNet-style weights (`weights_file=`), whose classifier is dropped.
+returns pooled features; with ImageNet weights the first conv is adapted to one channel by
+summing its RGB filters. Weights come from (a) nowhere (random init), (b) an installed package
+that ships ImageNet weights (`pretrained=true` for the backbones in `weights.PROVIDERS`: no
+network, ever), (c) timm's normal download (`pretrained=true` for any other backbone; needs a
+network), or (d) a local file of ImageNet-style or `regionnet-pretrain` weights
+(`weights_file=`), whose classifier is dropped. `build_backbone` also says which, for the
+checkpoint and the model card.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import timm
 import torch
+
+from regionnet.model import weights as provided
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,19 @@ def create_backbone(
     drop_path_rate: float = 0.0,
 ) -> torch.nn.Module:
     """A headless timm backbone (`num_classes=0`) taking `in_chans` channels."""
+    return build_backbone(name, pretrained, weights_file, in_chans, drop_path_rate)[0]
+
+
+def build_backbone(
+    name: str,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+    in_chans: int = 1,
+    drop_path_rate: float = 0.0,
+) -> tuple[torch.nn.Module, dict]:
+    """(headless backbone, where its weights came from). The second is a plain dict: `kind`
+    random | imagenet-package | timm-hub | file, plus package/version/sha256 or file name and
+    sha256 (never an absolute path: it goes into checkpoints and model cards)."""
     _check_name(name)
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if drop_path_rate:
@@ -94,20 +112,46 @@ def create_backbone(
                 "matches only part of the tensors: give weights of the same architecture"
             ) from None
         _check_weights_match(model, path, name)
-        return model
-    if pretrained:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"  # then timm reads only its cache
-        if not offline and not _network_reachable():
-            raise RuntimeError(
-                f"model.pretrained=true needs a network to download ImageNet weights for {name!r}, "
-                "and huggingface.co is unreachable. Use model.weights_file=PATH for local weights, "
-                "HF_HUB_OFFLINE=1 to use weights already in the cache, or model.pretrained=false."
-            )
-        try:
-            return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as e:  # timm and huggingface_hub raise many types for a failed fetch
-            raise RuntimeError(
-                f"could not load ImageNet weights for {name!r}: {e}. Use model.weights_file=PATH "
-                "for local weights, or model.pretrained=false."
-            ) from e
-    return timm.create_model(name, pretrained=False, **kwargs)
+        return model, {"kind": "file", "file": path.name, "sha256": provided.sha256_file(path)}
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs), {"kind": "random"}
+    if provided.provider_for(name):
+        # the installed package's file, checked by hash and mapped strictly: never random
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        return model, provided.load_provided(model, name)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"  # then timm reads only its cache
+    if not offline and not _network_reachable():
+        raise RuntimeError(
+            f"model.pretrained=true: no installed package provides ImageNet weights for {name!r}, "
+            "and timm's download needs a network (huggingface.co is unreachable). Backbones whose "
+            f"weights install offline: {provided.provided_list()}. Or use model.weights_file=PATH "
+            "for local weights, HF_HUB_OFFLINE=1 for weights already in timm's cache, or "
+            "model.pretrained=false."
+        )
+    try:
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # timm and huggingface_hub raise many types for a failed fetch
+        raise RuntimeError(
+            f"could not load ImageNet weights for {name!r}: {e}. Backbones whose weights "
+            f"install offline: {provided.provided_list()}. Or use model.weights_file=PATH for "
+            "local weights, or model.pretrained=false."
+        ) from e
+    cfg = model.pretrained_cfg or {}
+    return model, {
+        "kind": "timm-hub",
+        "hub_id": cfg.get("hf_hub_id") or cfg.get("url") or name,
+        "timm": timm.__version__,
+    }
+
+
+def input_stats(name: str) -> tuple[float, float]:
+    """(mean, std) of the intensities `name`'s ImageNet weights expect, averaged over RGB for
+    one gray channel: 0.449/0.226 for most timm models, 0.5/0.5 for the TF-ported ones (inputs
+    in [-1, 1]). Unknown names get ImageNet's."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - a name timm does not know is reported elsewhere
+        cfg = None
+    mean = getattr(cfg, "mean", None) or (0.485, 0.456, 0.406)
+    std = getattr(cfg, "std", None) or (0.229, 0.224, 0.225)
+    return round(sum(mean) / len(mean), 3), round(sum(std) / len(std), 3)
