@@ -17,6 +17,7 @@ FAST = [
     "logger=csv",
     "trainer.accelerator=cpu",
     "trainer.max_epochs=1",
+    "model.pretrained=false",  # tests pick tiny random backbones; test_weights covers ImageNet
     "callbacks.progress_bar=null",
     "callbacks.model_summary=null",
     "data.image_size=32",

@@ -30,6 +30,7 @@ TINY = [
     "data.image_size=32",
     "data.batch_size=8",
     "data.num_workers=0",
+    "model=resnet18",  # random init: the checks below compare with a fresh resnet18
 ]
 
 
@@ -85,6 +86,7 @@ def test_finetune_starts_from_pretrained_backbone(tmp_path, fast):
         "train",
         [
             *fast,
+            "model=resnet18",  # the architecture TINY pretrains
             f"model.weights_file={out / 'backbone.pth'}",
             f"paths.output_dir={tmp_path / 'ft'}",
         ],

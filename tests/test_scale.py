@@ -37,6 +37,7 @@ TINY = [
     "data.image_size=32",
     "data.num_workers=0",
     "model.backbone=test_resnet",
+    "model.pretrained=false",
 ]
 CPU = ["trainer.accelerator=cpu", "data.phantom.per_region=6", "data.batch_size=8"]
 TIMEOUT_S = 300

@@ -156,12 +156,11 @@ def test_heads_and_metrics_follow_a_three_region_set(tmp_path, fast):
 
 
 def test_study_design_builds_one_backbone_per_region(tmp_path):
-    cfg = compose_config("train", ["model.shared_backbone=false", f"paths.output_dir={tmp_path}"])
+    study = ["model=resnet18", f"paths.output_dir={tmp_path}"]
+    cfg = compose_config("train", [*study, "model.shared_backbone=false"])
     model = build_model(cfg, ["shoulder", "elbow", "hand", "pelvis", "knee"])
     assert len(model.backbones) == 5 and not hasattr(model, "backbone")
-    shared = build_model(
-        compose_config("train", [f"paths.output_dir={tmp_path}"]), ["knee", "hand"]
-    )
+    shared = build_model(compose_config("train", study), ["knee", "hand"])
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(model) > 4.9 * n(shared)
     logits = model(torch.rand(2, 1, 32, 32))
@@ -197,7 +196,12 @@ def test_weights_file_loads_imagenet_style_weights_into_a_gray_backbone(tmp_path
     rgb = timm.create_model("resnet18", pretrained=False)  # 3 channels, 1000 classes
     torch.save(rgb.state_dict(), tmp_path / "resnet18.pth")
     cfg = compose_config(
-        "train", [f"model.weights_file={tmp_path / 'resnet18.pth'}", f"paths.output_dir={tmp_path}"]
+        "train",
+        [
+            "model=resnet18",
+            f"model.weights_file={tmp_path / 'resnet18.pth'}",
+            f"paths.output_dir={tmp_path}",
+        ],
     )
     model = build_model(cfg, ["hand", "knee"])
     conv = model.backbone.conv1.weight
@@ -212,7 +216,10 @@ def test_pretrained_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatc
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(backbone, "_network_reachable", lambda timeout=3.0: False)
-    cfg = compose_config("train", ["model.pretrained=true", f"paths.output_dir={tmp_path}"])
+    # resnet18: no installed package provides its ImageNet weights, so only timm's download
+    cfg = compose_config(
+        "train", ["model=resnet18", "model.pretrained=true", f"paths.output_dir={tmp_path}"]
+    )
     with pytest.raises(RuntimeError, match="weights_file"):
         build_model(cfg, ["knee"])
 

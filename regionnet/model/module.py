@@ -29,7 +29,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
-from regionnet.model.backbone import create_backbone, feature_dim
+from regionnet.model.backbone import build_backbone, feature_dim
 from regionnet.model.heads import region_heads
 from regionnet.model.metrics import RegionMetrics
 from regionnet.model.thresholds import choose_threshold, parse_method, rejection_thresholds
@@ -68,6 +68,8 @@ class RegionNet(L.LightningModule):
         label_smoothing: float = 0.0,
         other_weight: float = 1.0,
         tta: bool = False,
+        weights_source: Mapping | None = None,
+        backbone_lr_scale: float = 1.0,
     ):
         super().__init__()
         regions = list(validate_regions(regions))
@@ -82,13 +84,26 @@ class RegionNet(L.LightningModule):
                 f"model.other_weight={other_weight!r}: use a weight >= 0 (1 = like every other "
                 "film, 2 = other films count double in the training loss)"
             )
+        if not 0.0 < float(backbone_lr_scale) <= 1.0:
+            raise ValueError(
+                f"model.backbone_lr_scale={backbone_lr_scale!r}: use 0 < value <= 1 (the "
+                "backbone's learning rate as a share of the heads'; 0.1 is usual for fine-tuning)"
+            )
         if pos_weight not in ("auto", None) and not isinstance(pos_weight, int | float):
             raise ValueError(f"model.pos_weight={pos_weight!r}: use auto, null or a number")
         # Plain values only, so load_from_checkpoint works without Hydra.
         self.save_hyperparameters()
         self.hparams["regions"] = regions
         self.regions = regions
-        make = lambda: create_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)  # noqa: E731
+        sources: list[dict] = []
+
+        def make() -> nn.Module:
+            net, source = build_backbone(
+                backbone, pretrained, weights_file, in_chans, drop_path_rate
+            )
+            sources.append(source)
+            return net
+
         if shared_backbone:
             self.backbone = make()
             width = feature_dim(self.backbone)
@@ -96,6 +111,11 @@ class RegionNet(L.LightningModule):
             self.backbones = nn.ModuleDict({r: make() for r in regions})
             width = feature_dim(next(iter(self.backbones.values())))
         self.heads = region_heads(regions, width, head_hidden, head_dropout)
+        # Where the backbone's starting weights came from (package, version, sha256): built
+        # now when weights were loaded, else kept from the checkpoint being restored.
+        if pretrained or weights_file or not weights_source:
+            weights_source = sources[0]
+        self.hparams["weights_source"] = dict(weights_source)
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(regions)
         if len(thresholds) != len(regions):
             raise ValueError(f"model.thresholds needs {len(regions)} values, got {thresholds}")
@@ -356,7 +376,20 @@ class RegionNet(L.LightningModule):
         from hydra.utils import instantiate  # only training needs Hydra
 
         optimizer = instantiate(dict(self.hparams.optimizer or DEFAULT_OPTIMIZER))
-        optimizer = optimizer(params=[p for p in self.parameters() if p.requires_grad])
+        # Fine-tuning: the pretrained backbone moves slower than the freshly initialised heads.
+        scale = float(self.hparams.get("backbone_lr_scale", 1.0))
+        heads = {id(p) for p in self.heads.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad]
+        if scale == 1.0:
+            optimizer = optimizer(params=params)
+        else:
+            lr = optimizer.keywords.get("lr", DEFAULT_OPTIMIZER["lr"])
+            optimizer = optimizer(
+                params=[
+                    {"params": [p for p in params if id(p) in heads], "lr": lr},
+                    {"params": [p for p in params if id(p) not in heads], "lr": lr * scale},
+                ]
+            )
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(dict(self.hparams.scheduler))(optimizer=optimizer)
