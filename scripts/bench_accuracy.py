@@ -118,12 +118,50 @@ def leave_one_source_out(manifest: pd.DataFrame) -> dict:
     ready = sorted(r for r in REGIONS if sources.get(r, 0) >= 2)
     return {
         "regions_with_two_sources": ready,
-        "note": "run" if ready else "not possible yet: every target region comes from one source",
+        "note": (
+            "measured in the transfer section (scripts/bench_transfer.py) for"
+            if ready
+            else "not possible yet: every target region comes from one source"
+        ),
     }
 
 
-def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
-    """Train, evaluate and break down one configuration."""
+def run_settings(run: Path) -> dict:
+    """What a training run resolved to (its `config.yaml`): backbone, weights, input size,
+    epochs, augmentation, operating-point method. The experiment config decides these unless
+    the benchmark overrides them, so the report states them from the run itself."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    pick = {
+        "backbone": "model.backbone",
+        "pretrained": "model.pretrained",
+        "weights_file": "model.weights_file",
+        "backbone_lr_scale": "model.backbone_lr_scale",
+        "image_size": "data.image_size",
+        "mean": "data.mean",
+        "std": "data.std",
+        "augment_factor": "data.augment_factor",
+        "crop_scale": "data.augment.crop_scale",
+        "max_epochs": "trainer.max_epochs",
+        "precision": "trainer.precision",
+        "threshold_method": "model.threshold_method",
+        "tta": "model.tta",
+        "label_smoothing": "model.label_smoothing",
+        "other_weight": "model.other_weight",
+        "ema": "callbacks.ema",
+    }
+    out = {k: OmegaConf.select(cfg, key, default=None) for k, key in pick.items()}
+    out["ema"] = out["ema"] is not None
+    for k, v in out.items():
+        if OmegaConf.is_config(v):
+            out[k] = OmegaConf.to_container(v)
+    return out
+
+
+def one_protocol(name, overrides, out_dir, data_dir, manifest, log, eval_overrides=()) -> dict:
+    """Train, evaluate (the test split, plus whatever `eval_overrides` add, e.g.
+    `data.external_test=`) and break down one configuration."""
     run = out_dir / "artifacts" / name
     timeline = ValidationTimeline()
     log(f"accuracy[{name}]: training ({' '.join(overrides)})")
@@ -132,14 +170,24 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
     log(f"accuracy[{name}]: evaluating {ckpt}")
     ecfg = compose_config(
         "eval",
-        [f"ckpt_path={ckpt}", f"paths.output_dir={run / 'eval'}", "logger=csv", "num_workers=2"],
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={run / 'eval'}",
+            "logger=csv",
+            "num_workers=2",
+            *eval_overrides,
+        ],
     )
+    start = time.perf_counter()
     result = evaluate(ecfg)
+    eval_seconds = time.perf_counter() - start
     reach = next((p["seconds"] for p in timeline.points if p["val/auroc_mean"] >= 0.99), None)
     return {
         "checkpoint": str(ckpt),
         "overrides": overrides,
+        "settings": run_settings(run),
         "train_seconds": seconds,
+        "eval_seconds": eval_seconds,
         "val_auroc_mean_best": metrics.get("val/auroc_mean_best"),
         "train_images_per_s": metrics.get("train/images_per_s"),
         "seconds_to_val_auroc_mean_0.99": reach,
@@ -147,7 +195,8 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
         "eval": {
             k: v
             for k, v in result.items()
-            if k.startswith("test/") or k in ("thresholds", "threshold_method", "regions")
+            if k.startswith(("test/", "external/"))
+            or k in ("thresholds", "threshold_method", "regions")
         },
         "breakdown": breakdown(run / "eval", manifest),
         "fullres": fullres_check(ckpt, data_dir),
@@ -155,21 +204,29 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log) -> dict:
 
 
 def protocol_overrides(
-    data_dir: Path, quick: bool, size: int, epochs: int, augment_factor: int, precision: str
+    data_dir: Path,
+    quick: bool,
+    size: int | None,
+    epochs: int | None,
+    augment_factor: int | None,
+    precision: str,
 ) -> list[str]:
-    """regionnet-train overrides every benchmark fine-tune on the shared data shares."""
+    """regionnet-train overrides every benchmark fine-tune on the shared data shares. A
+    `None` size, epoch count or augment factor is left to the experiment config."""
     base = [
         "data=shared",
         f"paths.data_dir={data_dir}",
         "logger=csv",
         f"trainer.precision={precision}",
-        f"data.image_size={size}",
-        f"trainer.max_epochs={epochs}",
-        f"data.augment_factor={augment_factor}",
-        "data.num_workers=2",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
     ]
+    for key, value in (
+        ("data.image_size", size),
+        ("trainer.max_epochs", epochs),
+        ("data.augment_factor", augment_factor),
+    ):
+        if value is not None:
+            base.append(f"{key}={value}")
+    base += ["data.num_workers=2", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
     if quick:
         base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
     return base

@@ -1,6 +1,70 @@
-"""RESULTS.md from the results dict of scripts/benchmark.py (every number comes from it)."""
+"""RESULTS.md from the results dict of scripts/benchmark.py (every number comes from it).
+
+RESULTS.md is committed: it names files relative to the repository (`benchmarks/...`), the
+shared data (`../shared/data/...`, or `<data>/...` when the data lay elsewhere) or the output
+folder (`<out>/...`), never by this machine's absolute paths (`relativise`).
+"""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path, PurePosixPath
+
+ROOT = Path(__file__).resolve().parents[1]
+# An absolute path in running text: starts at a "/" that follows no word character, dot, ">",
+# "~" or "/" (so `GFLOP/s`, `../shared/data` and `<data>/x` are left alone).
+_ABS_PATH = re.compile(r"(?<![\w.~/>-])/[^\s`'\"<>|,;()\[\]{}]+")
+
+
+def _under(path: PurePosixPath, base: str | None) -> PurePosixPath | None:
+    if not base:
+        return None
+    try:
+        return path.relative_to(PurePosixPath(base))
+    except ValueError:
+        return None
+
+
+def _join(prefix: str, rel: PurePosixPath) -> str:
+    rel = str(rel)
+    return prefix if rel == "." else (f"{prefix}/{rel}" if prefix else rel)
+
+
+def relativise(text: str, paths: list[dict]) -> str:
+    """`text` with every absolute path made relative: to the repository (`benchmarks/...`),
+    the data folder (`../shared/data/...` when it is the repository's sibling `shared/data`,
+    else `<data>/...`), the output folder (`<out>/...`). `paths` are the runs' recorded
+    `{repo, out, data}`; results from before they were recorded fall back on the path's own
+    parts (`.../shared/data/x` -> `../shared/data/x`, `.../benchmarks/x` -> `benchmarks/x`)."""
+    repos = {str(ROOT)} | {p["repo"] for p in paths if p.get("repo")}
+    sibling = {str(PurePosixPath(r).parent / "shared" / "data") for r in repos}
+
+    def one(path: str) -> str:
+        pp = PurePosixPath(path)
+        for p in paths:
+            rel = _under(pp, p.get("data"))
+            if rel is not None and not any(_under(pp, r) is not None for r in repos):
+                return _join("../shared/data" if p["data"] in sibling else "<data>", rel)
+        for r in sorted(repos, key=len, reverse=True):
+            if (rel := _under(pp, r)) is not None:
+                return _join("", rel) or "."
+        for p in paths:
+            if (rel := _under(pp, p.get("out"))) is not None:
+                return _join("<out>", rel)
+        parts = pp.parts
+        for i in range(1, len(parts) - 1):
+            if parts[i : i + 2] == ("shared", "data"):
+                return _join("../shared/data", PurePosixPath(*parts[i + 2 :]))
+        if "benchmarks" in parts:
+            return str(PurePosixPath(*parts[parts.index("benchmarks") :]))
+        return f"<elsewhere>/{pp.name}"
+
+    def sub(m: re.Match) -> str:
+        path = m.group(0)
+        tail = path[len(path.rstrip(".:")) :]  # sentence punctuation is not part of the path
+        return one(path[: len(path) - len(tail)]) + tail
+
+    return _ABS_PATH.sub(sub, text)
 
 
 def _f(x, nd=3) -> str:
@@ -20,6 +84,7 @@ def _accuracy(name: str, run: dict) -> list[str]:
     lines = [
         f"### {name}",
         "",
+        *([f"Model: {_model(run['settings'])}.  "] if "settings" in run else []),
         f"Overrides: `{' '.join(run['overrides'])}`  ",
         f"Training: {_f(run['train_seconds'] / 60, 1)} min wall, "
         f"{_f(run['train_images_per_s'], 1)} training radiographs/s; "
@@ -73,6 +138,28 @@ def _accuracy(name: str, run: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _weights(st: dict) -> str:
+    if st.get("weights_file"):
+        return f"weights from `{st['weights_file']}`"
+    return "ImageNet weights" if st.get("pretrained") else "random init"
+
+
+def _model(st: dict) -> str:
+    """Backbone, starting weights, input size and epochs as the run resolved them."""
+    return (
+        f"`{st.get('backbone')}`, {_weights(st)}, {st.get('image_size')} px, "
+        f"{st.get('max_epochs')} epochs max, augment factor {st.get('augment_factor')}, "
+        f"{st.get('precision')}"
+    )
+
+
+def _study_model(run: dict) -> str:
+    st = run.get("settings")
+    if st is None:  # results from before the runs recorded their settings
+        return "ResNet-18 from random init — no ImageNet download here —"
+    return f"`{st.get('backbone')}` from {_weights(st)},"
 
 
 def _speed(sp: dict) -> list[str]:
@@ -248,6 +335,232 @@ def _ssl(ss: dict) -> list[str]:
     return lines
 
 
+TRANSFER_NAMES = {
+    "scratch": "scratch (random init)",
+    "imagenet": "ImageNet",
+    "imagenet_recipe": "ImageNet + recipe",
+}
+
+
+def _met(t: dict) -> str:
+    v = t["value"]
+    shown = f"{_f(v[0])} at {_f(v[1])}" if isinstance(v, list) else _f(v)
+    return f"{shown} **{'met' if t['met'] else 'missed'}**"
+
+
+def _transfer(tr: dict) -> list[str]:
+    st, rows = tr["settings"], [k for k in TRANSFER_NAMES if k in tr["rows"]]
+    runs = {k: tr["rows"][k] for k in rows}
+    first = runs[rows[0]]
+    regions = first["eval"].get("regions", [])
+    lines = [
+        "## Transfer learning: scratch vs ImageNet vs ImageNet + recipe",
+        "",
+        f"Measured by {_provenance(tr['machine'])}; section wall time "
+        f"{_f(tr['wall_seconds'] / 60, 1)} min. {tr['data']['images']} radiographs: "
+        f"{tr['data']['by_anatomy']}. Three trainings on one patient-grouped split (the first "
+        f"row's `split.csv`, reused through `data.split_file`): `experiment={st['experiment']}` "
+        f"from random init, the same with ImageNet weights, and `experiment={st['recipe']}` "
+        "with ImageNet weights. The experiment configs decide backbone, input size, epochs and "
+        "augmentation unless stated in the overrides below. Test split only for every figure "
+        "but the external set; AUROC CIs are 95 % percentile bootstraps by patient.",
+        "",
+        "| | " + " | ".join(TRANSFER_NAMES[k] for k in rows) + " |",
+        "| --- |" + " --- |" * len(rows),
+    ]
+
+    def row(label, cell):
+        lines.append(f"| {label} | " + " | ".join(cell(runs[k]) for k in rows) + " |")
+
+    row("backbone", lambda x: f"`{x['settings'].get('backbone')}`")
+    row("starting weights", lambda x: _weights(x["settings"]))
+    row(
+        "px / epochs max / augment factor",
+        lambda x: (
+            f"{x['settings'].get('image_size')} / {x['settings'].get('max_epochs')} / "
+            f"{x['settings'].get('augment_factor')}"
+        ),
+    )
+    row("threshold method", lambda x: f"`{x['eval'].get('threshold_method')}`")
+    for r in regions:
+        row(
+            f"test AUROC {r} [95% CI] (+{_f(first['eval'].get(f'test/positives/{r}'), 0)})",
+            lambda x, r=r: (
+                f"{_f(x['eval'].get(f'test/auroc/{r}'))} {_ci(x['eval'].get(f'test/auroc_ci/{r}'))}"
+            ),
+        )
+    for r in regions:
+        row(
+            f"{r}: sensitivity / specificity at threshold",
+            lambda x, r=r: (
+                f"{_f(x['eval'].get(f'test/sensitivity/{r}'))} / "
+                f"{_f(x['eval'].get(f'test/specificity/{r}'))} "
+                f"(t={_f(x['eval'].get(f'test/threshold/{r}'), 2)})"
+            ),
+        )
+    for r in ("shoulder", "elbow"):
+        row(
+            f"within fracture source, {r} [95% CI]",
+            lambda x, r=r: (
+                f"{_f(x['breakdown']['within_fracture_source'][r]['auroc'])} "
+                f"{_ci(x['breakdown']['within_fracture_source'][r]['ci'])}"
+            ),
+        )
+    ext = first["external"]
+    if ext.get("images"):
+        row(
+            f"external shoulders ({ext['images']}): top region `shoulder`",
+            lambda x: _f(x["external"]["top_region_shoulder"]),
+        )
+        row(
+            "external: highest head shoulder (no threshold)",
+            lambda x: _f(x["external"]["highest_head_shoulder"]),
+        )
+        row("external: shoulder head fires", lambda x: _f(x["external"]["shoulder_head_fires"]))
+        row("external: `unknown`", lambda x: _f(x["external"]["unknown"]))
+        row(
+            "external: predicted region counts",
+            lambda x: ", ".join(f"{k} {v}" for k, v in sorted(x["external"]["predicted"].items())),
+        )
+    anatomies = sorted(first["breakdown"]["unknown_share_by_anatomy"])
+    for a in anatomies:
+        row(
+            f"{a} films called `unknown`",
+            lambda x, a=a: (
+                f"{x['breakdown']['unknown_share_by_anatomy'][a]['unknown']}/"
+                f"{x['breakdown']['unknown_share_by_anatomy'][a]['images']} "
+                f"({_f(x['breakdown']['unknown_share_by_anatomy'][a]['share'])})"
+            ),
+        )
+    row(
+        "all out-of-set films called `unknown`",
+        lambda x: (
+            f"{_f(x['operating_point']['other_rejected'])} "
+            f"(of {x['operating_point']['other_images']})"
+        ),
+    )
+    row(
+        "in-set sensitivity (true head fires)",
+        lambda x: (
+            f"{_f(x['operating_point']['in_set_sensitivity'])} "
+            f"(of {x['operating_point']['in_set_images']})"
+        ),
+    )
+    row("in-set top-1 region at thresholds", lambda x: _f(x["operating_point"]["in_set_top1"]))
+    row(
+        "full-res originals: accuracy (hand / chest)",
+        lambda x: (
+            f"{_f(x['fullres']['accuracy'])} ("
+            + " / ".join(_f(x["fullres"]["accuracy_by_anatomy"].get(a)) for a in ("hand", "chest"))
+            + ")"
+        ),
+    )
+    row(
+        "full-res originals: predicted",
+        lambda x: ", ".join(f"{k} {v}" for k, v in sorted(x["fullres"]["predicted"].items())),
+    )
+    for r in regions:
+        row(
+            f"ECE {r} ({st.get('ece_bins')} bins)",
+            lambda x, r=r: _f(x["calibration"]["ece"].get(r)),
+        )
+    row("val AUROC mean (best epoch)", lambda x: _f(x.get("val_auroc_mean_best")))
+    row("training wall min", lambda x: _f(x["train_seconds"] / 60, 1))
+    row("training radiographs/s", lambda x: _f(x.get("train_images_per_s"), 1))
+    row("evaluation wall s (test + external)", lambda x: _f(x.get("eval_seconds"), 0))
+    lines += [
+        "",
+        "Top region = the predicted region: the most probable head among those at or above "
+        "their thresholds, `unknown` when none is. Highest head = the most probable head, "
+        "thresholds ignored. In-set sensitivity: the film's own head is at or above its "
+        "threshold (another head may win).",
+        "",
+        "### Targets",
+        "",
+        "| target | bound | " + " | ".join(TRANSFER_NAMES[k] for k in rows) + " |",
+        "| --- | --- |" + " --- |" * len(rows),
+    ]
+    for i, t in enumerate(first["targets"]):
+        cells = " | ".join(_met(runs[k]["targets"][i]) for k in rows)
+        lines.append(f"| {t['label']} | {t['target']} | {cells} |")
+    hx = tr.get("hand_across_sources")
+    if hx:
+        lines += [
+            "",
+            f"### Hand across sources (`experiment={st['recipe']}`, ImageNet weights)",
+            "",
+            "Train and validate with one hand source's films only (plus every non-hand film "
+            "of the split); test hand AUROC on the other source's hands against every non-hand "
+            "test film. Derived from the main split: patients with a hand of the test source "
+            "move to test whole, test-split hands of the training source are dropped.",
+            "",
+            "| train hands -> test hands | hands per source/split | test films (hands) "
+            "| hand AUROC [95% CI] | sensitivity | specificity | threshold | ≥ 0.99 |",
+            "| --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
+        ]
+        for h in hx.values():
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(h["hands"].items()))
+            lines.append(
+                f"| `{h['train_source']}` -> `{h['test_source']}` | {counts} "
+                f"| {_f(h['test_images'], 0)} ({_f(h['test_hands'], 0)}) "
+                f"| {_f(h['auroc'])} {_ci(h['ci'])} | {_f(h['sensitivity'])} "
+                f"| {_f(h['specificity'])} | {_f(h['threshold'])} "
+                f"| **{'met' if h['met'] else 'missed'}** |"
+            )
+    sp = tr.get("inference_speed")
+    if sp:
+        sizes = [str(z) for z in sp["sizes"]]
+        lines += [
+            "",
+            "### Inference speed: the new default backbone vs ResNet-18",
+            "",
+            f"Model only (shared backbone + 5 heads, fp32, no grad), batch {sp['batch']}, "
+            f"{sp['threads']} threads, median of timed runs after warm-up; GFLOP per "
+            "radiograph counted by torch.",
+            "",
+            "| backbone | " + " | ".join(f"{z} px radiographs/s (GFLOP)" for z in sizes) + " |",
+            "| --- |" + " ---: |" * len(sizes),
+        ]
+        for b, by_size in sp["rows"].items():
+            cells = " | ".join(
+                f"{_f(by_size[z]['per_s'], 1)} ({_f(by_size[z]['gflop_per_image'], 2)})"
+                for z in sizes
+            )
+            lines.append(f"| `{b}` | {cells} |")
+    if tr.get("reliability_png"):
+        lines += [
+            "",
+            f"### Calibration of {TRANSFER_NAMES[st['best_row']]} (test split)",
+            "",
+            f"![reliability]({tr['reliability_png']})",
+        ]
+    cams = tr.get("cam_errors") or []
+    if cams:
+        lines += [
+            "",
+            f"### Grad-CAM of the worst test errors of {TRANSFER_NAMES[st['best_row']]}",
+            "",
+            "`missed`: in-set films whose own head is lowest; `false_call`: out-of-set films "
+            "whose highest head is highest. Each map is Grad-CAM of the highest head.",
+            "",
+            "| overlay | film | kind | true | predicted | CAM head p | own head p |",
+            "| --- | --- | --- | --- | --- | ---: | ---: |",
+        ]
+        lines += [
+            f"| ![]({c['png']}) | `{c['file']}` | {c['kind']} | {c['anatomy']} "
+            f"| {c['predicted']} | {c['cam_head']} {_f(c['cam_head_p'])} "
+            f"| {_f(c['own_head_p'])} |"
+            for c in cams
+        ]
+    lines += [
+        "",
+        *[f"- {TRANSFER_NAMES[k]}: `{' '.join(runs[k]['overrides'])}`" for k in rows],
+        *[f"- checkpoint {TRANSFER_NAMES[k]}: `{runs[k]['checkpoint']}`" for k in rows],
+        "",
+    ]
+    return lines
+
+
 def markdown_report(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -273,7 +586,7 @@ def markdown_report(res: dict) -> str:
             "## Accuracy on real radiographs (../shared/data)",
             "",
             f"{acc['data']['images']} radiographs: {acc['data']['by_anatomy']}. Study protocol "
-            f"(`experiment=yi2019`, ResNet-18 from random init — no ImageNet download here — "
+            f"(`experiment=yi2019`, {_study_model(acc['yi2019'])} "
             f"patient-grouped stratified 64/12/24 split, augmentation, other regions as "
             f"negatives) at {s['image_size']} px, {s['epochs']} epochs, augment factor "
             f"{s['augment_factor']}, {s['precision']}; accuracy section wall time "
@@ -291,13 +604,16 @@ def markdown_report(res: dict) -> str:
         lines += [f"Leave-one-source-out: {loso['note']} {loso['regions_with_two_sources']}.", ""]
     if "ssl" in res:
         lines += _ssl(res["ssl"])
+    if "transfer" in res:
+        lines += _transfer(res["transfer"])
     if "speed" in res:
         lines += _speed(res["speed"])
     if "scaling" in res:
         lines += _scaling(res["scaling"])
     if "backbones" in res:
         lines += _backbones(res["backbones"])
-    return "\n".join(lines) + "\n"
+    paths = [res[k] for k in ("paths", "paths_of_skipped") if k in res]
+    return relativise("\n".join(lines) + "\n", paths)
 
 
 if __name__ == "__main__":

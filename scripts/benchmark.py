@@ -1,11 +1,15 @@
 """regionnet benchmarks on real radiographs and this machine, in one run.
 
-    python scripts/benchmark.py            # the full run (about 30 min on 2 quiet CPU cores)
-    python scripts/benchmark.py --quick    # a smoke test of every section (< 3 min)
+    python scripts/benchmark.py            # the full run (the transfer section trains at the
+                                           # experiment configs' size and epochs unless
+                                           # --transfer-image-size/-epochs/-augment-factor)
+    python scripts/benchmark.py --quick    # a smoke test of every section (15 min on 2 busy
+                                           # CPU cores; the transfer part about 3)
     python scripts/benchmark.py --skip backbones scaling --out /tmp/bench
 
-Writes `<out>/results.json` and `<out>/RESULTS.md` (and `<out>/scaling.png`); trained
-checkpoints stay in `<out>/artifacts/` (git-ignored). Every figure in RESULTS.md is measured
+Writes `<out>/results.json` and `<out>/RESULTS.md` (and `<out>/scaling.png`,
+`<out>/reliability.png`, `<out>/cam_errors/*.png`); trained checkpoints stay in
+`<out>/artifacts/` (git-ignored). Every figure in RESULTS.md is measured
 by this script in this run; nothing is typed by hand. Sections:
   accuracy   the study's protocol (experiment=yi2019) on ../shared/data, evaluated per head,
              per out-of-set anatomy, within the fracture-film source, on full-resolution files,
@@ -16,9 +20,13 @@ by this script in this run; nothing is typed by hand. Sections:
   backbones  a Hydra multirun over timm backbones on the real data, one row each
   ssl        regionnet-pretrain (SimCLR) on the unlabelled films, then scratch vs SSL vs
              SSL + recipe fine-tunes on one split (see bench_ssl.py)
+  transfer   scratch vs ImageNet weights vs ImageNet + recipe (experiment=yi2019 / recipe) on
+             one split, the external shoulder set, calibration, Grad-CAM of the worst errors,
+             hand across its two sources, inference speed of the default backbone vs
+             ResNet-18 (see bench_transfer.py)
 
-    python scripts/benchmark.py --skip accuracy speed scaling backbones --merge
-                                           # only the ssl section, into the existing results
+    python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
+                                           # only the transfer section, into the existing results
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STUDY_RATE = 33.0  # radiographs/s reported by Yi et al. 2019 (five ResNet-18s, a GPU)
-SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl")
+SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer")
 BACKBONES = ("resnet18", "mobilenetv3_large_100", "efficientnet_b0", "convnext_atto")
 
 
@@ -172,7 +180,7 @@ def _plain(v):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test of every section (< 3 min)")
+    p.add_argument("--quick", action="store_true", help="smoke test of every section (minutes)")
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
@@ -191,7 +199,35 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-minutes", type=int, default=25, help="SSL wall-time budget")
     p.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"))
-    p.add_argument("--recipe", default="recipe", help="experiment config of the recipe row")
+    p.add_argument("--recipe", default="recipe", help="experiment config of the recipe rows")
+    p.add_argument(
+        "--transfer-experiment",
+        default="yi2019",
+        help="experiment config of the transfer section's scratch and ImageNet rows",
+    )
+    p.add_argument(
+        "--transfer-image-size",
+        type=int,
+        default=None,
+        help="data.image_size of the transfer rows (default: the experiment config's)",
+    )
+    p.add_argument(
+        "--transfer-epochs",
+        type=int,
+        default=None,
+        help="trainer.max_epochs of the transfer rows (default: the experiment config's)",
+    )
+    p.add_argument(
+        "--transfer-accelerator",
+        default="cpu",
+        help="trainer.accelerator of the transfer trainings (cpu, gpu or auto)",
+    )
+    p.add_argument(
+        "--transfer-augment-factor",
+        type=int,
+        default=None,
+        help="data.augment_factor of the transfer rows (default: the experiment config's)",
+    )
     p.add_argument(
         "--merge",
         action="store_true",
@@ -205,18 +241,26 @@ def main(argv=None) -> int:
         args.precision = fast_precision()
     if args.quick:
         args.image_size, args.epochs, args.backbone_size, args.backbone_epochs = 48, 1, 48, 1
+        args.transfer_image_size, args.transfer_epochs, args.transfer_augment_factor = 48, 1, 1
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(HERE))
     args.out.mkdir(parents=True, exist_ok=True)
-    needs_data = any(s not in args.skip for s in ("accuracy", "backbones", "ssl"))
+    needs_data = any(s not in args.skip for s in ("accuracy", "backbones", "ssl", "transfer"))
     if needs_data and not (args.data_dir / "radiographs" / "manifest.csv").is_file():
         raise SystemExit(
             f"--data-dir {args.data_dir} has no radiographs/manifest.csv; "
-            "give the shared data folder or --skip accuracy backbones"
+            "give the shared data folder or --skip accuracy backbones ssl transfer"
         )
 
     results: dict = {"machine": machine(), "quick": args.quick}
+    # where this run's paths point, so RESULTS.md can name them relative to the repository,
+    # the output folder or the data folder (bench_report.relativise)
+    results["paths"] = {
+        "repo": str(ROOT),
+        "out": str(args.out.resolve()),
+        "data": str(args.data_dir.resolve()),
+    }
     previous = args.out / "results.json"
     if args.merge and previous.is_file():
         old = json.loads(previous.read_text())
@@ -225,6 +269,8 @@ def main(argv=None) -> int:
                 results[section] = old[section]
                 results[section].setdefault("machine", old["machine"])
         results["machine_of_skipped"] = old["machine"]
+        if "paths" in old:
+            results["paths_of_skipped"] = old["paths"]
     start = time.perf_counter()
     if "accuracy" not in args.skip:
         from bench_accuracy import accuracy_section
@@ -267,6 +313,23 @@ def main(argv=None) -> int:
             log,
         )
         results["ssl"]["machine"] = results["machine"]
+    if "transfer" not in args.skip:
+        from bench_transfer import transfer_section
+
+        results["transfer"] = transfer_section(
+            args.data_dir,
+            args.out,
+            args.quick,
+            args.precision,
+            args.transfer_experiment,
+            args.recipe,
+            args.transfer_image_size,
+            args.transfer_epochs,
+            args.transfer_augment_factor,
+            log,
+            args.transfer_accelerator,
+        )
+        results["transfer"]["machine"] = results["machine"]
     # timing sections last: they want a quiet machine, the training sections do not mind
     if "speed" not in args.skip:
         from bench_speed import speed_section
