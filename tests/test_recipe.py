@@ -71,10 +71,31 @@ def test_label_smoothing_moves_training_targets_halfway_and_leaves_eval_loss_har
     labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     smooth = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1]])  # y * 0.8 + 0.1
     train_loss = model._loss(logits, labels, train=True)
-    torch.testing.assert_close(train_loss, _bce(logits, smooth, model.pos_weight).mean())
+    # pos_weight weighs positive films; the soft target's two terms keep equal weight
+    film = torch.tensor([[2.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    torch.testing.assert_close(train_loss, (film * _bce(logits, smooth, 1.0)).mean())
     eval_loss = model._loss(logits, labels)
     torch.testing.assert_close(eval_loss, _bce(logits, labels, model.pos_weight).mean())
     assert train_loss > eval_loss  # confident right answers cost more with soft targets
+
+
+@pytest.mark.parametrize("pos_weight", [1.0, 14.0, 100.0])
+def test_smoothed_loss_of_a_negative_film_is_lowest_at_half_the_smoothing(pos_weight):
+    """A head with a large pos_weight (few positives, e.g. pelvis) must still push negatives to
+    e/2: with BCE's pos_weight on soft targets their optimum was pw*e/2 / (pw*e/2 + 1 - e/2),
+    0.84 at pw = 100, and that head fired on every film."""
+    model = _net(label_smoothing=0.1)
+    model.pos_weight = torch.full((3,), pos_weight)
+    labels = torch.tensor([[1.0, 0.0, 0.0]])  # heads 2 and 3 see a negative film
+    logit = torch.zeros(1, 3, requires_grad=True)
+    opt = torch.optim.SGD([logit], lr=1.0)
+    for _ in range(2000):
+        opt.zero_grad()
+        model._loss(logit, labels, train=True).backward()
+        opt.step()
+    p = torch.sigmoid(logit.detach())[0]
+    torch.testing.assert_close(p[1:], torch.full((2,), 0.05), atol=2e-3, rtol=0)
+    assert abs(float(p[0]) - 0.95) < 2e-3  # the positive film's optimum is 1 - e/2 too
 
 
 def test_other_weight_scales_the_loss_of_films_with_no_positive_label():

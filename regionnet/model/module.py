@@ -208,17 +208,24 @@ class RegionNet(L.LightningModule):
         """Mean over heads and images of per-head BCE-with-logits. `train`: with the recipe's
         label smoothing and `other` film weight; validation and test losses use neither, so they
         stay comparable between recipes."""
-        targets, weight = labels, None
+        targets, weight, pos_weight = labels, None, self.pos_weight
         if train:
-            eps = float(self.hparams.get("label_smoothing", 0.0))
-            if eps:
-                targets = labels * (1 - eps) + eps / 2
             other_weight = float(self.hparams.get("other_weight", 1.0))
             if other_weight != 1.0:
                 other = (labels.sum(1, keepdim=True) == 0).to(logits.dtype)
                 weight = (1 + (other_weight - 1) * other).float()  # (B, 1), broadcast over heads
+            eps = float(self.hparams.get("label_smoothing", 0.0))
+            if eps:
+                targets = labels * (1 - eps) + eps / 2
+                # pos_weight must weigh the positive *films*, not the positive part of every
+                # soft target: BCE's pos_weight on a soft target y moves a negative film's
+                # optimum from e/2 to pw*y/(pw*y + 1-y) (0.84 for a head with pw = 100, which
+                # then fires on everything). As a per-film weight the optimum stays at e/2.
+                film = torch.where(labels > 0.5, self.pos_weight, torch.ones_like(labels))
+                weight = film if weight is None else film * weight
+                pos_weight = None
         return F.binary_cross_entropy_with_logits(
-            logits.float(), targets, weight=weight, pos_weight=self.pos_weight
+            logits.float(), targets, weight=weight, pos_weight=pos_weight
         )
 
     def _warn_errors(self, batch: dict) -> None:
