@@ -269,6 +269,7 @@ def _provenance(m: dict) -> str:
 
 SSL_NAMES = {
     "scratch": "scratch (random init)",
+    "base": "ImageNet, no SSL",
     "ssl": "SSL-pretrained",
     "ssl_recipe": "SSL + recipe",
 }
@@ -283,7 +284,9 @@ def _ssl(ss: dict) -> list[str]:
         "",
         f"Measured by {_provenance(ss['machine'])}. `regionnet-pretrain ssl={st['method']}` on "
         f"{pre['pretrain/images']} films (../shared/data/unlabeled plus the labelled training "
-        f"split without labels; val/test never), {st['pretrain_image_size']} px views, "
+        f"split without labels; val/test never), starting from "
+        f"{'ImageNet weights' if st.get('start') == 'imagenet' else 'random init'}, "
+        f"{st['pretrain_image_size']} px views, "
         f"{pre['pretrain/epochs']} epochs ({pre['pretrain/steps']} steps) in "
         f"{_f(pre['wall_seconds'] / 60, 1)} min (budget {st['pretrain_minutes_max']} min, "
         f"{st['precision']}). Then each row fine-tunes the study protocol on the same split at "
@@ -541,13 +544,16 @@ def _transfer(tr: dict) -> list[str]:
             f"### Grad-CAM of the worst test errors of {TRANSFER_NAMES[st['best_row']]}",
             "",
             "`missed`: in-set films whose own head is lowest; `false_call`: out-of-set films "
-            "whose highest head is highest. Each map is Grad-CAM of the highest head.",
+            "whose highest head is highest. Each map is Grad-CAM of the highest head. The "
+            "overlays are written to the git-ignored `benchmarks/artifacts/` and not shown "
+            "here: they are copies of the shared films, whose licences allow internal use only "
+            "(../shared/data/README.md).",
             "",
-            "| overlay | film | kind | true | predicted | CAM head p | own head p |",
+            "| overlay (local) | film | kind | true | predicted | CAM head p | own head p |",
             "| --- | --- | --- | --- | --- | ---: | ---: |",
         ]
         lines += [
-            f"| ![]({c['png']}) | `{c['file']}` | {c['kind']} | {c['anatomy']} "
+            f"| `{c['png']}` | `{c['file']}` | {c['kind']} | {c['anatomy']} "
             f"| {c['predicted']} | {c['cam_head']} {_f(c['cam_head_p'])} "
             f"| {_f(c['own_head_p'])} |"
             for c in cams

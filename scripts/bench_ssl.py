@@ -1,12 +1,14 @@
-"""Scratch vs self-supervised pretraining vs pretraining + recipe, for scripts/benchmark.py.
+"""Does self-supervised pretraining help? For scripts/benchmark.py.
 
 One run: `regionnet-pretrain` on ../shared/data's unlabelled films plus the labelled training
-split (never val/test), then three fine-tunes of the study protocol on the same split (the
-split the pretraining used, via `data.split_file`): from random init, from the SSL backbone,
-and from the SSL backbone with the recipe experiment (chosen on the validation split before
-this run). Each is evaluated as the accuracy section does (per head with bootstrap CIs, within
-the fracture-film source, per out-of-set anatomy), plus in-set sensitivity at the operating
-thresholds, so rejection is never reported without what it costs.
+split (never val/test), starting from the default backbone's ImageNet weights (`start=imagenet`;
+`random` starts from random init), then three fine-tunes of the study protocol on the same
+split (the split the pretraining used, via `data.split_file`): from the starting weights alone
+(`base`: ImageNet, or `scratch` for random), from the SSL backbone, and from the SSL backbone
+with the recipe experiment (chosen on the validation split before this run). Each is evaluated
+as the accuracy section does (per head with bootstrap CIs, within the fracture-film source, per
+out-of-set anatomy), plus in-set sensitivity at the operating thresholds, so rejection is never
+reported without what it costs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from regionnet.config import compose_config
 from regionnet.pretrain import pretrain
 from regionnet.regions import REGIONS, UNKNOWN
 
-ROWS = ("scratch", "ssl", "ssl_recipe")
+ROWS = ("base", "ssl", "ssl_recipe")
 
 
 def operating_point(eval_dir: Path, thresholds: dict) -> dict:
@@ -59,6 +61,7 @@ def ssl_section(
     method: str,
     recipe: str,
     log,
+    start: str = "imagenet",
 ) -> dict:
     manifest = _manifest(data_dir)
     run = out_dir / "artifacts" / "ssl_pretrain"
@@ -66,6 +69,7 @@ def ssl_section(
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={run}",
         f"ssl={method}",
+        f"model.pretrained={'true' if start == 'imagenet' else 'false'}",
         "logger=csv",
         f"trainer.precision={precision}",
         f"data.image_size={pretrain_size}",
@@ -87,13 +91,18 @@ def ssl_section(
         f"data.split_file={split}",
     ]
     rows_overrides = {
-        "scratch": ["experiment=yi2019", *base],
+        "base": [
+            "experiment=yi2019",
+            f"model.pretrained={'true' if start == 'imagenet' else 'false'}",
+            *base,
+        ],
         "ssl": ["experiment=yi2019", *base, f"model.weights_file={weights}"],
         "ssl_recipe": [f"experiment={recipe}", *base, f"model.weights_file={weights}"],
     }
     out: dict = {
         "settings": {
             "method": method,
+            "start": start,
             "recipe": recipe,
             "pretrain_image_size": pretrain_size,
             "pretrain_epochs_max": pretrain_epochs,
@@ -106,9 +115,10 @@ def ssl_section(
         "pretrain": {**pre, "wall_seconds": pre_seconds},
     }
     for name in ROWS:
-        row = one_protocol(f"ssl_{name}", rows_overrides[name], out_dir, data_dir, manifest, log)
+        key = "scratch" if name == "base" and start == "random" else name
+        row = one_protocol(f"ssl_{key}", rows_overrides[name], out_dir, data_dir, manifest, log)
         eval_dir = Path(row["checkpoint"]).parents[1] / "eval"
         row["operating_point"] = operating_point(eval_dir, row["eval"]["thresholds"])
-        out[name] = row
+        out[key] = row
     (out_dir / "artifacts" / "ssl.json").write_text(json.dumps(out, indent=2, default=str))
     return out

@@ -47,7 +47,7 @@ ROWS = ("scratch", "imagenet", "imagenet_recipe")
 BEST = "imagenet_recipe"  # the row whose errors get Grad-CAM overlays and a reliability plot
 HAND_SOURCES = {"rsna": "rsna_boneage_ajayduraisamy", "dha": "hand_dha"}
 ECE_BINS = 15
-CAM_SIDE = 256  # px, longest side of the committed overlays
+CAM_SIDE = 256  # px, longest side of the overlays
 CAM_MAX_BYTES = 100_000
 SPEED_BACKBONES = ("tf_efficientnet_lite0", "resnet18")
 
@@ -231,14 +231,15 @@ def cam_errors(ckpt: Path, errors: pd.DataFrame, folder: Path) -> list[dict]:
     for old in folder.glob("*.png"):  # this folder holds this section's overlays only
         old.unlink()
     rows = []
-    for _, e in errors.iterrows():
+    for k, (_, e) in enumerate(errors.iterrows()):
         head = str(e["highest_head"])
         overlay, _, _ = cam_for_file(model, e["path"], region=head, **norm)
-        name = f"{e['kind']}_{e['anatomy']}_cam-{head}_{_safe(Path(e['path']).stem)}.png"
+        # numbered, not named after the film: some file names are DICOM UIDs of studies
+        name = f"{k:02d}_{e['kind']}_{_safe(str(e['anatomy']))}_cam-{head}.png"
         png = save_small_png(overlay, folder / name)
         rows.append(
             {
-                "png": f"{folder.name}/{png.name}",
+                "png": str(png.relative_to(folder.parents[2])),
                 "bytes": png.stat().st_size,
                 "file": e["path"],  # RESULTS.md names it relative to the data folder
                 "kind": e["kind"],
@@ -478,7 +479,11 @@ def transfer_section(
     ).name
     log(f"transfer: Grad-CAM of the worst test errors of {BEST}")
     errors = worst_errors(pred, manifest, best["eval"]["regions"], 2 if quick else 3)
-    out["cam_errors"] = cam_errors(Path(best["checkpoint"]), errors, out_dir / "cam_errors")
+    # Overlays of real films stay in the git-ignored artifacts: the shared radiographs' licences
+    # allow internal use only (../shared/data/README.md), so they are never committed.
+    out["cam_errors"] = cam_errors(
+        Path(best["checkpoint"]), errors, out_dir / "artifacts" / "transfer" / "cam_errors"
+    )
     hands = manifest[manifest["anatomy"] == "hand"]["source"].unique()
     if set(HAND_SOURCES.values()) <= set(hands):
         out["hand_across_sources"] = hand_across_sources(

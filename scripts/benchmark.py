@@ -18,8 +18,9 @@ by this script in this run; nothing is typed by hand. Sections:
              image sizes, end-to-end regionnet-predict vs model-only, GFLOP/s vs matmul roofline
   scaling    throughput and peak memory as batch size and image size grow (scaling.png)
   backbones  a Hydra multirun over timm backbones on the real data, one row each
-  ssl        regionnet-pretrain (SimCLR) on the unlabelled films, then scratch vs SSL vs
-             SSL + recipe fine-tunes on one split (see bench_ssl.py)
+  ssl        regionnet-pretrain (SimCLR) on the unlabelled films, continued from ImageNet
+             weights, then ImageNet vs ImageNet + SSL vs that + recipe fine-tunes on one split
+             (see bench_ssl.py)
   transfer   scratch vs ImageNet weights vs ImageNet + recipe (experiment=yi2019 / recipe) on
              one split, the external shoulder set, calibration, Grad-CAM of the worst errors,
              hand across its two sources, inference speed of the default backbone vs
@@ -199,6 +200,12 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--pretrain-minutes", type=int, default=25, help="SSL wall-time budget")
     p.add_argument("--ssl-method", default="simclr", choices=("simclr", "byol"))
+    p.add_argument(
+        "--ssl-start",
+        default="imagenet",
+        choices=("imagenet", "random"),
+        help="weights the SSL pretraining (and its baseline row) start from",
+    )
     p.add_argument("--recipe", default="recipe", help="experiment config of the recipe rows")
     p.add_argument(
         "--transfer-experiment",
@@ -311,6 +318,7 @@ def main(argv=None) -> int:
             args.ssl_method,
             args.recipe,
             log,
+            args.ssl_start,
         )
         results["ssl"]["machine"] = results["machine"]
     if "transfer" not in args.skip:

@@ -32,10 +32,11 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     assert len(results["backbones"]["rows"]) == 2
     ssl = results["ssl"]
     assert Path(ssl["pretrain"]["weights_file"]).is_file() and ssl["pretrain"]["pretrain/steps"] > 0
-    for row in ("scratch", "ssl", "ssl_recipe"):
+    for row in ("base", "ssl", "ssl_recipe"):
         assert 0 <= ssl[row]["operating_point"]["in_set_sensitivity"] <= 1
         assert set(ssl[row]["breakdown"]["within_fracture_source"]) == {"shoulder", "elbow"}
-    assert "weights_file" not in " ".join(ssl["scratch"]["overrides"])
+    assert "weights_file" not in " ".join(ssl["base"]["overrides"])
+    assert "model.pretrained=true" in ssl["base"]["overrides"]  # SSL continues from ImageNet
     assert "experiment=recipe" in ssl["ssl_recipe"]["overrides"]
     tr = results["transfer"]
     assert "model.pretrained=false" in tr["rows"]["scratch"]["overrides"]
