@@ -81,9 +81,9 @@ def ssl_section(
     if quick:
         overrides += ["data.max_images=256", "data.batch_size=32", "trainer.limit_train_batches=2"]
     log(f"ssl: pretraining ({' '.join(overrides)})")
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     pre = pretrain(compose_config("pretrain", overrides))
-    pre_seconds = time.perf_counter() - start
+    pre_seconds = time.perf_counter() - t0
     weights, split = run / "backbone.pth", run / "labelled_split.csv"
 
     base = [
