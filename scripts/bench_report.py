@@ -7,6 +7,7 @@ folder (`<out>/...`), never by this machine's absolute paths (`relativise`).
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path, PurePosixPath
 
@@ -618,8 +619,18 @@ def markdown_report(res: dict) -> str:
         lines += _scaling(res["scaling"])
     if "backbones" in res:
         lines += _backbones(res["backbones"])
-    paths = [res[k] for k in ("paths", "paths_of_skipped") if k in res]
-    return relativise("\n".join(lines) + "\n", paths)
+    return relativise("\n".join(lines) + "\n", _run_paths(res))
+
+
+def _run_paths(res: dict) -> list[dict]:
+    return [res[k] for k in ("paths", "paths_of_skipped") if k in res]
+
+
+def portable_json(res: dict) -> str:
+    """results.json as committed: every absolute path relative to the repository, the data
+    folder or the output folder (`<out>/...`), as in RESULTS.md. The run's own folders are
+    kept under `paths` as `.`, `<out>` and `../shared/data` (or `<data>`)."""
+    return relativise(json.dumps(res, indent=2, default=str) + "\n", _run_paths(res))
 
 
 if __name__ == "__main__":

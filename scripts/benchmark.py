@@ -362,9 +362,9 @@ def main(argv=None) -> int:
         plot_scaling(results["scaling"], args.out / "scaling.png")
     results["wall_seconds"] = time.perf_counter() - start
 
-    from bench_report import markdown_report
+    from bench_report import markdown_report, portable_json
 
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (args.out / "results.json").write_text(portable_json(results))
     (args.out / "RESULTS.md").write_text(markdown_report(results))
     log(
         f"wrote {args.out / 'results.json'} and {args.out / 'RESULTS.md'} "
