@@ -15,11 +15,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-except ImportError:  # pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +34,9 @@ _EIGHT_BIT_MODES = {
 _PILLOW_ERRORS = (
     UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
 )  # fmt: skip
-_SUPPORTED = "Supported formats: " + ", ".join(IMAGE_EXTENSIONS) + " (DICOM also without suffix)"
+SUPPORTED_FORMATS = ", ".join(IMAGE_EXTENSIONS) + " (DICOM also without suffix)"
+_SUPPORTED = "Supported formats: " + SUPPORTED_FORMATS
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
 class RadiographReadError(ValueError):
@@ -63,10 +61,23 @@ def is_dicom(path: str | Path) -> bool:
         return False
 
 
+def is_radiograph_file(path: str | Path) -> bool:
+    """The one rule for which files are radiographs: a suffix in `IMAGE_EXTENSIONS` (any
+    case), or DICOM by its `DICM` magic whatever the name. Folder listings
+    (`regionnet.data.files.list_radiographs`) skip other files and `read_radiograph` refuses
+    them, so a file listed in a CSV gets the same answer as one found in a folder."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS or is_dicom(path)
+
+
 def read_radiograph(path: str | Path) -> np.ndarray:
     """Read a radiograph as float32 (H, W) in [0, 1], 0 = black, 1 = white (MONOCHROME2)."""
     path = Path(path)
     _check_file(path)
+    if not is_radiograph_file(path):
+        what = (
+            f"file type {path.suffix!r}" if path.suffix else "a file without suffix or DICM magic"
+        )
+        raise RadiographReadError(path, f"{what} is not a radiograph format ({_SUPPORTED})")
     arr = _read_dicom(path) if is_dicom(path) else _read_pillow(path)
     return _checked(path, arr)
 
@@ -163,26 +174,24 @@ def _window(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
 
     The window's own output range is mapped to [0, 1] (no re-stretching afterwards), so a
     narrow window saturates to exactly 0 / 1 and a wide one keeps its contrast as intended.
+    pydicom's `apply_voi_lut` windows a copy of the VOI attributes whose output range is
+    declared [0, 1] (unsigned, BitsStored 1). Multi-valued windows use the first; an unknown
+    VOILUTFunction is LINEAR, the standard's default; an invalid width is ignored.
     """
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:  # absent or empty
         return _normalise(arr)
-    center, width = (_first(ds[tag]) for tag in ("WindowCenter", "WindowWidth"))
     func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
-    if func == "SIGMOID" and width > 0:
-        return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / width))
-    if func != "LINEAR_EXACT":  # LINEAR (the default) centres on pixel boundaries
-        center, width = center - 0.5, width - 1.0
-    if width < 0 or (func == "LINEAR_EXACT" and width == 0):
-        logger.debug("ignoring invalid window width %s; using the full range", width)
+    voi = pydicom.Dataset()
+    voi.add(ds["WindowCenter"])
+    voi.add(ds["WindowWidth"])
+    voi.VOILUTFunction = func if func in _VOI_FUNCTIONS else "LINEAR"
+    voi.PhotometricInterpretation = "MONOCHROME2"  # MONOCHROME1 is inverted by the caller
+    voi.PixelRepresentation, voi.BitsStored = 0, 1  # output range [0, 2**1 - 1]
+    try:
+        return apply_voi_lut(np.asarray(arr, dtype=np.float64), voi, prefer_lut=False)
+    except ValueError as exc:  # LINEAR width < 1, LINEAR_EXACT or SIGMOID width <= 0
+        logger.debug("ignoring the window (%s); using the full range", exc)
         return _normalise(arr)
-    if width == 0:  # LINEAR with WindowWidth 1 is a threshold
-        return (arr > center).astype(np.float64)
-    return np.clip((arr - center) / width + 0.5, 0.0, 1.0)
-
-
-def _first(elem: pydicom.DataElement) -> float:
-    """WindowCenter/Width may be multi-valued (alternative views): use the first."""
-    return float(elem.value[0] if elem.VM > 1 else elem.value)
 
 
 def _read_pillow(path: Path) -> np.ndarray:
