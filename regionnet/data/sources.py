@@ -9,17 +9,14 @@ region set or `other`), `patient_id` (splits never put one patient in two splits
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.phantom import PHANTOM_REGIONS, phantom_uri
-from regionnet.io import IMAGE_EXTENSIONS
 from regionnet.regions import OTHER, to_target
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -55,10 +52,12 @@ def folder_records(
     unknown_as_other: bool = False,
     source: str | None = None,
 ) -> pd.DataFrame:
-    """Records from `root/<region or alias>/**/*.{png,jpg,jpeg,tif,tiff,dcm}`.
+    """Records from `root/<region or alias>/**/<radiograph>`.
 
-    The first folder level names the region (`hip/` -> pelvis, `chest/` -> other). Files with
-    other suffixes are skipped and counted in the log.
+    The first folder level names the region (`hip/` -> pelvis, `chest/` -> other); a region
+    folder may be a symlink. Below it, `regionnet.data.files.list_radiographs` finds the files
+    (image suffixes, DICOM also without suffix; hidden files and symlinked folders skipped;
+    other files counted in the log).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -66,23 +65,16 @@ def folder_records(
             f"data.root={str(root)!r} is not a folder. Point it at a folder whose sub-folders "
             "are named by region (e.g. root/knee/*.png, root/hip/*.dcm)."
         )
-    rows, skipped = [], 0
+    rows = []
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not subdirs:
         raise ValueError(f"data.root={str(root)!r} has no region sub-folders (e.g. knee/, hand/)")
     for sub in subdirs:
         region = to_target(sub.name, regions, aliases, unknown_as_other, where=f"folder {sub}")
-        for f in sorted(sub.rglob("*")):
-            if not f.is_file() or f.name.startswith("."):
-                continue
-            if f.suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped += 1
-                continue
+        for f in list_radiographs(sub):
             rows.append({"path": str(f.resolve()), "region": region, "folder": sub.name})
-    if skipped:
-        log.info("%s: skipped %d files without an image suffix %s", root, skipped, IMAGE_EXTENSIONS)
     if not rows:
-        raise ValueError(f"data.root={str(root)!r}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"data.root={str(root)!r}: no radiographs ({SUPPORTED_FORMATS})")
     df = pd.DataFrame(rows)
     df["source"] = source or root.name
     return _finish(df, regions)
