@@ -2,9 +2,11 @@
 
     regionnet-predict ckpt_path=.../best.ckpt input=PATH output=preds.csv
 
-`input` is a radiograph, a folder (searched recursively for files with an image suffix, plus
-DICOM files without one, detected by their `DICM` magic), a CSV with a `path` column
-(relative paths resolve against the CSV's folder), or `dicomweb`: the CR/DX instances a
+`input` is a radiograph, a folder (searched recursively by
+`regionnet.data.files.list_radiographs`: files with an image suffix, plus DICOM files without
+one, detected by their `DICM` magic; hidden files skipped), a CSV with a `path` column
+(relative paths resolve against the CSV's folder; a listed file that is not a radiograph
+format gets an error row naming the supported formats), or `dicomweb`: the CR/DX instances a
 DICOMweb server (`dicomweb.url`, filters in `dicomweb.*`) finds, retrieved into memory
 (`regionnet.dicomweb`); their rows carry Study/Series/SOP Instance UIDs and the path
 `dicomweb://<study>/<series>/<sop>`. Files are read and preprocessed exactly as
@@ -36,9 +38,9 @@ from torch.utils.data import DataLoader
 
 from regionnet.api import eval_transform, load_checkpoint
 from regionnet.data.dataset import RadiographDataset, collate, load_image
+from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import mirrored_path
-from regionnet.io import IMAGE_EXTENSIONS, is_dicom
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
 from regionnet.writer import PredictionWriter, prediction_columns, read_done
@@ -52,23 +54,15 @@ def _absolute(path: str | Path) -> str:
 
 
 def folder_inputs(root: Path) -> list[str]:
-    """Radiographs under `root`, recursively, sorted; hidden files and folders skipped."""
-    out, skipped = [], 0
-    for f in sorted(root.rglob("*")):
-        rel = f.relative_to(root).parts
-        if not f.is_file() or any(part.startswith(".") for part in rel):
-            continue
-        if f.suffix.lower() in IMAGE_EXTENSIONS or is_dicom(f):  # PACS exports: no suffix
-            out.append(_absolute(f))
-        else:
-            skipped += 1
-    if skipped:
-        log.info("%s: skipped %d files that are neither images nor DICOM", root, skipped)
-    return out
+    """Radiographs under `root` (`list_radiographs`), as absolute paths."""
+    return [_absolute(f) for f in list_radiographs(root)]
 
 
 def csv_inputs(csv_path: Path) -> list[str]:
-    """The `path` column of a CSV; relative paths resolve against the CSV's folder."""
+    """The `path` column of a CSV; relative paths resolve against the CSV's folder.
+
+    Every listed path is predicted: one that does not exist or is not a radiograph format
+    (`regionnet.io.is_radiograph_file`, the rule folder listings apply) gets an error row."""
     df = pd.read_csv(csv_path, dtype={"path": str})
     if "path" not in df:
         raise ValueError(f"input={str(csv_path)!r}: needs a 'path' column; has {list(df.columns)}")
@@ -94,10 +88,7 @@ def collect_inputs(input_path: str | Path) -> tuple[list[str], Path | None]:
     else:
         paths, root = [_absolute(path)], path.absolute().parent
     if not paths:
-        raise ValueError(
-            f"input={str(input_path)!r} holds no radiographs ({', '.join(IMAGE_EXTENSIONS)} "
-            "or DICOM files)"
-        )
+        raise ValueError(f"input={str(input_path)!r} holds no radiographs ({SUPPORTED_FORMATS})")
     return paths, root
 
 
