@@ -2,10 +2,11 @@
 
 Sources, any combination: CSV manifests with a `path` column (relative paths resolve against
 the CSV's folder; `source` kept when present), folders searched recursively for image and
-DICOM files, and the *training* split of a labelled dataset, whose labels are dropped. The
-labelled set's validation and test radiographs are never used, and any unlabelled file that
-is one of them is removed: pretraining on them would leak the evaluation images into the
-backbone. Unreadable files are skipped batch by batch (see `RadiographDataset`).
+DICOM files (`regionnet.data.files.list_radiographs`, as for training and prediction), and
+the *training* split of a labelled dataset, whose labels are dropped. The labelled set's
+validation and test radiographs are never used, and any unlabelled file that is one of them is
+removed: pretraining on them would leak the evaluation images into the backbone. Unreadable
+files are skipped batch by batch (see `RadiographDataset`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.dataset import RadiographDataset, collate
+from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
-from regionnet.io import IMAGE_EXTENSIONS
 from regionnet.ssl.views import TwoViews
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,21 @@ def csv_images(csv: str | Path) -> pd.DataFrame:
 
 
 def folder_images(root: str | Path) -> pd.DataFrame:
-    """`path`, `source` of every image or DICOM file under `root` (recursively)."""
+    """`path`, `source` of every radiograph under `root` (`list_radiographs`); a folder
+    without any raises, naming it."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(
             f"data.root={str(root)!r} is not a folder; point it at a folder of radiographs "
-            "(any layout: *.png, *.jpg, *.tif, *.dcm are searched recursively)"
+            f"(any layout, searched recursively: {SUPPORTED_FORMATS})"
         )
-    files = sorted(
-        str(f.resolve())
-        for f in root.rglob("*")
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files = [str(f.resolve()) for f in list_radiographs(root)]
+    if not files:
+        raise ValueError(
+            f"data.root={str(root)!r} holds no radiographs ({SUPPORTED_FORMATS}; hidden files "
+            "and symlinked folders are skipped); point data.root at the folder of radiographs, "
+            "or drop it and list the files with data.csv=MANIFEST.csv"
+        )
     return pd.DataFrame({"path": files, "source": root.name})
 
 
