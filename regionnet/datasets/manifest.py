@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from regionnet.io import IMAGE_EXTENSIONS
+from regionnet.data.files import list_radiographs
 from regionnet.regions import KNOWN_REGIONS, OTHER, region_info
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,14 @@ def require_any(root: Path, dataset: str, layout: str, names: Sequence[str]) -> 
     return present
 
 
-def find_images(folder: Path, suffixes: Iterable[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files under `folder` (recursive, sorted); hidden files (`._x.png`) are skipped."""
-    suffixes = tuple(suffixes)
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in suffixes and not p.name.startswith(".") and p.is_file()
-    )
+def find_images(folder: Path, suffixes: Iterable[str] | None = None) -> list[Path]:
+    """Radiographs under `folder` by `regionnet.data.files.list_radiographs` (recursive, sorted;
+    hidden files and folders skipped): every radiograph file (DICOM also without suffix), or
+    only those with one of `suffixes` (an adapter that knows its publisher's format). A folder
+    that does not exist holds none."""
+    if not folder.is_dir():
+        return []
+    return list_radiographs(folder, suffixes)
 
 
 class Excluded:
