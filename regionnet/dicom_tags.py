@@ -3,9 +3,21 @@
 `BodyPartExamined` (0018,0015) is often empty or wrong in radiographs (technologists pick
 the protocol of the previous patient, scanners send a default), which is what makes a
 pixel-based region useful: the audit compares the header's region with the predicted one, and
-`write_body_part` writes a corrected copy. The header region comes from `BodyPartExamined`
-mapped through `regionnet.regions.canonical_region` (`HIP` -> pelvis, `LSPINE` -> spine), else
-from region words in StudyDescription, SeriesDescription or ProtocolName ("XR KNEE 2 VIEWS").
+`write_body_part` writes a corrected copy.
+
+`header_evidence` is regionnet's one parser from a DICOM header to a region, used by the audit
+(and so the study view, `regionnet.study_view`) and by `regionnet-data index --dataset dicom`
+(`regionnet.datasets.dicom_index`):
+1. `BodyPartExamined` (CID 4031 terms: KNEE, HIP, LSPINE, ...) mapped through
+   `regionnet.regions.canonical_region` with the keyword table as extra aliases (`HIP` ->
+   pelvis, `SCAPHOID` -> wrist); vague terms (EXTREMITY, LOW_EXM, OTHER) fall through to
+2. keywords found as whole words in `StudyDescription`, then `SeriesDescription`, then
+   `ProtocolName` ("XR KNEE 2 VIEWS" -> knee, "TIB FIB AP" -> leg). A description naming two
+   regions ("HIP AND KNEE") is ambiguous and the next field is tried.
+The region is canonical anatomy (`regionnet.regions`: wrist stays wrist, chest stays chest),
+not a member of a model's region set: `mismatch` compares it with a prediction.
+`DEFAULT_KEYWORDS` holds every known region's name, DICOM term and aliases plus common report
+wording; `regionnet-data index --dataset dicom --keywords map.yaml` adds to it.
 """
 
 from __future__ import annotations
@@ -18,35 +30,76 @@ from pathlib import Path
 import pydicom
 
 from regionnet.io import RadiographReadError, is_dicom, read_dicom_header
-from regionnet.regions import OTHER, UNKNOWN, canonical_region
+from regionnet.regions import KNOWN_REGIONS, OTHER, UNKNOWN, canonical_region
 
 log = logging.getLogger(__name__)
 
 AUDIT_COLUMNS = ("header_region", "mismatch", "study_uid", "series_uid", "sop_uid")
-_TEXT_TAGS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+DESCRIPTION_TAGS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+# Built-in keywords: every region's name, DICOM term and aliases, plus common report wording.
+DEFAULT_KEYWORDS: dict[str, str | None] = {
+    **{k.replace("_", " "): r.name for r in KNOWN_REGIONS for k in (r.name, *r.aliases)},
+    **{r.dicom.lower(): r.name for r in KNOWN_REGIONS},
+    "cervical spine": "spine", "thoracic spine": "spine", "lumbar spine": "spine",
+    "c spine": "spine", "t spine": "spine", "l spine": "spine", "lumbar": "spine",
+    "sacrum": "spine", "scaphoid": "wrist", "carpal": "wrist", "calcaneus": "foot",
+    "os calcis": "foot", "patella": "knee", "tib fib": "leg", "acetabulum": "pelvis",
+    "sij": "pelvis", "clavicle": None, "ribs": None, "scout": None,
+}  # fmt: skip
 
 
-def text_region(text: str) -> str | None:
-    """The one known region a free-text description names, else None (none or several)."""
-    words = [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w]
-    # Single words and adjacent pairs ("lower leg", "c spine"), as canonical_region keys.
-    keys = words + [f"{a}_{b}" for a, b in zip(words, words[1:])]
-    found = {canonical_region(k) for k in keys} - {None, OTHER}
+def _words(text: str) -> str:
+    """Lower-case text with every non-alphanumeric run as one space, padded by spaces."""
+    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
+
+
+def match_keywords(text: str, keywords: Mapping[str, str | None] = DEFAULT_KEYWORDS) -> set[str]:
+    """Regions whose keywords occur as whole words in `text` (longest keywords first, so
+    'lower leg' is one hit and 'forearm' never matches 'arm'; a None keyword is ignored)."""
+    words, found = _words(text), set()
+    for kw in sorted(keywords, key=len, reverse=True):
+        needle = _words(kw)
+        if needle.strip() and needle in words:
+            if keywords[kw] is not None:
+                found.add(keywords[kw])
+            words = words.replace(needle, " ")
+    return found
+
+
+def text_region(text: str, keywords: Mapping[str, str | None] = DEFAULT_KEYWORDS) -> str | None:
+    """The one region a free-text description names, else None (none or several)."""
+    found = match_keywords(text, keywords) if text.strip() else set()
     return found.pop() if len(found) == 1 else None
 
 
-def header_region(header: Mapping[str, str]) -> str | None:
-    """The region a DICOM header claims: BodyPartExamined first, then the descriptions."""
-    body_part = header.get("BodyPartExamined", "").strip()
-    if body_part:
-        region = canonical_region(body_part)
-        if region not in (None, OTHER):
-            return region
-    for tag in _TEXT_TAGS:
-        region = text_region(header.get(tag, ""))
-        if region:
-            return region
-    return None
+def header_evidence(
+    header: Mapping[str, str], keywords: Mapping[str, str | None] = DEFAULT_KEYWORDS
+) -> tuple[str | None, str, str]:
+    """(region, evidence, the tag text it came from) for a DICOM header, or (None, why, the
+    texts tried); see the module docstring. Evidence reads `BodyPartExamined=HIP` or
+    `StudyDescription~XR KNEE 2 VIEWS`."""
+    body = str(header.get("BodyPartExamined", "") or "").strip()
+    if body and body.lower() != OTHER:
+        aliases = {k: v for k, v in keywords.items() if v is not None}
+        region = canonical_region(body, aliases)
+        if region is not None:
+            return region, f"BodyPartExamined={body}", body
+    for tag in DESCRIPTION_TAGS:
+        text = str(header.get(tag, "") or "").strip()
+        region = text_region(text, keywords)
+        if region is not None:
+            return region, f"{tag}~{text}", text
+    texts = " | ".join(
+        str(header.get(t, "") or "") for t in ("BodyPartExamined", *DESCRIPTION_TAGS)
+    )
+    return None, "no tag names a single region", texts
+
+
+def header_region(
+    header: Mapping[str, str], keywords: Mapping[str, str | None] = DEFAULT_KEYWORDS
+) -> str | None:
+    """The region a DICOM header claims (`header_evidence`), or None."""
+    return header_evidence(header, keywords)[0]
 
 
 def mismatch(predicted: str, claimed: str | None, regions: Sequence[str]) -> bool | None:
