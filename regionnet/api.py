@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from regionnet.data.dataset import load_image
-from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.data.transforms import eval_transform
 from regionnet.decision import decide, resolve_thresholds
 from regionnet.io import RadiographReadError
 
@@ -55,14 +55,6 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
     from regionnet.model.module import load_regionnet
 
     return load_regionnet(ckpt, device)
-
-
-def eval_transform(model) -> torch.nn.Module:
-    """The evaluation preprocessing the model was trained with (size from the checkpoint)."""
-    h = model.hparams
-    return build_transforms(
-        int(h.image_size), False, None, h.get("mean", GRAY_MEAN), h.get("std", GRAY_STD)
-    )
 
 
 def array_pixels(x: np.ndarray | torch.Tensor, name: str = "array") -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.data.transforms import eval_transform
 
 
 def _region_name(model, region_index: int | str) -> str:
@@ -33,10 +33,6 @@ def _region_name(model, region_index: int | str) -> str:
     if not -len(regions) <= int(region_index) < len(regions):
         raise IndexError(f"region_index={region_index} out of range for heads {regions}")
     return regions[int(region_index)]
-
-
-def _backbone(model, region: str) -> torch.nn.Module:
-    return model.backbone if model.hparams.shared_backbone else model.backbones[region]
 
 
 def grad_cam(model, image_tensor: torch.Tensor, region_index: int | str) -> np.ndarray:
@@ -52,7 +48,8 @@ def grad_cam(model, image_tensor: torch.Tensor, region_index: int | str) -> np.n
         image_tensor = image_tensor.unsqueeze(0)
     if image_tensor.ndim != 4 or image_tensor.shape[0] != 1:
         raise ValueError(f"grad_cam needs one image (1, C, S, S), got {tuple(image_tensor.shape)}")
-    backbone, head = _backbone(model, region), model.heads[region]
+    net = getattr(model, "net", model)  # a RegionNet or its plain RegionClassifier
+    backbone, head = net.backbone_for(region), net.heads[region]
     param = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -64,7 +61,7 @@ def grad_cam(model, image_tensor: torch.Tensor, region_index: int | str) -> np.n
                 fmap = backbone.forward_features(x)
             if fmap.ndim != 4:
                 raise ValueError(
-                    f"model.backbone={model.hparams.backbone!r} gives features of shape "
+                    f"backbone {type(backbone).__name__} gives features of shape "
                     f"{tuple(fmap.shape)}, not a (B, C, h, w) map; Grad-CAM needs a CNN backbone"
                 )
             fmap = fmap.detach().requires_grad_(True)
@@ -151,25 +148,24 @@ def cam_for_file(
     model,
     path: str | Path,
     region: str | None = None,
-    mean: float = GRAY_MEAN,
-    std: float = GRAY_STD,
 ) -> tuple[np.ndarray, str, float]:
     """One-liner for notebooks: read a radiograph (any format `read_radiograph` takes, or a
     `phantom://region/seed` URI), run the model, return (overlay uint8 (H, W, 3), region,
     probability) for the most probable head, or for `region` when given. Compare the
-    probability with `model.thresholds` to decide whether the region is shown at all.
-    `mean`/`std` must match the training data's (`data.mean`/`data.std`, default values).
+    probability with `model.thresholds` to decide whether the region is shown at all. The
+    preprocessing and the probability are those of the Python API (`eval_transform(model)`,
+    test-time flip when the checkpoint has `tta`).
     """
     from regionnet.data.dataset import load_image  # read_radiograph, plus phantom:// URIs
 
     size = int(model.hparams.image_size)
     pixels = load_image(str(path), phantom_size=max(size, 256))
-    x = build_transforms(size, train=False, mean=mean, std=std)(torch.from_numpy(pixels)[None])
+    x = eval_transform(model)(torch.from_numpy(pixels)[None])
     x = x[None].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        probs = model.predict_proba(x)[0].cpu()
+        probs = model.inference_proba(x)[0].cpu()
     model.train(was_training)
     k = list(model.regions).index(_region_name(model, region)) if region else int(probs.argmax())
     return cam_overlay(model, x, k, pixels), model.regions[k], float(probs[k])

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import label_columns
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
@@ -37,7 +38,7 @@ from regionnet.reporting import (
     stage_metrics,
 )
 from regionnet.reporting import confusion as confusion_block
-from regionnet.train import build_datamodule, instantiate_list, print_summary
+from regionnet.run import build_datamodule, instantiate_list, print_summary
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,6 @@ def data_config(cfg: DictConfig, model: RegionNet, run_dir: Path) -> DictConfig:
     run_data = OmegaConf.load(run_file).get("data") if run_file.is_file() else None
     if "_target_" in user:
         data = OmegaConf.create(OmegaConf.to_container(user, resolve=True))
-        for key in ("mean", "std"):  # normalisation belongs to the model, not to the data
-            if run_data is not None and key in run_data:
-                data[key] = run_data[key]
     else:
         if run_data is None:
             raise FileNotFoundError(
@@ -88,6 +86,9 @@ def data_config(cfg: DictConfig, model: RegionNet, run_dir: Path) -> DictConfig:
     if data.get("image_size") not in (None, size):
         log.info("data.image_size=%s -> %d: the checkpoint's input size", data.image_size, size)
     data.regions, data.image_size = heads, size
+    # normalisation belongs to the model: the checkpoint's, as `eval_transform(model)` uses
+    h = model.hparams
+    data.mean, data.std = float(h.get("mean", GRAY_MEAN)), float(h.get("std", GRAY_STD))
     data.batch_size, data.num_workers = cfg.batch_size, cfg.num_workers
     return data
 
@@ -135,6 +136,32 @@ def predictions_table(
     table["split"] = split.where(split != "", stage)  # external records carry no split
     table["source"] = records["source"]
     table["patient_id"] = records["patient_id"]
+    return table
+
+
+def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.DataFrame | None:
+    """Per-image test-split probabilities of `ckpt_path` (all processes gathered): the columns
+    of `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
+    Returned on rank 0, None on the other processes and without a test split."""
+    frame = datamodule.split_frame("test")
+    if frame.empty:
+        return None
+    loader = datamodule._loader(frame, train=False)
+    outputs = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path) or []
+    rows = [(p, q) for o in outputs for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]
+    if trainer.world_size > 1:
+        parts = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, rows)
+        rows = [row for part in parts for row in part]
+    if not trainer.is_global_zero:
+        return None
+    probs = dict(rows)
+    kept = frame[frame["path"].isin(probs)].reset_index(drop=True)  # unreadable files dropped
+    regions = list(model.regions)
+    matrix = np.array([probs[p] for p in kept["path"]], dtype=float).reshape(-1, len(regions))
+    table = predictions_table("test", kept, matrix, regions, model.thresholds.tolist())
+    for column in label_columns(regions):
+        table[column] = kept[column].to_numpy()
     return table
 
 

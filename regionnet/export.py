@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
-from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.model.module import RegionNet, load_regionnet
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -35,26 +35,16 @@ INPUT_NAME, OUTPUT_NAME = "image", "probs"
 
 
 class ProbabilityModel(nn.Module):
-    """RegionNet's backbone(s) and heads as a plain module: (B, 1, S, S) -> (B, R)
-    probabilities in head order. Plain so tracing does not touch Lightning or torchmetrics."""
+    """RegionNet's plain network (`RegionClassifier`) as (B, 1, S, S) -> (B, R) probabilities
+    in head order. Plain so tracing does not touch Lightning or torchmetrics."""
 
     def __init__(self, model: RegionNet):
         super().__init__()
         self.regions = list(model.regions)
-        self.shared = bool(model.hparams.shared_backbone)
-        if self.shared:
-            self.backbone = model.backbone
-        else:
-            self.backbones = model.backbones
-        self.heads = model.heads
+        self.net = model.net
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if self.shared:
-            feats = self.backbone(image)
-            logits = [self.heads[r](feats) for r in self.regions]
-        else:
-            logits = [self.heads[r](self.backbones[r](image)) for r in self.regions]
-        return torch.sigmoid(torch.cat(logits, dim=1).float())
+        return self.net.predict_proba(image)
 
 
 def load_checkpoint(path: str | Path) -> tuple[RegionNet, dict]:
@@ -164,7 +154,7 @@ def sample_inputs(model: RegionNet, norm: dict, batch_size: int) -> dict[str, to
     shown = [r for r in model.regions if r in PHANTOM_REGIONS] or ["hand"]
     if len(shown) == batch_size:
         shown.append(shown[0])
-    tf = build_transforms(size, train=False, mean=norm["mean"], std=norm["std"])
+    tf = eval_transform(model)
     phantoms = [
         tf(torch.from_numpy(render_phantom(r, 7 + k, size=size))[None]) for k, r in enumerate(shown)
     ]

@@ -36,9 +36,10 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from regionnet.api import eval_transform, load_checkpoint
+from regionnet.api import load_checkpoint
 from regionnet.data.dataset import RadiographDataset, collate, load_image
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
+from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import mirrored_path
 from regionnet.regions import UNKNOWN

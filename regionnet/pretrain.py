@@ -22,9 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
+from regionnet.run import instantiate_list, numbers, prepare_run, speed_up
 from regionnet.ssl.data import UnlabeledDataModule
 from regionnet.ssl.module import SelfSupervised
-from regionnet.train import instantiate_list, numbers, prepare_run, speed_up
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 In a job (called by `train`): `apply_sweep_group` puts the jobs of one Hydra multirun in one
 W&B group; `finished_run` lets a re-launched sweep skip jobs whose run directory already holds
-a finished run of the same config (`skip_if_done`); `test_predictions` keeps per-image test
-probabilities (`test_predictions.csv`) so k-fold runs can be pooled.
+a finished run of the same config (`skip_if_done`); the per-image test probabilities of each run
+(`test_predictions.csv`, `regionnet.evaluate.test_predictions`) let k-fold runs be pooled.
 
 After the sweep: `gather(sweep_dir)` reads every job's `config.yaml` and `metrics.json` into
 one row per job (backbone, image size, LR, fold, AUROC mean/min, parameters, radiographs/s);
@@ -148,37 +148,6 @@ def finished_run(cfg: DictConfig) -> dict | None:
     if rank_zero_only.rank == 0:
         done.unlink(missing_ok=True)
     return None
-
-
-def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.DataFrame | None:
-    """Per-image test-split probabilities of `ckpt_path` (all processes gathered): the columns
-    of `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
-    Returned on rank 0, None on the other processes and without a test split."""
-    import torch
-
-    from regionnet.data.sources import label_columns
-    from regionnet.evaluate import predictions_table
-
-    frame = datamodule.split_frame("test")
-    if frame.empty:
-        return None
-    loader = datamodule._loader(frame, train=False)
-    outputs = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path) or []
-    rows = [(p, q) for o in outputs for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]
-    if trainer.world_size > 1:
-        parts = [None] * trainer.world_size
-        torch.distributed.all_gather_object(parts, rows)
-        rows = [row for part in parts for row in part]
-    if not trainer.is_global_zero:
-        return None
-    probs = dict(rows)
-    kept = frame[frame["path"].isin(probs)].reset_index(drop=True)  # unreadable files dropped
-    regions = list(model.regions)
-    matrix = np.array([probs[p] for p in kept["path"]], dtype=float).reshape(-1, len(regions))
-    table = predictions_table("test", kept, matrix, regions, model.thresholds.tolist())
-    for column in label_columns(regions):
-        table[column] = kept[column].to_numpy()
-    return table
 
 
 # -- gathering a sweep -----------------------------------------------------------------------

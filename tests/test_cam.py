@@ -34,10 +34,10 @@ def point_head_at(model: RegionNet, region: str, x: torch.Tensor) -> None:
     """Make the head's logit grow with this image's own pooled features. A random head can
     point against every position of a random backbone's map, and then Grad-CAM is rightly all
     zero; a head aligned with the features always has positive evidence to localise."""
-    backbone = model.backbone if model.hparams.shared_backbone else model.backbones[region]
+    backbone = model.net.backbone_for(region)
     with torch.no_grad():
         feats = backbone(x)[0]
-        model.heads[region][-1].weight.copy_(feats / feats.norm())
+        model.net.heads[region][-1].weight.copy_(feats / feats.norm())
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,10 @@ def knee() -> np.ndarray:
 def classic_cam(model: RegionNet, region: str, x: torch.Tensor) -> np.ndarray:
     """CAM of Zhou et al. 2016: with global average pooling and a linear head, Grad-CAM's
     channel weights are the head's weights, so the map is ReLU(sum_c w_c A_c)."""
-    backbone = model.backbone if model.hparams.shared_backbone else model.backbones[region]
+    backbone = model.net.backbone_for(region)
     with torch.no_grad():
         fmap = backbone.forward_features(x)
-        w = model.heads[region][-1].weight[0]
+        w = model.net.heads[region][-1].weight[0]
         m = F.relu(torch.einsum("c,bchw->bhw", w, fmap))[:, None]
         m = F.interpolate(m, size=(S, S), mode="bilinear", align_corners=False)[0, 0]
     return (m / m.max()).numpy()
@@ -84,7 +84,7 @@ def test_grad_cam_per_region_backbones(knee):
     before = grad_cam(model, x, "knee")
     np.testing.assert_allclose(before, classic_cam(model, "knee", x), atol=1e-5)
     with torch.no_grad():  # the hand backbone is none of the knee head's business
-        for p in model.backbones["hand"].parameters():
+        for p in model.net.backbones["hand"].parameters():
             p.add_(1.0)
     np.testing.assert_array_equal(grad_cam(model, x, "knee"), before)
 
@@ -168,3 +168,17 @@ def test_cam_for_file(tmp_path, knee):
     assert region == REGIONS[int(probs.argmax())]
     assert prob == pytest.approx(float(probs.max()), abs=1e-6)
     assert cam_for_file(model, path, region="hand")[1] == "hand"
+
+
+def test_cam_for_file_uses_the_checkpoints_normalisation(tmp_path, knee):
+    """Defect: cam_for_file normalised with ImageNet's grey statistics whatever the model was
+    trained with, so its probability differed from the API's for the same film."""
+    from regionnet.api import RegionPredictor
+
+    path = save_png(knee, tmp_path / "knee.png")
+    torch.manual_seed(0)
+    model = RegionNet(regions=REGIONS, backbone="resnet18", image_size=S, mean=0.2, std=0.05)
+    api = RegionPredictor(model.eval()).predict([path])[0]
+    for region in REGIONS:
+        _, _, prob = cam_for_file(model, path, region=region)
+        assert prob == pytest.approx(api.probabilities[region], abs=1e-6)

@@ -151,7 +151,7 @@ def test_heads_and_metrics_follow_a_three_region_set(tmp_path, fast):
         "chest",
     }
     model = RegionNet.load_from_checkpoint(tmp_path / "checkpoints/best.ckpt")
-    assert list(model.heads) == ["hand", "knee", "chest"]
+    assert list(model.net.heads) == ["hand", "knee", "chest"]
     assert model.logits(torch.rand(3, 1, 32, 32)).shape == (3, 3)
 
 
@@ -159,14 +159,14 @@ def test_study_design_builds_one_backbone_per_region(tmp_path):
     study = ["model=resnet18", f"paths.output_dir={tmp_path}"]
     cfg = compose_config("train", [*study, "model.shared_backbone=false"])
     model = build_model(cfg, ["shoulder", "elbow", "hand", "pelvis", "knee"])
-    assert len(model.backbones) == 5 and not hasattr(model, "backbone")
+    assert len(model.net.backbones) == 5 and not model.net.shared
     shared = build_model(compose_config("train", study), ["knee", "hand"])
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert n(model) > 4.9 * n(shared)
     logits = model(torch.rand(2, 1, 32, 32))
     logits["knee"].sum().backward()
-    assert model.backbones["knee"].conv1.weight.grad is not None
-    assert model.backbones["hand"].conv1.weight.grad is None  # heads do not share anything
+    assert model.net.backbones["knee"].conv1.weight.grad is not None
+    assert model.net.backbones["hand"].conv1.weight.grad is None  # heads do not share anything
 
 
 def test_every_parameter_gets_a_gradient(tmp_path):
@@ -204,11 +204,11 @@ def test_weights_file_loads_imagenet_style_weights_into_a_gray_backbone(tmp_path
         ],
     )
     model = build_model(cfg, ["hand", "knee"])
-    conv = model.backbone.conv1.weight
+    conv = model.net.backbones["shared"].conv1.weight
     assert conv.shape[1] == 1
     # timm adapts the first conv to one channel by summing the RGB filters
     assert torch.allclose(conv, rgb.conv1.weight.sum(1, keepdim=True), atol=1e-6)
-    assert torch.equal(model.backbone.layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
+    assert torch.equal(model.net.backbones["shared"].layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
 
 
 def test_pretrained_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):

@@ -109,7 +109,7 @@ def test_default_model_is_pretrained_offline_and_says_where_its_weights_came_fro
     assert source["package"] == LITE0.package and source["sha256"] == LITE0.sha256
     state = _package_state()
     assert torch.equal(
-        model.backbone.state_dict()["blocks.3.1.conv_dw.weight"],
+        model.net.backbones["shared"].state_dict()["blocks.3.1.conv_dw.weight"],
         state["_blocks.6._depthwise_conv.weight"],
     )
     assert model_card(model, dm, {})["backbone"]["weights"]["sha256"] == LITE0.sha256
@@ -193,7 +193,7 @@ def test_backbone_learns_slower_than_the_heads_when_asked(tmp_path):
     opt = model.configure_optimizers()["optimizer"]
     heads, body = opt.param_groups
     assert heads["lr"] == pytest.approx(0.002) and body["lr"] == pytest.approx(0.0002)
-    assert len(heads["params"]) == len(list(model.heads.parameters()))
+    assert len(heads["params"]) == len(list(model.net.heads.parameters()))
     assert len(heads["params"]) + len(body["params"]) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="backbone_lr_scale"):
         RegionNet(backbone="test_resnet", backbone_lr_scale=0)

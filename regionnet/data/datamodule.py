@@ -21,7 +21,7 @@ from regionnet.data.splits import (
     kfold_splits,
     read_split_file,
 )
-from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, build_transforms, eval_transform
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,10 @@ class RegionDataModule(L.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, frame: pd.DataFrame, train: bool) -> DataLoader:
         h = self.hparams
-        transform = build_transforms(
-            h.image_size, train, h.augment if train else None, h.mean, h.std
-        )
+        if train:
+            transform = build_transforms(h.image_size, True, h.augment, h.mean, h.std)
+        else:
+            transform = eval_transform(h)
         dataset = RadiographDataset(
             frame,
             self.regions,

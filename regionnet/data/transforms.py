@@ -80,3 +80,17 @@ def build_transforms(
             steps.append(v2.GaussianNoise(sigma=float(a["noise"])))
     steps.append(v2.Normalize(mean=[mean], std=[std]))
     return v2.Compose(steps)
+
+
+def eval_transform(model) -> v2.Compose:
+    """The one evaluation preprocessing: resize-pad to `image_size`, normalise with `mean`/
+    `std`, all read from `model.hparams` (a checkpoint's, so inference matches training) or
+    from a mapping with those keys (a data module's hparams). Validation, test, eval, predict,
+    the Python API, Grad-CAM, export and the benchmarks all call this."""
+    h = getattr(model, "hparams", model)
+    return build_transforms(
+        int(h["image_size"]),
+        train=False,
+        mean=float(h.get("mean", GRAY_MEAN)),
+        std=float(h.get("std", GRAY_STD)),
+    )

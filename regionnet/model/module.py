@@ -1,12 +1,14 @@
-"""RegionNet: one timm backbone, one binary head per anatomical region.
+"""RegionNet: the Lightning module that trains a `RegionClassifier` (`self.net`).
 
-Input: (B, 1, S, S) single-channel radiographs, pixels in [0, 1] normalised with the
-`mean`/`std` hyperparameters (kept in the checkpoint so inference matches training), S =
-`image_size`. `forward` returns a dict
-region -> logits (B,); `sigmoid(logit)` is the probability that the radiograph shows the region.
-Heads are independent (one-vs-rest), so all of them can say no: the radiograph is `unknown`
-(e.g. a chest film). `shared_backbone=false` builds the reference study's design instead: one
-backbone per region, for a side-by-side comparison of cost.
+The network (backbone(s) + one binary head per region, `regionnet.model.net`) is a plain
+`nn.Module`; this module holds the loop, the losses, the metrics and the threshold
+calibration (`regionnet.model.thresholds.calibrate`, a pure function). Input: (B, 1, S, S)
+single-channel radiographs, pixels in [0, 1] normalised with the `mean`/`std` hyperparameters
+(kept in the checkpoint so inference matches training; `eval_transform(model)`), S =
+`image_size`. `forward` returns a dict region -> logits (B,); `sigmoid(logit)` is the
+probability that the radiograph shows the region. Heads are independent (one-vs-rest), so all
+of them can say no: the radiograph is `unknown` (e.g. a chest film). `shared_backbone=false`
+builds the reference study's design instead: one backbone per region.
 
 Training recipe knobs (defaults leave plain BCE): `label_smoothing` (targets y(1-e)+e/2, in the
 training loss only), `other_weight` (loss weight of `other` films, labels all 0, in the
@@ -29,10 +31,9 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
-from regionnet.model.backbone import build_backbone, feature_dim
-from regionnet.model.heads import region_heads
 from regionnet.model.metrics import RegionMetrics
-from regionnet.model.thresholds import choose_threshold, parse_method, rejection_thresholds
+from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
+from regionnet.model.thresholds import calibrate, parse_method
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
@@ -95,26 +96,23 @@ class RegionNet(L.LightningModule):
         self.save_hyperparameters()
         self.hparams["regions"] = regions
         self.regions = regions
-        sources: list[dict] = []
-
-        def make() -> nn.Module:
-            net, source = build_backbone(
-                backbone, pretrained, weights_file, in_chans, drop_path_rate
-            )
-            sources.append(source)
-            return net
-
-        if shared_backbone:
-            self.backbone = make()
-            width = feature_dim(self.backbone)
-        else:
-            self.backbones = nn.ModuleDict({r: make() for r in regions})
-            width = feature_dim(next(iter(self.backbones.values())))
-        self.heads = region_heads(regions, width, head_hidden, head_dropout)
+        self.net: RegionClassifier
+        self.net, source = build_region_classifier(
+            regions,
+            backbone,
+            pretrained,
+            weights_file,
+            in_chans,
+            shared_backbone,
+            drop_path_rate,
+            head_hidden,
+            head_dropout,
+            channels_last,
+        )
         # Where the backbone's starting weights came from (package, version, sha256): built
         # now when weights were loaded, else kept from the checkpoint being restored.
         if pretrained or weights_file or not weights_source:
-            weights_source = sources[0]
+            weights_source = source
         self.hparams["weights_source"] = dict(weights_source)
         thresholds = list(thresholds) if thresholds is not None else [0.5] * len(regions)
         if len(thresholds) != len(regions):
@@ -128,22 +126,12 @@ class RegionNet(L.LightningModule):
         self.val_auroc_best = MaxMetric()
 
     # -- model ----------------------------------------------------------------------------
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features (B, F); shared design only."""
-        return self.backbone(x)
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.hparams.shared_backbone:
-            feats = self.backbone(x)
-            return {r: head(feats).squeeze(1) for r, head in self.heads.items()}
-        return {r: self.heads[r](self.backbones[r](x)).squeeze(1) for r in self.regions}
+        return self.net(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits stacked in head order, (B, R)."""
-        out = self(x)
-        return torch.stack([out[r] for r in self.regions], dim=1)
+        return self.net.logits(x)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities per head of the plain forward, (B, R): what an export computes.
@@ -164,24 +152,6 @@ class RegionNet(L.LightningModule):
             flipped = torch.sigmoid(self.logits(torch.flip(x, dims=(-1,))).float())
             probs = (probs + flipped) / 2
         return logits, probs
-
-    def reset_heads(self, regions: Sequence[str]) -> None:
-        """New heads for another region set (fine-tune a trained backbone), like timm's
-        `reset_classifier`. Shared design only."""
-        if not self.hparams.shared_backbone:
-            raise ValueError("reset_heads needs model.shared_backbone=true")
-        regions = list(validate_regions(regions))
-        width = feature_dim(self.backbone)
-        self.heads = region_heads(
-            regions, width, self.hparams.head_hidden, self.hparams.head_dropout
-        )
-        self.regions = regions
-        self.hparams["regions"] = regions
-        self.thresholds = torch.full((len(regions),), 0.5, device=self.thresholds.device)
-        self.pos_weight = torch.ones(len(regions), device=self.pos_weight.device)
-        self.metrics = nn.ModuleDict(
-            {s: RegionMetrics(regions) for s in ("val", "test", "external")}
-        )
 
     # -- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -291,42 +261,20 @@ class RegionNet(L.LightningModule):
         return values
 
     def _calibrate(self, curves: dict, values: dict[str, float], other: torch.Tensor) -> None:
-        """Choose each head's threshold on this validation pass (`threshold_method`); the
-        checkpoint saved after it carries them. Heads without both classes keep theirs, except
-        under `rejection@X`, which may raise them (see `rejection_thresholds`). `other`: the
-        probabilities (N, R) of the validation films with no positive label."""
+        """Each head's threshold from this validation pass (`threshold_method`); the checkpoint
+        saved after it carries them. `other`: the probabilities (N, R) of the validation films
+        with no positive label."""
         method = self.hparams.threshold_method
-        kind, target = parse_method(method)
-        if kind == "rejection" and len(other) == 0:
-            log.warning(
-                "model.threshold_method=%s: the validation split has no other films (labels "
-                "all 0), so no rejection rate can be measured; using specificity@%s per head",
-                method,
-                target,
-            )
-            method, kind = f"specificity@{target}", "specificity"
-        chosen = self.thresholds.tolist()
-        if kind == "rejection":
-            # floors of heads without both classes: the configured thresholds, not the last
-            # pass's raised ones (those would ratchet up from one epoch to the next)
-            configured = self.hparams.get("thresholds")
-            ok = configured is not None and len(configured) == len(self.regions)
-            chosen = [float(t) for t in configured] if ok else [0.5] * len(self.regions)
-        for k, r in enumerate(self.regions):
-            if f"val/auroc/{r}" not in values:
-                continue
-            t = choose_threshold(*curves[r], method)
-            if t is not None:
-                chosen[k] = t
-        if kind == "rejection":  # the per-head choices above are Youden's: the floors
-            chosen, rejected = rejection_thresholds(other, chosen, target)
-            log.info(
-                "%s: thresholds %s reject %.3f of %d validation other films",
-                method,
-                dict(zip(self.regions, [round(t, 4) for t in chosen], strict=True)),
-                rejected,
-                len(other),
-            )
+        chosen, note = calibrate(
+            method,
+            self.regions,
+            {r: curves[r] for r in self.regions if f"val/auroc/{r}" in values},
+            other,
+            self.thresholds.tolist(),
+            self.hparams.get("thresholds"),
+        )
+        no_other = parse_method(method)[0] == "rejection" and len(other) == 0
+        (log.warning if no_other else log.info)(note)
         self.thresholds.copy_(torch.tensor(chosen, dtype=self.thresholds.dtype))
 
     def on_validation_epoch_end(self) -> None:
@@ -366,6 +314,9 @@ class RegionNet(L.LightningModule):
                 checkpoint["state_dict"][name] = getattr(self, name).detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for key in ("state_dict", "current_model_state"):  # checkpoints from before `net`
+            if key in checkpoint:
+                checkpoint[key] = legacy_state_dict(checkpoint[key])
         # Outside a fit (validate/test/predict with ckpt_path=, as `train` does with best.ckpt)
         # a checkpoint written under weight averaging means its averaged weights, the ones its
         # metrics were measured on. Lightning's callback would load the trained ones into the
@@ -385,7 +336,7 @@ class RegionNet(L.LightningModule):
         optimizer = instantiate(dict(self.hparams.optimizer or DEFAULT_OPTIMIZER))
         # Fine-tuning: the pretrained backbone moves slower than the freshly initialised heads.
         scale = float(self.hparams.get("backbone_lr_scale", 1.0))
-        heads = {id(p) for p in self.heads.parameters()}
+        heads = {id(p) for p in self.net.heads.parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
         if scale == 1.0:
             optimizer = optimizer(params=params)

@@ -11,7 +11,7 @@ e.g. `rejection@0.9`; see `rejection_thresholds`) and `fixed` (keep them).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -110,3 +110,46 @@ def _cuts(values: torch.Tensor) -> torch.Tensor:
     step = torch.nextafter(v, torch.full_like(v, float("inf")))  # never at v itself
     top = torch.minimum(v + 1e-3, (v + 1) / 2)
     return torch.maximum(torch.where(nxt < len(v), (v + larger) / 2, top), step)
+
+
+def calibrate(
+    method: str,
+    regions: Sequence[str],
+    curves: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    other_probs: torch.Tensor,
+    current: Sequence[float],
+    configured: Sequence[float] | None = None,
+) -> tuple[list[float], str]:
+    """Every head's threshold from one validation pass: a pure function (no model, no state).
+
+    `curves`: ROC points (fpr, tpr, thresholds) of the heads that saw both classes; the others
+    keep `current`. `other_probs`: (N, R) probabilities of the validation films with no
+    positive label. Under `rejection@X` the floors are the `configured` thresholds, not
+    `current` (those would ratchet up from one epoch to the next), and heads may rise above
+    their Youden threshold. Without other films, `rejection@X` falls back to `specificity@X`.
+    Returns (thresholds in head order, a log line saying what was done).
+    """
+    kind, target = parse_method(method)
+    note = f"{method}: thresholds chosen on the validation split"
+    if kind == "rejection" and len(other_probs) == 0:
+        note = (
+            f"model.threshold_method={method}: the validation split has no other films (labels "
+            f"all 0), so no rejection rate can be measured; using specificity@{target} per head"
+        )
+        method, kind = f"specificity@{target}", "specificity"
+    chosen = [float(t) for t in current]
+    if kind == "rejection":
+        ok = configured is not None and len(configured) == len(regions)
+        chosen = [float(t) for t in configured] if ok else [0.5] * len(regions)
+    for k, r in enumerate(regions):
+        if r not in curves:
+            continue
+        t = choose_threshold(*curves[r], method)
+        if t is not None:
+            chosen[k] = t
+    if kind == "rejection":  # the per-head choices above are Youden's: the floors
+        chosen, rejected = rejection_thresholds(other_probs, chosen, target)
+        rounded = dict(zip(regions, [round(t, 4) for t in chosen], strict=True))
+        n = len(other_probs)
+        note = f"{method}: thresholds {rounded} reject {rejected:.3f} of {n} validation other films"
+    return chosen, note

@@ -1,0 +1,127 @@
+"""RegionClassifier: the plain `nn.Module` of regionnet (backbone(s) + one head per region).
+
+Input: (B, 1, S, S) single-channel radiographs, normalised with the checkpoint's `mean`/`std`
+(see `regionnet.data.transforms.eval_transform`). Output of `forward`: a dict region -> logit
+(B,); `sigmoid(logit)` is the probability that the film shows the region (one-vs-rest, so
+every head may say no: `unknown`).
+
+This is what export, Grad-CAM and the Python API run; the Lightning module
+(`regionnet.model.module.RegionNet`) wraps it with losses, metrics and threshold calibration.
+
+Backbones: `shared_backbone=true` puts one timm backbone under every head (regionnet's
+design); `false` gives each head its own (the reference study's five separate detectors).
+The choice is made once, in `backbone_of`; everything else asks `backbone_for(head)` or walks
+`backbones`. A new head type (landmarks, findings, boxes) is a part with its own head modules
+that reads the same backbone's features; see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from regionnet.model.backbone import build_backbone, feature_dim
+from regionnet.model.heads import region_heads
+
+SHARED = "shared"
+
+
+class RegionClassifier(nn.Module):
+    """Backbone(s) and region heads; see the module docstring."""
+
+    def __init__(
+        self,
+        regions: Sequence[str],
+        backbones: nn.ModuleDict,
+        backbone_of: dict[str, str],
+        head_hidden: int = 0,
+        head_dropout: float = 0.0,
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        self.regions = list(regions)
+        missing = [r for r in self.regions if backbone_of.get(r) not in backbones]
+        if missing:
+            raise ValueError(f"heads {missing} have no backbone in {list(backbones)}")
+        self.backbones = backbones
+        self.backbone_of = dict(backbone_of)
+        self.channels_last = channels_last
+        width = feature_dim(next(iter(backbones.values())))
+        self.heads = region_heads(self.regions, width, head_hidden, head_dropout)
+
+    @property
+    def shared(self) -> bool:
+        """One backbone under every head."""
+        return len(self.backbones) == 1
+
+    def backbone_for(self, head: str) -> nn.Module:
+        """The backbone whose pooled features feed `head`."""
+        return self.backbones[self.backbone_of[head]]
+
+    def unique_backbones(self) -> Iterator[nn.Module]:
+        return iter(self.backbones.values())
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled features (B, F) per head; a shared backbone runs once for all heads."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        by_backbone = {name: b(x) for name, b in self.backbones.items()}
+        return {r: by_backbone[self.backbone_of[r]] for r in self.regions}
+
+    def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logit (B,) per region from `forward_features`' output."""
+        return {r: self.heads[r](features[r]).squeeze(1) for r in self.regions}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.forward_head(self.forward_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits stacked in head order, (B, R)."""
+        out = self(x)
+        return torch.stack([out[r] for r in self.regions], dim=1)
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities per head of the plain forward, (B, R) float32: what an export holds."""
+        return torch.sigmoid(self.logits(x).float())
+
+
+def build_region_classifier(
+    regions: Sequence[str],
+    backbone: str,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+    in_chans: int = 1,
+    shared_backbone: bool = True,
+    drop_path_rate: float = 0.0,
+    head_hidden: int = 0,
+    head_dropout: float = 0.0,
+    channels_last: bool = False,
+) -> tuple[RegionClassifier, dict]:
+    """The network and where its backbone's starting weights came from (`build_backbone`)."""
+    names = [SHARED] if shared_backbone else list(regions)
+    built = {
+        n: build_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)
+        for n in names
+    }
+    backbones = nn.ModuleDict({n: net for n, (net, _) in built.items()})
+    backbone_of = {r: SHARED if shared_backbone else r for r in regions}
+    model = RegionClassifier(
+        regions, backbones, backbone_of, head_hidden, head_dropout, channels_last
+    )
+    return model, built[names[0]][1]
+
+
+def legacy_state_dict(state: dict, prefix: str = "net.") -> dict:
+    """Keys of checkpoints written before the network had its own module (`backbone.*`,
+    `backbones.<region>.*`, `heads.*` on the Lightning module) renamed to today's
+    (`net.backbones.shared.*`, `net.backbones.<region>.*`, `net.heads.*`)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            key = f"{prefix}backbones.{SHARED}.{key[len('backbone.') :]}"
+        elif key.startswith(("backbones.", "heads.")):
+            key = prefix + key
+        out[key] = value
+    return out

@@ -1,0 +1,87 @@
+"""Run helpers every task shares (train, evaluate, pretrain): build the data module and the
+model from a composed config, instantiate callbacks and loggers, prepare the run directory,
+and print the AUROC table. Nothing here imports a task module, so tasks import it freely."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+
+def build_datamodule(cfg: DictConfig):
+    """The data module of `cfg.data` (`_target_`), with our own error messages."""
+    try:
+        return instantiate(cfg.data, _convert_="all")
+    except InstantiationException as e:
+        # Our own errors already name the config key and the fix; Hydra's wrapper hides them.
+        raise (e.__cause__ or e) from None
+
+
+def build_model(cfg: DictConfig, regions):
+    """The model class named by `model._target_` with plain-value arguments (no Hydra
+    objects in the checkpoint's hyperparameters)."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    cls = get_class(kwargs.pop("_target_", "regionnet.model.module.RegionNet"))
+    return cls(regions=list(regions), **kwargs)
+
+
+def instantiate_list(group: DictConfig | None) -> list:
+    """Instantiate every entry of a config group dict (`callbacks`, `logger`); skip nulls."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if c is not None and "_target_" in c]
+
+
+def numbers(metrics: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Plain floats of logged metrics whose names start with one of `prefixes`."""
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith(prefixes):
+            out[k] = float(v.item() if isinstance(v, torch.Tensor) else v)
+    return dict(sorted(out.items()))
+
+
+def speed_up(model: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> None:
+    """`model.channels_last`: weights in channels-last memory format (forward converts the
+    batches), faster convolutions on tensor cores. `model.compile`: torch.compile each backbone
+    in place (`nn.Module.compile`: checkpoint keys unchanged). Not the whole LightningModule:
+    Lightning would then compile the steps too, torchmetrics updates included, which dynamo
+    cannot trace."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        net = getattr(model, "net", None)  # RegionNet; the SSL module has one `backbone`
+        for backbone in net.unique_backbones() if net is not None else [model.backbone]:
+            backbone.compile()
+
+
+def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "external")) -> None:
+    """A per-region AUROC table on the console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = [s for s in stages if any(k.startswith(f"{s}/") for k in metrics)]
+    table = Table(title="AUROC per region head (one-vs-rest)")
+    table.add_column("region")
+    for s in shown:
+        table.add_column(s, justify="right")
+    for r in [*regions, "auroc_mean", "top1_acc"]:
+        keys = [f"{s}/auroc/{r}" if r in regions else f"{s}/{r}" for s in shown]
+        table.add_row(r, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in keys))
+    Console().print(table)
+
+
+def prepare_run(cfg: DictConfig) -> Path:
+    """The run directory (created), the seed, and TF32 matmuls on GPUs; returns the directory."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    return out
