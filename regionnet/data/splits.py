@@ -3,6 +3,7 @@
 A patient's radiographs always land in one split (no leak of anatomy or acquisition between
 train and test). Patients are stratified by their most common region, so every split holds
 each region in about the requested share: the default 64/12/24 % is the reference study's.
+K folds are scikit-learn's `StratifiedGroupKFold` (groups = patients, strata = regions).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
 from regionnet.data.sources import SPLITS
 
@@ -68,24 +70,23 @@ def kfold_splits(
 ) -> pd.Series:
     """Fold `fold` of `folds` patient-grouped stratified folds as the test split.
 
-    The remaining patients are split again into train and val (`val_fraction` of all images).
+    The folds are `sklearn.model_selection.StratifiedGroupKFold` (shuffled with `seed`, so
+    deterministic for (rows, folds, seed)): no patient in two folds, each fold's region mix
+    close to the whole set's. The remaining patients are split again into train and val
+    (`val_fraction` of all images) by `assign_splits`.
     """
     if folds < 2 or not 0 <= fold < folds:
         raise ValueError(
             f"data.folds={folds}, data.fold={fold}: need folds >= 2, 0 <= fold < folds"
         )
-    share = np.full(folds, 1.0 / folds)
-    patients = _patient_strata(df)
-    rng = np.random.default_rng(seed)
-    which: dict[str, int] = {}
-    for stratum in sorted(patients["stratum"].unique()):
-        group = patients[patients["stratum"] == stratum]
-        group = group.iloc[rng.permutation(len(group))].sort_values("n", ascending=False)
-        target, filled = share * group["n"].sum(), np.zeros(folds)
-        for pid, n in group["n"].items():
-            k = int(np.argmax(target - filled))
-            which[pid], filled[k] = k, filled[k] + n
-    split = df["patient_id"].map(lambda p: "test" if which[p] == fold else "rest")
+    kfold = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    try:
+        folds_rows = list(kfold.split(df, df["region"].astype(str), df["patient_id"]))
+    except ValueError as e:  # more folds than patients, or than images of every region
+        raise ValueError(f"data.folds={folds} does not fit the data: {e}") from e
+    test_rows = folds_rows[fold][1]
+    split = pd.Series("rest", index=df.index, dtype=object)
+    split.iloc[test_rows] = "test"
     rest = df[split == "rest"]
     v = val_fraction / (1 - 1 / folds)
     inner = assign_splits(rest, (1 - v, v, 0.0), seed=seed + 1)
