@@ -162,14 +162,3 @@ def to_target(
         "(or their aliases, e.g. hip, XR_SHOULDER). Map it with data.aliases={name: region}, "
         "or set data.unknown_as_other=true to treat it as a negative for every head."
     )
-
-
-def one_hot(region: str, regions: tuple[str, ...]) -> tuple[int, ...]:
-    """Binary label vector in head order; all zeros for `other`."""
-    return tuple(int(region == r) for r in regions)
-
-
-def dicom_term(region: str) -> str:
-    """DICOM BodyPartExamined defined term for a region ('' for user-defined regions)."""
-    info = region_info(region)
-    return info.dicom if info else ""

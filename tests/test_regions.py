@@ -6,8 +6,6 @@ from regionnet.regions import (
     OTHER,
     REGIONS,
     canonical_region,
-    dicom_term,
-    one_hot,
     to_target,
     validate_regions,
 )
@@ -46,8 +44,6 @@ def test_other_anatomy_is_negative_and_targets_follow_the_region_set():
     seven = (*REGIONS, "wrist", "chest")
     assert to_target("chest", REGIONS) == OTHER
     assert to_target("chest", seven) == "chest"
-    assert one_hot("other", REGIONS) == (0, 0, 0, 0, 0)
-    assert one_hot("hand", REGIONS) == (0, 0, 1, 0, 0)
 
 
 def test_unknown_label_fails_with_valid_names_unless_other_is_allowed():
@@ -66,8 +62,3 @@ def test_validate_regions_rejects_bad_sets():
         validate_regions([])
     with pytest.raises(ValueError, match="list of region names"):
         validate_regions("knee")
-
-
-def test_dicom_terms():
-    assert [dicom_term(r) for r in REGIONS] == ["SHOULDER", "ELBOW", "HAND", "PELVIS", "KNEE"]
-    assert dicom_term("my_custom_region") == ""
