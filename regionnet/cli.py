@@ -23,7 +23,7 @@ def train_main(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
 def pretrain_main(cfg: DictConfig) -> None:
-    """`regionnet-pretrain data=unlabeled|unlabeled_folder|unlabeled_csv ssl=simclr|byol`."""
+    """`regionnet-pretrain unlabeled=shared|folder|csv ssl=simclr|byol`."""
     from regionnet.pretrain import pretrain
 
     pretrain(cfg)

@@ -157,6 +157,23 @@ def print_summary(summary: dict) -> None:
     )
 
 
+def predict_trainer_config(cfg: DictConfig) -> dict:
+    """The `trainer:` node (accelerator, precision, ...) for Lightning's predict loop; one
+    device, because one process writes the output file in input order."""
+    node = cfg.get("trainer")
+    kwargs = {
+        "accelerator": str(cfg.get("accelerator", "auto")),
+        "precision": cfg.get("precision", "32-true"),
+        **(OmegaConf.to_container(node, resolve=True) if node is not None else {}),
+    }
+    if kwargs.setdefault("devices", 1) not in (1, "1", [0]):
+        raise ValueError(
+            f"trainer.devices={kwargs['devices']!r}: regionnet-predict runs on one device (one "
+            "process writes the output file); use trainer.devices=1"
+        )
+    return kwargs
+
+
 def predict(cfg: DictConfig) -> dict:
     """Predict the region of every radiograph in `cfg.input`; write `cfg.output`.
 
@@ -240,19 +257,17 @@ def predict(cfg: DictConfig) -> dict:
                 eval_transform(model),
                 phantom_size=int(model.hparams.image_size),
             )
-        accelerator = str(cfg.get("accelerator", "auto"))
+        trainer_cfg = predict_trainer_config(cfg)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=False,
             num_workers=int(cfg.num_workers),
             collate_fn=collate_fn,
-            pin_memory=torch.cuda.is_available() and accelerator != "cpu",
+            pin_memory=torch.cuda.is_available() and trainer_cfg["accelerator"] != "cpu",
         )
         trainer = L.Trainer(
-            accelerator=accelerator,
-            devices=1,  # one process writes the output file
-            precision=cfg.get("precision", "32-true"),
+            **trainer_cfg,
             logger=False,
             callbacks=[writer] + ([sr_store] if sr_store else []),
             enable_checkpointing=False,

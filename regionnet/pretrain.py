@@ -52,8 +52,8 @@ def build_ssl_datamodule(cfg: DictConfig) -> UnlabeledDataModule:
         raise (e.__cause__ or e) from None  # our errors name the key and the fix
     if not isinstance(dm, UnlabeledDataModule):
         raise ValueError(
-            f"regionnet-pretrain needs unlabelled data (data=unlabeled, unlabeled_folder or "
-            f"unlabeled_csv), not {type(dm).__name__}"
+            "regionnet-pretrain needs unlabelled data (unlabeled=shared, folder or csv), not "
+            f"{type(dm).__name__}"
         )
     return dm
 

@@ -12,19 +12,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-# Tiny, fast phantom training for tests: 32-48 px images, a dozen images per region, CPU.
-FAST = [
-    "logger=csv",
-    "trainer.accelerator=cpu",
-    "trainer.max_epochs=1",
-    "model.pretrained=false",  # tests pick tiny random backbones; test_weights covers ImageNet
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "data.image_size=32",
-    "data.phantom.per_region=12",
-    "data.num_workers=0",
-    "data.batch_size=16",
-]
+# Tiny, fast phantom training for tests (conf/debug/tiny.yaml): 32 px, a dozen per region, CPU.
+FAST = ["debug=tiny", "data.phantom.per_region=12"]
 
 
 @pytest.fixture

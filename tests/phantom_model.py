@@ -19,14 +19,8 @@ from regionnet.config import compose_config
 from regionnet.train import train
 
 PHANTOM_TRAIN = [
-    "logger=csv",
-    "trainer.accelerator=cpu",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "data.image_size=32",
-    "data.num_workers=0",
+    "debug=tiny",
     "model.backbone=test_resnet",  # timm's tiny test ResNet: fast on a CPU at 32 px
-    "model.pretrained=false",
     "model.optimizer.lr=0.002",
     "model.threshold_method=rejection@0.95",  # 95% of val out-of-set phantoms unknown
     "trainer.max_epochs=10",

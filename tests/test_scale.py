@@ -29,16 +29,7 @@ from regionnet.sweep import cross_validation, finished_run, gather, main, pooled
 from regionnet.train import build_model, speed_up, train
 
 REGIONS = ["shoulder", "elbow", "hand", "pelvis", "knee"]
-TINY = [
-    "logger=csv",
-    "trainer.max_epochs=1",
-    "callbacks.progress_bar=null",
-    "callbacks.model_summary=null",
-    "data.image_size=32",
-    "data.num_workers=0",
-    "model.backbone=test_resnet",
-    "model.pretrained=false",
-]
+TINY = ["debug=tiny", "model.backbone=test_resnet"]
 CPU = ["trainer.accelerator=cpu", "data.phantom.per_region=6", "data.batch_size=8"]
 TIMEOUT_S = 300
 
@@ -446,7 +437,7 @@ def test_wandb_sweep_config_drives_regionnet_train(tmp_path):
 def test_channels_last_and_bf16_train(tmp_path):
     cfg = compose_config(
         "train",
-        ["debug=fdr", f"paths.output_dir={tmp_path}", *TINY[1:], *CPU]
+        [*TINY, "trainer.fast_dev_run=true", f"paths.output_dir={tmp_path}", *CPU]
         + ["model.channels_last=true", "trainer.precision=bf16-mixed"],
     )
     assert np.isfinite(train(cfg)["test/loss"])
@@ -456,7 +447,8 @@ def test_compile_trains_and_keeps_checkpoint_keys(tmp_path):
     """torch.compile of the backbone on CPU, fast_dev_run: 40-50 s, mostly compiling."""
     cfg = compose_config(
         "train",
-        ["debug=fdr", f"paths.output_dir={tmp_path}", *TINY[1:], *CPU, "model.compile=true"],
+        [*TINY, "trainer.fast_dev_run=true", f"paths.output_dir={tmp_path}", *CPU]
+        + ["model.compile=true"],
     )
     assert np.isfinite(train(cfg)["test/loss"])
     model = build_model(cfg, REGIONS)

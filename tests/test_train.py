@@ -15,18 +15,19 @@ from regionnet.data.phantom import render_phantom
 from regionnet.model.module import RegionNet
 from regionnet.train import build_datamodule, build_model, train
 
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "ssl"]
+GROUPS = ["data", "unlabeled", "model", "trainer", "logger", "callbacks", "experiment", "debug"]
+GROUPS += ["ssl"]
 REQUIRED = {
-    "folder": ["data.root=/tmp"],
-    "csv": ["data.csv=/tmp/m.csv"],
-    "unlabeled_folder": ["data.root=/tmp"],
-    "unlabeled_csv": ["data.csv=/tmp/u.csv"],
+    ("data", "folder"): ["data.root=/tmp"],
+    ("data", "csv"): ["data.csv=/tmp/m.csv"],
+    ("unlabeled", "folder"): ["data.root=/tmp"],
+    ("unlabeled", "csv"): ["data.csv=/tmp/u.csv"],
 }
 
 
 def _app(group: str, option: str) -> str:
-    """regionnet-pretrain's own options (unlabelled data, SSL methods) compose with it."""
-    pretrain_only = group == "ssl" or option.startswith("unlabeled") or option == "pretrain"
+    """regionnet-pretrain's own groups (unlabelled data, SSL methods) compose with it."""
+    pretrain_only = group in ("ssl", "unlabeled") or option == "pretrain"
     return "pretrain" if pretrain_only else "train"
 
 
@@ -38,7 +39,7 @@ def _options(group: str) -> list[str]:
     "group, option", [(g, o) for g in GROUPS for o in _options(g)], ids=lambda x: str(x)
 )
 def test_every_config_option_composes_and_resolves(group, option, tmp_path):
-    extra = REQUIRED.get(option, []) if group == "data" else []
+    extra = REQUIRED.get((group, option), [])
     app = _app(group, option)
     cfg = compose_config(app, [f"{group}={option}", f"paths.output_dir={tmp_path}", *extra])
     # resolve everything but Hydra's own runtime values
@@ -49,6 +50,19 @@ def test_every_config_option_composes_and_resolves(group, option, tmp_path):
         return
     assert container["data"]["_target_"].endswith("RegionDataModule")
     assert container["model"]["image_size"] == container["data"]["image_size"]
+
+
+def test_unlabelled_sources_are_not_training_data():
+    """Defect: `regionnet-train data=unlabeled` composed, then crashed with an AttributeError
+    deep in training. Unlabelled sources are their own group now, which train cannot pick."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    for option in ("unlabeled", "unlabeled_folder", "unlabeled_csv"):
+        with pytest.raises(MissingConfigException, match=f"data/{option}"):
+            compose_config("train", [f"data={option}"])
+    assert "unlabeled" not in _options("data") and _options("unlabeled")
+    with pytest.raises(ConfigCompositionException):  # and pretrain cannot pick labelled data
+        compose_config("pretrain", ["data=folder"])
 
 
 def test_every_model_config_builds_a_backbone_with_five_heads(tmp_path):
