@@ -1,7 +1,7 @@
 """One folder walk and one DICOM header parser (issue 13).
 
 Every folder input (training `data=folder`, `regionnet-predict input=DIR`, pretraining
-`data=unlabeled_folder`, `regionnet-data index`) lists files with
+`unlabeled=folder`, `regionnet-data index`) lists files with
 `regionnet.data.files.list_radiographs`, and every DICOM header is read into a region by
 `regionnet.dicom_tags.header_evidence`; these tests check that the callers agree.
 """

@@ -109,7 +109,7 @@ class UnlabeledDataModule(L.LightningDataModule):
         if not (_as_list(csv) or _as_list(root) or labelled):
             raise ValueError(
                 "no unlabelled images configured: set data.csv=MANIFEST.csv and/or "
-                "data.root=FOLDER (e.g. regionnet-pretrain data=unlabeled_folder "
+                "data.root=FOLDER (e.g. regionnet-pretrain unlabeled=folder "
                 "data.root=/archive)"
             )
         self.transform = TwoViews(image_size, view, mean, std)  # checks image_size and view
