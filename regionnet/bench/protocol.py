@@ -1,21 +1,23 @@
-"""Accuracy on real radiographs for scripts/benchmark.py: the study's protocol on ../shared/data.
+"""Train, evaluate and break down one configuration on the shared data: what the accuracy,
+ssl and transfer sections share.
 
-Trains `experiment=yi2019` on the shared manifest (patient-grouped 64/12/24 split, one-vs-rest
-heads, other regions as negatives), evaluates the best checkpoint with `evaluate(cfg)`, and
-breaks the result down the ways the data's README asks: per head, per out-of-set anatomy,
-within the fracture-film source (shoulder vs elbow with no source shortcut), on the
-full-resolution originals, and with augmentation that hides image size and crop style.
+Each fine-tune is `regionnet-train` (`regionnet.train.train`) with the benchmark's overrides
+(`protocol_overrides`), evaluated with `regionnet.evaluate.evaluate`, and broken down the ways
+the data's README asks: per head, per out-of-set anatomy, within the fracture-film source
+(shoulder vs elbow with no source shortcut), on the full-resolution originals, and at the
+operating thresholds (in-set sensitivity next to rejection).
 """
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 
+from regionnet.bench.settings import BenchSettings, FineTune, log
 from regionnet.config import compose_config
 from regionnet.evaluate import evaluate
 from regionnet.regions import REGIONS, UNKNOWN
@@ -48,19 +50,54 @@ class ValidationTimeline(L.Callback):
         )
 
 
-def _train(overrides: list[str], timeline: ValidationTimeline) -> tuple[dict, float]:
+def timed_train(overrides: list[str], timeline: ValidationTimeline) -> tuple[dict, float]:
+    """`regionnet-train` with these overrides: its metrics and wall seconds."""
     start = time.perf_counter()
     metrics = train(compose_config("train", overrides), extra_callbacks=[timeline])
     return metrics, time.perf_counter() - start
 
 
-def _manifest(data_dir: Path) -> pd.DataFrame:
-    """The shared manifest with absolute paths (as the CSV source resolves them)."""
+def timed_evaluate(ckpt: Path, out: Path, overrides: Sequence[str] = ()) -> tuple[dict, float]:
+    """`regionnet-eval` of a checkpoint into `out`: its results and wall seconds."""
+    cfg = compose_config(
+        "eval",
+        [f"ckpt_path={ckpt}", f"paths.output_dir={out}", "logger=csv", "num_workers=2", *overrides],
+    )
+    start = time.perf_counter()
+    result = evaluate(cfg)
+    return result, time.perf_counter() - start
+
+
+def read_manifest(data_dir: Path) -> pd.DataFrame:
+    """The shared manifest with absolute paths (as the CSV source resolves them), its
+    `region` column named `anatomy`."""
     path = data_dir / "radiographs" / "manifest.csv"
     df = pd.read_csv(path)
     base = path.resolve().parent
     df["path"] = [str(base / p) for p in df["path"]]
     return df.rename(columns={"region": "anatomy"})
+
+
+def protocol_overrides(settings: BenchSettings, fine_tune: FineTune) -> list[str]:
+    """regionnet-train overrides every benchmark fine-tune on the shared data shares. A
+    `None` size, epoch count or augment factor is left to the experiment config."""
+    base = [
+        "data=shared",
+        f"paths.data_dir={settings.data_dir}",
+        "logger=csv",
+        f"trainer.precision={settings.precision}",
+    ]
+    for key, value in (
+        ("data.image_size", fine_tune.image_size),
+        ("trainer.max_epochs", fine_tune.epochs),
+        ("data.augment_factor", fine_tune.augment_factor),
+    ):
+        if value is not None:
+            base.append(f"{key}={value}")
+    base += ["data.num_workers=2", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    if settings.quick:
+        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+    return base
 
 
 def breakdown(eval_dir: Path, manifest: pd.DataFrame, seed: int = 0) -> dict:
@@ -91,6 +128,26 @@ def breakdown(eval_dir: Path, manifest: pd.DataFrame, seed: int = 0) -> dict:
     return out
 
 
+def operating_point(eval_dir: Path, thresholds: dict) -> dict:
+    """Test-split rejection of out-of-set films (all, and chest) and in-set sensitivity (the
+    true region's head fires) at the thresholds chosen on val."""
+    pred = pd.read_csv(eval_dir / "predictions.csv")
+    pred = pred[pred["split"] == "test"]
+    inset = pred[pred["true_region"].isin(REGIONS)]
+    fired = [
+        inset.at[i, f"p_{region}"] >= thresholds[region]
+        for i, region in inset["true_region"].items()
+    ]
+    other = pred[pred["true_region"] == "other"]
+    return {
+        "in_set_images": len(inset),
+        "in_set_sensitivity": float(sum(fired) / max(1, len(fired))),
+        "in_set_top1": float((inset["region"] == inset["true_region"]).mean()),
+        "other_images": len(other),
+        "other_rejected": float((other["region"] == UNKNOWN).mean()) if len(other) else None,
+    }
+
+
 def fullres_check(ckpt: Path, data_dir: Path) -> dict:
     """Predictions on the full-resolution originals: hands must be `hand`, chests `unknown`."""
     from regionnet.api import load_model
@@ -109,20 +166,6 @@ def fullres_check(ckpt: Path, data_dir: Path) -> dict:
         "accuracy": float((df["predicted"] == df["expected"]).mean()),
         "accuracy_by_anatomy": per,
         "predicted": df["predicted"].value_counts().to_dict(),
-    }
-
-
-def leave_one_source_out(manifest: pd.DataFrame) -> dict:
-    """Regions with at least two sources can be trained on one and tested on the other."""
-    sources = manifest.groupby("anatomy")["source"].nunique()
-    ready = sorted(r for r in REGIONS if sources.get(r, 0) >= 2)
-    return {
-        "regions_with_two_sources": ready,
-        "note": (
-            "measured in the transfer section (scripts/bench_transfer.py) for"
-            if ready
-            else "not possible yet: every target region comes from one source"
-        ),
     }
 
 
@@ -159,28 +202,22 @@ def run_settings(run: Path) -> dict:
     return out
 
 
-def one_protocol(name, overrides, out_dir, data_dir, manifest, log, eval_overrides=()) -> dict:
-    """Train, evaluate (the test split, plus whatever `eval_overrides` add, e.g.
-    `data.external_test=`) and break down one configuration."""
-    run = out_dir / "artifacts" / name
+def one_protocol(
+    settings: BenchSettings,
+    name: str,
+    overrides: list[str],
+    manifest: pd.DataFrame,
+    eval_overrides: Sequence[str] = (),
+) -> dict:
+    """Train `overrides` into `<out>/artifacts/<name>`, evaluate its best checkpoint (the test
+    split, plus whatever `eval_overrides` add, e.g. `data.external_test=`) and break it down."""
+    run = settings.artifacts / name
     timeline = ValidationTimeline()
     log(f"accuracy[{name}]: training ({' '.join(overrides)})")
-    metrics, seconds = _train([*overrides, f"paths.output_dir={run}"], timeline)
+    metrics, seconds = timed_train([*overrides, f"paths.output_dir={run}"], timeline)
     ckpt = run / "checkpoints" / "best.ckpt"
     log(f"accuracy[{name}]: evaluating {ckpt}")
-    ecfg = compose_config(
-        "eval",
-        [
-            f"ckpt_path={ckpt}",
-            f"paths.output_dir={run / 'eval'}",
-            "logger=csv",
-            "num_workers=2",
-            *eval_overrides,
-        ],
-    )
-    start = time.perf_counter()
-    result = evaluate(ecfg)
-    eval_seconds = time.perf_counter() - start
+    result, eval_seconds = timed_evaluate(ckpt, run / "eval", eval_overrides)
     reach = next((p["seconds"] for p in timeline.points if p["val/auroc_mean"] >= 0.99), None)
     return {
         "checkpoint": str(ckpt),
@@ -199,74 +236,5 @@ def one_protocol(name, overrides, out_dir, data_dir, manifest, log, eval_overrid
             or k in ("thresholds", "threshold_method", "regions")
         },
         "breakdown": breakdown(run / "eval", manifest),
-        "fullres": fullres_check(ckpt, data_dir),
+        "fullres": fullres_check(ckpt, settings.data_dir),
     }
-
-
-def protocol_overrides(
-    data_dir: Path,
-    quick: bool,
-    size: int | None,
-    epochs: int | None,
-    augment_factor: int | None,
-    precision: str,
-) -> list[str]:
-    """regionnet-train overrides every benchmark fine-tune on the shared data shares. A
-    `None` size, epoch count or augment factor is left to the experiment config."""
-    base = [
-        "data=shared",
-        f"paths.data_dir={data_dir}",
-        "logger=csv",
-        f"trainer.precision={precision}",
-    ]
-    for key, value in (
-        ("data.image_size", size),
-        ("trainer.max_epochs", epochs),
-        ("data.augment_factor", augment_factor),
-    ):
-        if value is not None:
-            base.append(f"{key}={value}")
-    base += ["data.num_workers=2", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
-    if quick:
-        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
-    return base
-
-
-def accuracy_section(
-    data_dir: Path,
-    out_dir: Path,
-    quick: bool,
-    size: int,
-    epochs: int,
-    augment_factor: int,
-    precision: str,
-    log,
-) -> dict:
-    manifest = _manifest(data_dir)
-    base = [
-        "experiment=yi2019",
-        "trainer.accelerator=cpu",
-        *protocol_overrides(data_dir, quick, size, epochs, augment_factor, precision),
-    ]
-    out = {
-        "data": {
-            "images": len(manifest),
-            "by_anatomy": manifest["anatomy"].value_counts().to_dict(),
-        },
-        "settings": {
-            "image_size": size,
-            "epochs": epochs,
-            "augment_factor": augment_factor,
-            "precision": precision,
-        },
-        "leave_one_source_out": leave_one_source_out(manifest),
-    }
-    start = time.perf_counter()
-    out["yi2019"] = one_protocol("yi2019", base, out_dir, data_dir, manifest, log)
-    if not quick:
-        crop = [*base, "data.augment.crop_scale=[0.35,1.0]"]
-        out["yi2019_crop"] = one_protocol("yi2019_crop", crop, out_dir, data_dir, manifest, log)
-    out["wall_seconds"] = time.perf_counter() - start
-    (out_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-    (out_dir / "artifacts" / "accuracy.json").write_text(json.dumps(out, indent=2, default=str))
-    return out

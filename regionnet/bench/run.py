@@ -1,0 +1,160 @@
+"""One benchmark run: the sections asked for, merged with kept ones, written as results.json
+and RESULTS.md (`run_benchmark`); scripts/benchmark.py is its command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from regionnet.bench.paths import portable_json
+from regionnet.bench.report import markdown_report
+from regionnet.bench.settings import SECTIONS, BenchSettings, log
+
+
+def machine(settings: BenchSettings) -> dict:
+    """Where and when this run measures: CPU, cores, threads, GPU, versions, commit, command."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    repo = settings.repo
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "regionnet", "conf", "scripts"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": commit + ("+uncommitted" if dirty else ""),
+        "command": settings.command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def check_data(settings: BenchSettings) -> None:
+    """SystemExit when a section that trains is asked for and the data folder has no manifest."""
+    needs_data = any(settings.runs(s) for s in ("accuracy", "backbones", "ssl", "transfer"))
+    if needs_data and not settings.manifest_csv.is_file():
+        raise SystemExit(
+            f"--data-dir {settings.data_dir} has no radiographs/manifest.csv; "
+            "give the shared data folder or --skip accuracy backbones ssl transfer"
+        )
+
+
+def written_checkpoints(results: dict, settings: BenchSettings) -> list[str]:
+    """The checkpoints (`best.ckpt`, for `regionnet.load_model`) the sections of this run
+    trained, not those of sections kept from an earlier run."""
+    paths: list[str] = []
+    if settings.runs("accuracy") and "accuracy" in results:
+        acc = results["accuracy"]
+        paths += [acc[k]["checkpoint"] for k in ("yi2019", "yi2019_crop") if k in acc]
+    if settings.runs("backbones") and "backbones" in results:
+        paths += sorted(
+            str(p) for p in Path(results["backbones"]["sweep_dir"]).glob("*/checkpoints/best.ckpt")
+        )
+    if settings.runs("ssl") and "ssl" in results:
+        ssl = results["ssl"]
+        paths += [
+            ssl[k]["checkpoint"] for k in ("scratch", "base", "ssl", "ssl_recipe") if k in ssl
+        ]
+    if settings.runs("transfer") and "transfer" in results:
+        tr = results["transfer"]
+        paths += [row["checkpoint"] for row in tr["rows"].values()]
+        paths += [h["checkpoint"] for h in tr.get("hand_across_sources", {}).values()]
+    return [p for p in paths if Path(p).is_file()]
+
+
+def run_benchmark(settings: BenchSettings) -> dict:
+    """Measure the sections `settings` asks for, keep the skipped ones of
+    `<out>/results.json` with `merge`, write `<out>/results.json` and `<out>/RESULTS.md`
+    (and the figures), and return the results."""
+    from regionnet.bench.accuracy import accuracy_section
+    from regionnet.bench.backbones import backbones_section
+    from regionnet.bench.speed import (
+        plot_scaling,
+        predict_throughput,
+        scaling_section,
+        speed_section,
+    )
+    from regionnet.bench.ssl import ssl_section
+    from regionnet.bench.transfer import transfer_section
+
+    check_data(settings)
+    out = settings.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(settings), "quick": settings.quick}
+    # where this run's paths point, so RESULTS.md can name them relative to the repository,
+    # the output folder or the data folder (regionnet.bench.paths.relativise)
+    results["paths"] = {
+        "repo": str(settings.repo),
+        "out": str(out.resolve()),
+        "data": str(settings.data_dir.resolve()),
+    }
+    previous = out / "results.json"
+    if settings.merge and previous.is_file():
+        old = json.loads(previous.read_text())
+        for section in SECTIONS:
+            if not settings.runs(section) and section in old:
+                results[section] = old[section]
+                results[section].setdefault("machine", old["machine"])
+        results["machine_of_skipped"] = old["machine"]
+        if "paths" in old:
+            results["paths_of_skipped"] = old["paths"]
+    start = time.perf_counter()
+    if settings.runs("accuracy"):
+        results["accuracy"] = accuracy_section(settings)
+    if settings.runs("backbones"):
+        results["backbones"] = backbones_section(settings)
+    if settings.runs("ssl"):
+        results["ssl"] = ssl_section(settings)
+        results["ssl"]["machine"] = results["machine"]
+    if settings.runs("transfer"):
+        results["transfer"] = transfer_section(settings)
+        results["transfer"]["machine"] = results["machine"]
+    # timing sections last: they want a quiet machine, the training sections do not mind
+    if settings.runs("speed"):
+        results["speed"] = speed_section(settings)
+        if settings.runs("accuracy"):
+            log("speed: end-to-end regionnet-predict on the real radiographs folder")
+            acc = results["accuracy"]["yi2019"]
+            results["speed"]["predict"] = predict_throughput(settings, Path(acc["checkpoint"]))
+            results["speed"]["training"] = {
+                "images_per_s": acc["train_images_per_s"],
+                "seconds_to_val_auroc_mean_0.99": acc["seconds_to_val_auroc_mean_0.99"],
+            }
+    if settings.runs("scaling"):
+        results["scaling"] = scaling_section(settings)
+        plot_scaling(results["scaling"], out / "scaling.png")
+    results["wall_seconds"] = time.perf_counter() - start
+
+    (out / "results.json").write_text(portable_json(results))
+    (out / "RESULTS.md").write_text(markdown_report(results))
+    log(
+        f"wrote {out / 'results.json'} and {out / 'RESULTS.md'} "
+        f"in {results['wall_seconds'] / 60:.1f} min"
+    )
+    written = written_checkpoints(results, settings)
+    if written:
+        log("checkpoints trained in this run (load them with regionnet.load_model):")
+        for path in written:
+            log(f"  {path}")
+    return results

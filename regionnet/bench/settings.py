@@ -1,0 +1,89 @@
+"""The settings of one benchmark run, in one frozen dataclass, and the run's log line."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer")
+
+
+def log(msg: str) -> None:
+    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Input size, epochs and augment factor of a fine-tune on the shared data; `None` leaves
+    the value to the experiment config."""
+
+    image_size: int | None = None
+    epochs: int | None = None
+    augment_factor: int | None = None
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything a benchmark run is asked to do; each field is a flag of
+    scripts/benchmark.py (`repo` and `command` excepted). `quick_sized()` gives the `--quick`
+    smoke-test sizes."""
+
+    data_dir: Path
+    out_dir: Path
+    #: trainer.precision of every training
+    precision: str
+    #: a smoke test of every section: few batches, tiny images, no meaningful number
+    quick: bool = False
+    #: sections not to run
+    skip: frozenset[str] = frozenset()
+    #: keep the skipped sections of <out>/results.json
+    merge: bool = False
+    #: the accuracy section's fine-tunes (--image-size, --epochs, --augment-factor); the ssl
+    #: section's fine-tunes use the same
+    accuracy: FineTune = FineTune(112, 12, 1)
+    #: the backbone sweep's input size and epochs
+    backbone_size: int = 96
+    backbone_epochs: int = 6
+    #: regionnet-pretrain: view size (px), epochs, wall-time budget (min), method, start weights
+    pretrain_size: int = 64
+    pretrain_epochs: int = 10
+    pretrain_minutes: int = 25
+    ssl_method: str = "simclr"
+    ssl_start: str = "imagenet"
+    #: experiment config of the recipe rows (ssl and transfer sections)
+    recipe: str = "recipe"
+    #: experiment config of the transfer section's scratch and ImageNet rows, and its sizes
+    transfer_experiment: str = "yi2019"
+    transfer: FineTune = FineTune()
+    #: trainer.accelerator of the transfer trainings
+    transfer_accelerator: str = "cpu"
+    #: the repository whose code is measured (git commit, working directory of sub-runs)
+    repo: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2])
+    #: the command line recorded in the results
+    command: str = "python scripts/benchmark.py"
+
+    def quick_sized(self) -> BenchSettings:
+        """These settings at the `--quick` sizes (48 px, one epoch)."""
+        return replace(
+            self,
+            quick=True,
+            accuracy=replace(self.accuracy, image_size=48, epochs=1),
+            backbone_size=48,
+            backbone_epochs=1,
+            pretrain_size=48,
+            pretrain_epochs=1,
+            transfer=FineTune(48, 1, 1),
+        )
+
+    def runs(self, section: str) -> bool:
+        return section not in self.skip
+
+    @property
+    def manifest_csv(self) -> Path:
+        return self.data_dir / "radiographs" / "manifest.csv"
+
+    @property
+    def artifacts(self) -> Path:
+        """Trained checkpoints and per-section JSON (git-ignored)."""
+        return self.out_dir / "artifacts"
