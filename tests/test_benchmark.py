@@ -1,4 +1,5 @@
-"""scripts/benchmark.py --quick: a smoke test that every section runs and reports."""
+"""regionnet.bench and its command line, scripts/benchmark.py: settings, timing, and a
+`--quick` smoke test that every section runs and reports."""
 
 import json
 import subprocess
@@ -6,18 +7,59 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from regionnet.bench import BenchSettings, FineTune
+from regionnet.bench.protocol import protocol_overrides
+from regionnet.bench.speed import images_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
+
+def test_settings_travel_in_one_object(tmp_path):
+    s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true", skip=frozenset({"ssl"}))
+    assert not s.runs("ssl") and s.runs("transfer") and s.artifacts == tmp_path / "out/artifacts"
+    q = s.quick_sized()
+    assert q.quick and q.accuracy == FineTune(48, 1, 1) and q.transfer == FineTune(48, 1, 1)
+    assert (q.pretrain_size, q.pretrain_epochs, q.backbone_size) == (48, 1, 48)
+    # None leaves the value to the experiment config
+    assert not any(o.startswith("data.image_size=") for o in protocol_overrides(s, s.transfer))
+    overrides = protocol_overrides(q, q.accuracy)
+    assert {"data.image_size=48", "trainer.max_epochs=1", "trainer.precision=32-true"} <= set(
+        overrides
+    )
+    assert "trainer.limit_train_batches=4" in overrides
 
 
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 5, 3)
+
+    def logits(self, x):
+        return self.conv(self.stem(x)).mean((2, 3))
+
+
+def test_images_per_second_times_inference_with_torch_timer():
+    model = _Tiny()
+    rate = images_per_second(model, 4, 32, channels_last=True, min_run_time=0.05)
+    assert rate > 0
+    assert model.conv.weight.is_contiguous()  # the layout is restored
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(out),
            "--data-dir", str(shared_data)]  # fmt: skip
     # took 14.9 min on 2 CPU cores shared with a full test run: leave room
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=1800)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
+    # the checkpoints this run trained are named at the end, and exist
+    logged = res.stdout[res.stdout.index("checkpoints trained in this run") :]
+    for name in ("yi2019", "ssl_base", "transfer/imagenet_recipe", "transfer/hand_rsna_to_dha"):
+        assert str(out / "artifacts" / name / "checkpoints" / "best.ckpt") in logged
     text = (out / "results.json").read_text()
     # results.json names paths as RESULTS.md does; <out>/... is this run's output folder
     assert str(out) not in text and str(shared_data.resolve()) not in text
