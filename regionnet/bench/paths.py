@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-# the repository of an editable install (regionnet/bench/paths.py -> the repository root); a
-# fallback for results from before runs recorded their `paths`
-ROOT = Path(__file__).resolve().parents[2]
+from regionnet.bench.settings import REPO
+
 # An absolute path in running text: starts at a "/" that follows no word character, dot, ">",
 # "~" or "/" (so `GFLOP/s`, `../shared/data` and `<data>/x` are left alone).
 _ABS_PATH = re.compile(r"(?<![\w.~/>-])/[^\s`'\"<>|,;()\[\]{}]+")
@@ -37,7 +36,7 @@ def relativise(text: str, paths: list[dict]) -> str:
     else `<data>/...`), the output folder (`<out>/...`). `paths` are the runs' recorded
     `{repo, out, data}`; results from before they were recorded fall back on the path's own
     parts (`.../shared/data/x` -> `../shared/data/x`, `.../benchmarks/x` -> `benchmarks/x`)."""
-    repos = {str(ROOT)} | {p["repo"] for p in paths if p.get("repo")}
+    repos = {str(REPO)} | {p["repo"] for p in paths if p.get("repo")}
     sibling = {str(PurePosixPath(r).parent / "shared" / "data") for r in repos}
 
     def one(path: str) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+# the repository of an editable install (regionnet/bench/settings.py -> the repository root)
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer")
 
 
@@ -59,7 +61,7 @@ class BenchSettings:
     #: trainer.accelerator of the transfer trainings
     transfer_accelerator: str = "cpu"
     #: the repository whose code is measured (git commit, working directory of sub-runs)
-    repo: Path = field(default_factory=lambda: Path(__file__).resolve().parents[2])
+    repo: Path = REPO
     #: the command line recorded in the results
     command: str = "python scripts/benchmark.py"
 
