@@ -6,6 +6,7 @@ from regionnet.regions import (
     OTHER,
     REGIONS,
     canonical_region,
+    region_info,
     to_target,
     validate_regions,
 )
@@ -62,3 +63,18 @@ def test_validate_regions_rejects_bad_sets():
         validate_regions([])
     with pytest.raises(ValueError, match="list of region names"):
         validate_regions("knee")
+
+
+def test_codes_of_the_five_regions_are_pinned_as_literals():
+    """Every other code check compares output with the table the code reads, so a typo in the
+    table passes them all. These are the published codes, typed out: SNOMED CT body structures
+    (DICOM CID 4031 uses them for BodyPartExamined's coded form) and RadLex anatomy ids."""
+    expected = {
+        "shoulder": ("16982005", "RID39518", "SHOULDER"),
+        "elbow": ("127949000", "RID2010", "ELBOW"),
+        "hand": ("85562004", "RID2318", "HAND"),
+        "pelvis": ("12921003", "RID2507", "PELVIS"),
+        "knee": ("72696002", "RID2743", "KNEE"),
+    }
+    got = {r: (region_info(r).snomed, region_info(r).radlex, region_info(r).dicom) for r in REGIONS}
+    assert got == expected
