@@ -2,8 +2,12 @@
 
 In a job (called by `train`): `apply_sweep_group` puts the jobs of one Hydra multirun in one
 W&B group; `finished_run` lets a re-launched sweep skip jobs whose run directory already holds
-a finished run of the same config (`skip_if_done`); the per-image test probabilities of each run
-(`test_predictions.csv`, `regionnet.evaluate.test_predictions`) let k-fold runs be pooled.
+a finished run of the same config (`skip_if_done`), resumes an interrupted run of the same
+config from its `last.ckpt` (a requeued SLURM job), and moves any other earlier run aside to
+`<run dir>/superseded-<time>/` instead of training over it; the per-image test probabilities of
+each run (`test_predictions.csv`, `regionnet.evaluate.test_predictions`) let k-fold runs be
+pooled. `optuna_seed` seeds an Optuna sampler so that a study extended on the same storage
+draws new trials.
 
 After the sweep: `gather(sweep_dir)` reads every job's `config.yaml` and `metrics.json` into
 one row per job (backbone, image size, LR, fold, AUROC mean/min, parameters, radiographs/s);
@@ -27,15 +31,52 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# config keys a re-run may change without changing the result (see `finished_run`)
-DISPLAY_KEYS = (
+# Config keys that do not change what a run trains, and so may differ between a finished run
+# and a re-launch of the same job (see `finished_run`); a key stands for everything under it.
+# Every other key counts, e.g. seed, data (its split, size, augmentation, batch size), model,
+# trainer.max_epochs/devices/precision, callbacks.early_stopping, test.
+IGNORED_KEYS = (
+    # the sweep and resume machinery
     "skip_if_done",
+    "ckpt_path",
+    "optimized_metric",
+    # where files go
+    "paths",
+    "hydra",
+    "trainer.default_root_dir",
+    "callbacks.model_checkpoint.dirpath",
+    # logging and display
     "logger",
+    "tags",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
     "callbacks.progress_bar",
     "callbacks.model_summary",
     "callbacks.lr_monitor",
     "callbacks.images_per_s",
+    # loading and speed options: the same model, sooner
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "model.compile",
+    "model.channels_last",
 )
+DISPLAY_KEYS = IGNORED_KEYS  # the former name
+# What `train` writes into a run directory (keep in step with regionnet/train.py): moved aside
+# together when a new run takes the directory over. The job's log file (`*.log`) is copied, as
+# Hydra has already opened it for the new run; `.hydra/` is already the new job's.
+RUN_OUTPUTS = (
+    "metrics.json",
+    "config.yaml",
+    "split.csv",
+    "test_predictions.csv",
+    "checkpoints",
+    "csv",
+    "wandb",
+    "hpc_ckpt_*.ckpt",
+)
+SUPERSEDED = "superseded-"
 CONFIG_COLUMNS = {
     "backbone": "model.backbone",
     "image_size": "data.image_size",
@@ -67,11 +108,13 @@ def sqlite_url(path: str) -> str:
 
 def register_resolvers() -> None:
     """OmegaConf resolvers the configs use (`${regionnet.sqlite:PATH}`,
-    `${regionnet.fast_precision:}`, `${regionnet.input_mean:BACKBONE}` and `input_std`)."""
+    `${regionnet.optuna_seed:SEED,STORAGE,STUDY}`, `${regionnet.fast_precision:}`,
+    `${regionnet.input_mean:BACKBONE}` and `input_std`)."""
     from regionnet.model.backbone import input_stats
     from regionnet.precision import fast_precision
 
     OmegaConf.register_new_resolver("regionnet.sqlite", sqlite_url, replace=True)
+    OmegaConf.register_new_resolver("regionnet.optuna_seed", optuna_seed, replace=True)
     OmegaConf.register_new_resolver("regionnet.fast_precision", fast_precision, replace=True)
     # the intensity statistics the backbone's ImageNet weights expect, averaged to gray
     OmegaConf.register_new_resolver(
@@ -104,49 +147,206 @@ def apply_sweep_group(cfg: DictConfig) -> None:
         wandb.group = sweep_group()
 
 
-def _without(container: dict, keys: Sequence[str]) -> dict:
-    for key in keys:
-        *parents, last = key.split(".")
-        node = container
-        for p in parents:
-            node = node.get(p) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return container
+def optuna_seed(seed, storage, study_name) -> int | None:
+    """Seed of an Optuna sampler for a sweep on `storage`: `seed` while study `study_name` holds
+    no trials, else `seed + 1000003 x trials` (mod 2^31), so a sweep that extends a study (same
+    storage) does not redraw the first sweep's parameters (a seeded sampler starts from the
+    same random state each time). OmegaConf resolver `regionnet.optuna_seed`, resolved when
+    Hydra builds the sweeper, before the study is opened."""
+    if seed is None:
+        return None
+    trials = optuna_trials(storage, study_name)
+    if not trials:
+        return int(seed)
+    derived = (int(seed) + 1_000_003 * trials) % 2**31
+    log.info(
+        "optuna: study %s already holds %d trials; sampler seed %d (from seed %s)",
+        study_name,
+        trials,
+        derived,
+        seed,
+    )
+    return derived
+
+
+def optuna_trials(storage, study_name) -> int:
+    """Trials (any state) of study `study_name` in `storage`; 0 when either does not exist.
+    A missing SQLite file is not created."""
+    if not storage or not study_name:
+        return 0
+    url = str(storage)
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).is_file():
+        return 0
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=str(study_name), storage=url)
+    except KeyError:  # no such study yet
+        return 0
+    return len(study.get_trials(deepcopy=False))
+
+
+def _flat(node, prefix: str = "") -> dict:
+    """`{"a.b.c": value}` for a nested plain container (lists are values)."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS)
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """The keys (dotted) whose values differ between two plain configs, `IGNORED_KEYS` aside;
+    a key in only one of them differs."""
+    a, b = _flat(old), _flat(new)
+    keys = (a.keys() | b.keys()) - {k for k in a.keys() | b.keys() if _ignored(k)}
+    return sorted(k for k in keys if a.get(k, ()) != b.get(k, ()))
+
+
+def _differences(out: Path, cfg: DictConfig) -> list[str] | None:
+    """`config_diff` between the run in `out` (its `config.yaml`) and `cfg`; None without one."""
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return None
+    new = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(saved))
+    except Exception as e:  # a truncated or foreign file: not this config
+        return [f"<{saved} unreadable: {type(e).__name__}>"]
+    if not isinstance(old, dict):
+        return [f"<{saved} is not a config>"]
+    return config_diff(old, new)
+
+
+def _checkpoint_dir(cfg: DictConfig, out: Path) -> Path:
+    where = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+    return Path(where) if where else out / "checkpoints"
+
+
+def resume_checkpoint(cfg: DictConfig, out: Path) -> Path | None:
+    """The newest of the run's `last.ckpt` and Lightning's SLURM `hpc_ckpt_*.ckpt` (in
+    `trainer.default_root_dir`), or None."""
+    found = [_checkpoint_dir(cfg, out) / "last.ckpt"]
+    root = OmegaConf.select(cfg, "trainer.default_root_dir", default=None)
+    found += Path(root or out).glob("hpc_ckpt_*.ckpt")
+    found = [f for f in found if f.is_file()]
+    return max(found, key=lambda f: f.stat().st_mtime_ns) if found else None
+
+
+def _rank() -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0)
+
+
+def supersede(out: Path, why: str) -> Path | None:
+    """Move the earlier run's files (`RUN_OUTPUTS`) in `out` to `out/superseded-<UTC time>/`
+    (log files copied); return that folder, or None when there was nothing to move. Rank 0
+    only: other processes of a DDP job return None."""
+    if _rank() != 0:
+        return None
+    moving = [f for pattern in RUN_OUTPUTS for f in sorted(out.glob(pattern))]
+    if not moving:
+        return None
+    from datetime import datetime, timezone
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    archive, n = out / f"{SUPERSEDED}{stamp}", 1
+    while archive.exists():
+        n += 1
+        archive = out / f"{SUPERSEDED}{stamp}-{n}"
+    archive.mkdir()
+    (archive / "SUPERSEDED.txt").write_text(why + "\n")
+    import shutil
+
+    # metrics.json first: from then on no process takes the directory for a finished run
+    for f in sorted(moving, key=lambda f: f.name != "metrics.json"):
+        shutil.move(str(f), str(archive / f.name))
+    for f in out.glob("*.log"):
+        shutil.copy2(f, archive / f.name)
+    return archive
+
+
+def _same_config_nearby(out: Path, cfg: DictConfig) -> list[Path]:
+    """Sibling job directories of a multirun that hold a finished run of this config (a
+    re-launched grid in another order)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return []
+    found = []
+    for other in sorted(out.parent.iterdir(), key=_job_key):
+        done = other != out and (other / "metrics.json").is_file()
+        if done and _differences(other, cfg) == []:
+            found.append(other)
+    return found
 
 
 def finished_run(cfg: DictConfig) -> dict | None:
-    """The metrics of a finished run of this config in `paths.output_dir`, or None.
+    """Called where a training job starts: the metrics of a finished run of this config in
+    `paths.output_dir`, or None (train then).
 
-    Only with `skip_if_done`. Finished = `metrics.json` exists (train writes it last); same
-    config = its `config.yaml` equals `cfg` resolved, display keys aside. A finished run of
-    another config is trained again: its `metrics.json` is removed first, so that no process
-    of the new run can mistake the old one for finished.
+    - Same config (`config_diff` empty: only `IGNORED_KEYS` may differ), `metrics.json` there
+      (train writes it last) and `skip_if_done`: return its metrics, touch nothing.
+    - Same config, unfinished, `skip_if_done`, no `ckpt_path` given, and a `last.ckpt` (or a
+      SLURM `hpc_ckpt_*.ckpt`) there: set `cfg.ckpt_path` to it, so a requeued or re-launched
+      job resumes its fit instead of starting again.
+    - Any other earlier run there (another config, or `skip_if_done=false`): its files are
+      moved to `<run dir>/superseded-<UTC time>/` first (`supersede`), never trained over;
+      a warning names the folder and the differing keys.
+
+    Under DDP every process calls this; the decision depends only on the run's config, so
+    all agree, and only rank 0 moves files.
     """
-    if not cfg.get("skip_if_done"):
-        return None
     out = Path(cfg.paths.output_dir)
-    done, saved = out / "metrics.json", out / "config.yaml"
-    if not done.is_file():
+    differ = _differences(out, cfg)
+    if differ is None:  # no earlier run here
         return None
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(saved))
-        new = OmegaConf.to_container(cfg, resolve=True)
-        if _without(old, DISPLAY_KEYS) == _without(new, DISPLAY_KEYS):
-            metrics = json.loads(done.read_text())
-            log.info("skip_if_done: %s holds a finished run of this config; skipping it", out)
-            return metrics
-    except (OSError, ValueError):
-        pass
-    log.warning(
-        "%s holds a finished run of another config: training again, over it (skip_if_done "
-        "only skips identical configs)",
-        out,
-    )
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        done.unlink(missing_ok=True)
+    done = out / "metrics.json"
+    if not differ and cfg.get("skip_if_done"):
+        if done.is_file():
+            try:
+                metrics = json.loads(done.read_text())
+            except (OSError, ValueError) as e:
+                log.warning("skip_if_done: %s is unreadable (%s): training again", done, e)
+            else:
+                log.info("skip_if_done: %s holds a finished run of this config; skipping", out)
+                return metrics
+        elif cfg.get("ckpt_path") is None:
+            last = resume_checkpoint(cfg, out)
+            if last is not None:
+                log.info("skip_if_done: resuming the unfinished run of this config from %s", last)
+                OmegaConf.update(cfg, "ckpt_path", str(last), force_add=True)
+            return None
+        else:
+            return None
+    if differ:
+        shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
+        why = f"{out} held a run of another config (differing: {shown})"
+    else:
+        why = f"{out} held a run of this config and skip_if_done is false"
+    archive = supersede(out, why)
+    if archive is not None:
+        hint = ""
+        nearby = _same_config_nearby(out, cfg) if differ else []
+        if nearby:
+            hint = (
+                f"; a finished run of this config is in {nearby[0]} (the sweep's job order "
+                "changed: launch it in its first order to skip finished jobs)"
+            )
+        log.warning(
+            "%s: training again; the earlier run is kept in %s (delete that folder to free "
+            "the space)%s",
+            why,
+            archive,
+            hint,
+        )
     return None
 
 
@@ -164,6 +364,14 @@ def job_dirs(sweep_dir: str | Path) -> list[Path]:
     found = {p.parent for p in root.rglob("config.yaml") if p.parent.name != ".hydra"}
     found |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
     found.discard(root)  # the sweep's own multirun.yaml sits beside no config.yaml
+    # not earlier runs moved aside (`supersede`), nor W&B's own config.yaml files
+    found = {
+        p
+        for p in found
+        if not any(
+            part.startswith(SUPERSEDED) or part == "wandb" for part in p.relative_to(root).parts
+        )
+    }
     return sorted(found, key=lambda p: _job_key(p.relative_to(root)))
 
 

@@ -351,6 +351,8 @@ def test_skip_if_done_skips_only_a_finished_run_of_the_same_config(tmp_path):
     other = compose_config("train", [f"paths.output_dir={tmp_path}", *TINY, "seed=7"])
     assert finished_run(other) is None
     assert not (tmp_path / "metrics.json").exists()  # the other config's run starts clean
+    (archive,) = tmp_path.glob("superseded-*")  # and the finished run is kept, not deleted
+    assert json.loads((archive / "metrics.json").read_text()) == {"val/auroc_mean": 0.9}
 
 
 def _fake_job(run: Path, fold: int, probs: list[float], labels: list[int]) -> None:
