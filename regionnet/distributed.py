@@ -6,7 +6,10 @@ Hydra it re-runs `sys.argv` plus `hydra.run.dir=<run dir>`, which breaks multiru
 (lightning-hydra-template issue #393): each child re-reads `-m`, starts the whole sweep again
 in a new sweep directory and never joins its parent. Here a child runs exactly the parent's
 job instead: that job's overrides, as a single run (`hydra.mode=RUN`) in the job's output
-directory, with the same config sources.
+directory, with the same config sources. This replaces Lightning's private
+`_hydra_subprocess_cmd` for the job, only when Lightning will start child processes (more than
+one process on this node, not started by SLURM or another launcher), and only on a Lightning
+whose function has the signature this was tested with (`TESTED_LIGHTNING`; a warning outside).
 
 A multirun also runs its jobs one after another in one process, so each job must leave no
 trace for the next: the launcher's environment variables (with `LOCAL_RANK` left set, the
@@ -45,6 +48,9 @@ SWEEP_KEYS = (
     "hydra.output_subdir",
 )
 CHILD_EXIT_TIMEOUT_S = 300
+# Lightning versions [from, to) whose private `_hydra_subprocess_cmd` (replaced by
+# `child_command`) this module was tested with
+TESTED_LIGHTNING = ("2.6", "2.7")
 # The entry point a child runs: regionnet-train's task function. Not sys.argv[0]: under the
 # submitit launcher the job's process is submitit's, not regionnet-train.
 CHILD_PROGRAM = "from regionnet.cli import train_main; train_main()"
@@ -83,30 +89,90 @@ def child_command(local_rank: int, program: str = CHILD_PROGRAM) -> tuple[list[s
     return command, hc.runtime.cwd
 
 
+def starts_children(trainer) -> bool:
+    """Whether Lightning's launcher will start DDP child processes for `trainer` (its
+    subprocess-script launcher with more than one process per node, in an environment that
+    does not start them itself, as SLURM's srun or torchrun do)."""
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    if launcher is None or getattr(launcher, "num_processes", 1) <= 1:
+        return False
+    environment = getattr(launcher, "cluster_environment", None)
+    return not getattr(environment, "creates_processes_externally", False)
+
+
+def patchable(module) -> bool:
+    """Whether Lightning's `module._hydra_subprocess_cmd` can be replaced by `child_command`:
+    it exists with a `local_rank` parameter. A warning when the Lightning version is outside
+    `TESTED_LIGHTNING` (patched all the same) or the function is not there (not patched)."""
+    import inspect
+
+    import lightning
+    from packaging.version import Version
+
+    version = Version(lightning.__version__)
+    low, high = (Version(v) for v in TESTED_LIGHTNING)
+    original = getattr(module, "_hydra_subprocess_cmd", None)
+    try:
+        fits = original is not None and "local_rank" in inspect.signature(original).parameters
+    except (TypeError, ValueError):
+        fits = False
+    if not fits:
+        warnings.warn(
+            f"lightning {version} has no {module.__name__}._hydra_subprocess_cmd(local_rank) "
+            "for regionnet to replace: DDP child processes start with Lightning's own command, "
+            "which under a Hydra multirun (-m) starts the whole sweep again in each child. "
+            f"Use lightning>={low},<{high} (tested) for DDP under Hydra multiruns, or run "
+            "each job on its own (no -m).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    if not low <= version < high:
+        warnings.warn(
+            f"regionnet replaces Lightning's private _hydra_subprocess_cmd to start DDP child "
+            f"processes and was tested with lightning>={low},<{high}; this is lightning "
+            f"{version}. Replacing it all the same: if the children fail to start or start a "
+            f"sweep of their own, install lightning>={low},<{high}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return True
+
+
 class DistributedJob:
     """One training job's processes: `with DistributedJob() as job: ... job.track(trainer)`.
 
-    Inside, Lightning starts DDP children with `child_command`; on leaving, the process group
-    is destroyed, the parent waits for its children to exit (an error if one fails) and the
-    launcher's environment is restored for the next job of a multirun.
+    `track(trainer)` makes Lightning start DDP children with `child_command` when it will start
+    children at all (`starts_children`; never for one process, nor under srun); on leaving,
+    the process group is destroyed, the parent waits for its children to exit (an error if one
+    fails), and Lightning's function and the launcher's environment are restored for the next
+    job of a multirun.
     """
 
     def __init__(self, program: str = CHILD_PROGRAM) -> None:
         self.trainers: list = []
         self.program = program
+        self._launcher_module = None
+        self._original_command = None
 
     def track(self, trainer):
         self.trainers.append(trainer)
+        if self._launcher_module is None and starts_children(trainer):
+            self._patch()
         return trainer
 
-    def __enter__(self) -> DistributedJob:
+    def _patch(self) -> None:
         from lightning.pytorch.strategies.launchers import subprocess_script
 
+        if not patchable(subprocess_script):
+            return
         self._launcher_module = subprocess_script
         self._original_command = subprocess_script._hydra_subprocess_cmd
         subprocess_script._hydra_subprocess_cmd = functools.partial(
             child_command, program=self.program
         )
+
+    def __enter__(self) -> DistributedJob:
         self._env = {k: os.environ.get(k) for k in LAUNCHER_ENV}
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
@@ -122,7 +188,9 @@ class DistributedJob:
             if exc_type is None:
                 self._wait_for_children()
         finally:
-            self._launcher_module._hydra_subprocess_cmd = self._original_command
+            if self._launcher_module is not None:
+                self._launcher_module._hydra_subprocess_cmd = self._original_command
+                self._launcher_module = None
             for k, v in self._env.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from regionnet.config import CONF_DIR, compose_config
@@ -314,3 +315,99 @@ def test_two_optuna_sweeps_on_one_storage_through_hydra(tmp_path):
     trials = optuna.load_study(study_name="regionnet", storage=f"sqlite:///{storage}").trials
     assert len(trials) == 4
     assert trials[0].params != trials[2].params and trials[1].params != trials[3].params
+
+
+# -- item 16: Lightning's child command is replaced only when Lightning starts children --------
+def _trainer(processes: int, external: bool = False):
+    """A trainer as `DistributedJob.track` sees it: its strategy's launcher."""
+    environment = SimpleNamespace(creates_processes_externally=external)
+    launcher = SimpleNamespace(num_processes=processes, cluster_environment=environment)
+    return SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
+
+
+def _command():
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    return subprocess_script._hydra_subprocess_cmd
+
+
+def _is_ours(command) -> bool:
+    from regionnet.distributed import child_command
+
+    return getattr(command, "func", None) is child_command
+
+
+def test_child_command_is_patched_only_for_several_local_processes():
+    from regionnet.distributed import DistributedJob
+
+    original = _command()
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    for trainer, patched in (
+        (single, False),  # one process: Lightning's function is left alone
+        (_trainer(4, external=True), False),  # srun/torchrun start the processes
+        (ddp, True),  # Lightning's launcher starts a child: it runs this job
+    ):
+        with DistributedJob() as job:
+            job.track(trainer)
+            assert _is_ours(_command()) is patched
+        assert _command() is original
+
+
+def test_an_untested_lightning_warns_and_a_missing_function_is_not_patched(monkeypatch):
+    import lightning
+    from lightning.pytorch.strategies.launchers import subprocess_script
+    from packaging.version import Version
+
+    from regionnet.distributed import TESTED_LIGHTNING, DistributedJob
+
+    low, high = (Version(v) for v in TESTED_LIGHTNING)
+    assert low <= Version(lightning.__version__) < high  # the installed one was tested
+    original = _command()
+    monkeypatch.setattr(lightning, "__version__", "2.9.0")
+    untested = pytest.warns(RuntimeWarning, match=r"tested with lightning>=2\.6,<2\.7; this is")
+    with untested, DistributedJob() as job:
+        job.track(_trainer(2))
+        assert _is_ours(_command())
+    assert _command() is original
+    monkeypatch.delattr(subprocess_script, "_hydra_subprocess_cmd")
+    missing = pytest.warns(RuntimeWarning, match="starts the whole sweep again")
+    with missing, DistributedJob() as job:
+        job.track(_trainer(2))
+    assert not hasattr(subprocess_script, "_hydra_subprocess_cmd")
+
+
+# -- item 17: a split smaller than the DDP world fails at setup, not after the fit -------------
+def _datamodule(**kwargs):
+    from regionnet.data.datamodule import RegionDataModule
+
+    phantom = {"per_region": 6, "other_regions": ["chest"], "seed": 0}  # 6 val, 6 test
+    return RegionDataModule(source="phantom", phantom=phantom, image_size=32, **kwargs)
+
+
+def test_a_split_smaller_than_the_world_size_fails_at_setup(monkeypatch):
+    dm = _datamodule()
+    dm.setup()  # as train does, before the trainer exists: world size unknown, no check
+    sizes = dm.records["split"].value_counts()
+    assert 0 < sizes["val"] < 8 and sizes["test"] >= 2
+    dm.trainer = SimpleNamespace(world_size=1)
+    dm.setup("fit")  # one process: any split size will do
+    dm.trainer = SimpleNamespace(world_size=8)  # Lightning attaches its trainer before setup
+    with pytest.raises(ValueError, match=r"the val split holds \d radiograph\(s\), fewer") as e:
+        dm.setup("fit")
+    message = str(e.value)
+    assert "8 DDP processes" in message and "data.split_fractions" in message
+    assert f"at most {sizes['val']} process" in message
+
+    # the world size from torch.distributed, as under DDP; first the datamodule's first setup
+    dm = _datamodule()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    dm.setup("fit")  # every evaluated split holds at least 2
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 64)
+    with pytest.raises(ValueError, match="the val split holds .* fewer than the 64 DDP"):
+        _datamodule().setup("fit")
+    # the test split too (tested after the whole fit): 12 val, 6 test radiographs
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
+    with pytest.raises(ValueError, match="the test split holds 6 radiograph"):
+        _datamodule(split_fractions=[0.5, 0.3, 0.2]).setup("fit")
