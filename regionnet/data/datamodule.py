@@ -80,6 +80,7 @@ class RegionDataModule(L.LightningDataModule):
     # -- records and splits -------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if self.records is not None:
+            self.check_world_size()
             return
         h = self.hparams
         df = load_records(
@@ -106,6 +107,7 @@ class RegionDataModule(L.LightningDataModule):
                 h.external_test, self.regions, h.aliases, h.unknown_as_other
             )
         log.info("radiographs per split and region:\n%s", self.summary().to_string())
+        self.check_world_size()
 
     def split_frame(self, split: str) -> pd.DataFrame:
         """Records of one split (`train`, `val`, `test`) or `external`."""
@@ -187,6 +189,32 @@ class RegionDataModule(L.LightningDataModule):
     def test_stage_names(self) -> list[str]:
         """Metric prefixes of the test loaders, in order."""
         return ["test"] + (["external"] if self.external is not None else [])
+
+    def world_size(self) -> int:
+        """DDP processes: torch.distributed's world, else the attached trainer's, else 1."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return int(getattr(getattr(self, "trainer", None), "world_size", 1) or 1)
+
+    def check_world_size(self) -> None:
+        """Fail at setup, before any training, when an evaluated split (val, test, external)
+        holds fewer radiographs than there are DDP processes: each process must evaluate at
+        least one (Lightning's unpadded sampler asserts it, after the whole fit for test)."""
+        world = self.world_size()
+        if world <= 1 or self.records is None:
+            return
+        sizes = self.records["split"].value_counts()
+        sizes["external"] = 0 if self.external is None else len(self.external)
+        for split in ("val", "test", "external"):
+            n = int(sizes.get(split, 0))
+            if 0 < n < world:
+                more = "data.external_test" if split == "external" else "data.split_fractions"
+                raise ValueError(
+                    f"the {split} split holds {n} radiograph(s), fewer than the {world} DDP "
+                    "processes (trainer.devices x trainer.num_nodes), and every process must "
+                    f"evaluate at least one: add radiographs to it ({more}) or train with at "
+                    f"most {n} process(es)"
+                )
 
 
 def balanced_sampler(frame: pd.DataFrame, repeat: int = 1) -> WeightedRandomSampler:
