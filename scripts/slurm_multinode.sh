@@ -27,7 +27,12 @@ gpus="${gpus##*:}"
 # between nodes. Rank 0 writes checkpoints, metrics.json and the W&B run.
 run_dir="${REGIONNET_LOG_DIR:-outputs}/train/slurm/${SLURM_JOB_NAME}-${SLURM_JOB_ID}"
 
-srun regionnet-train \
+# --cpus-per-task again: since Slurm 22.05 srun does not inherit it from the job, and every
+# process (and its data.num_workers loader workers) would share one core.
+# A requeued job (Lightning's SIGUSR1 at the time limit, or scontrol requeue) keeps its job id,
+# so its run directory: the job resumes from the newest hpc_ckpt_*.ckpt or checkpoints/last.ckpt
+# there (skip_if_done, regionnet/sweep.py), and a finished run is not trained again.
+srun --cpus-per-task="${SLURM_CPUS_PER_TASK}" regionnet-train \
   trainer=ddp \
   trainer.num_nodes="${SLURM_NNODES}" \
   trainer.devices="${gpus}" \

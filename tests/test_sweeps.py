@@ -411,3 +411,57 @@ def test_a_split_smaller_than_the_world_size_fails_at_setup(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 8)
     with pytest.raises(ValueError, match="the test split holds 6 radiograph"):
         _datamodule(split_fractions=[0.5, 0.3, 0.2]).setup("fit")
+
+
+# -- item 16: srun gets the job's CPUs per task -------------------------------------------------
+def test_slurm_multinode_script_passes_cpus_per_task_to_srun(tmp_path):
+    """The script under a fake `srun` (records its arguments) with a 2-node SLURM job's
+    environment."""
+    fake = tmp_path / "bin/srun"
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+    fake.chmod(0o755)
+    env = {
+        "PATH": f"{fake.parent}:/usr/bin:/bin",
+        "SRUN_ARGS": str(tmp_path / "args"),
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLURM_NNODES": "2",
+        "SLURM_GPUS_PER_NODE": "a100:4",
+        "SLURM_JOB_NAME": "regionnet",
+        "SLURM_JOB_ID": "123",
+        "REGIONNET_LOG_DIR": str(tmp_path / "logs"),
+    }
+    script = CONF_DIR.parent / "scripts/slurm_multinode.sh"
+    proc = subprocess.run(["bash", str(script), "model=resnet18"], env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:2] == ["--cpus-per-task=8", "regionnet-train"]
+    for wanted in ("trainer.num_nodes=2", "trainer.devices=4", "data.num_workers=7"):
+        assert wanted in args
+    assert f"hydra.run.dir={tmp_path}/logs/train/slurm/regionnet-123" in args
+    assert args[-1] == "model=resnet18"
+
+
+def test_slurm_launcher_preset_exports_srun_cpus_per_task(tmp_path):
+    """Submitit's sbatch script from the preset: srun reads SRUN_CPUS_PER_TASK (Slurm >= 22.05
+    does not inherit --cpus-per-task)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    params = instantiate(cfg.hydra.launcher).params
+    sbatch = _make_sbatch_string(
+        command="python -u -m submitit.core._submit",
+        folder=str(tmp_path),
+        setup=params["setup"],
+        cpus_per_task=params["cpus_per_task"],
+        ntasks_per_node=params["tasks_per_node"],
+    )
+    lines = sbatch.splitlines()
+    export = lines.index("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK")
+    assert "#SBATCH --cpus-per-task=8" in lines
+    assert export < next(k for k, line in enumerate(lines) if line.startswith("srun "))
