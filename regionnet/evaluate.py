@@ -147,7 +147,9 @@ def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.Da
     if frame.empty:
         return None
     loader = datamodule._loader(frame, train=False)
-    outputs = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path) or []
+    outputs = (
+        trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, weights_only=True) or []
+    )
     rows = [(p, q) for o in outputs for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]
     if trainer.world_size > 1:
         parts = [None] * trainer.world_size

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
+from regionnet.model.module import check_resumable
 from regionnet.run import instantiate_list, numbers, prepare_run, speed_up
 from regionnet.ssl.data import UnlabeledDataModule
 from regionnet.ssl.module import SelfSupervised
@@ -90,7 +91,8 @@ def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
 
     speed_up(model, cfg.model.get("channels_last"), cfg.model.get("compile"))
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    check_resumable(cfg.get("ckpt_path"))  # tensors and plain values only: never code
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     seconds = time.perf_counter() - start
     metrics = numbers(trainer.callback_metrics, ("train/",))
     metrics.update(

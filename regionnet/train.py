@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
 from regionnet.loggers import wandb_summary
+from regionnet.model.module import check_resumable, inference_checkpoint, load_plain
 from regionnet.model_card import write_model_card
 from regionnet.run import (
     build_datamodule,
@@ -70,7 +74,10 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         lg.log_hyperparams(plain_cfg)
 
     speed_up(model, cfg.model.get("channels_last"), cfg.model.get("compile"))
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    resume = cfg.get("ckpt_path")
+    check_resumable(resume)
+    # weights_only=True everywhere a checkpoint is read: tensors and plain values, never code
+    trainer.fit(model, datamodule=dm, ckpt_path=resume, weights_only=True)
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
@@ -80,10 +87,10 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         )
     metrics = numbers(trainer.callback_metrics, ("val/auroc_mean_best", "train/images_per_s"))
     metrics["model/params"] = sum(p.numel() for p in model.parameters())
-    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)
+    trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     metrics.update(numbers(trainer.callback_metrics, ("val/",)))
     if cfg.get("test", True):
-        trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False)
+        trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
         metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
     predictions = test_predictions(trainer, model, dm, best) if cfg.get("test", True) else None
 
@@ -91,6 +98,8 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         if predictions is not None:
             predictions.to_csv(out / "test_predictions.csv", index=False)
         wandb_summary(loggers, metrics, predictions, dm.regions)
+        if best is not None:
+            strip_for_inference(Path(best))
         # after the predictions: a run directory with metrics.json is finished (skip_if_done)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
@@ -101,3 +110,17 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
 
         wandb.finish()
     return metrics
+
+
+def strip_for_inference(best: Path) -> None:
+    """Rewrite best.ckpt once, atomically, with only what inference needs (weights,
+    hyperparameters, versions; `inference_checkpoint`): no data root, run directory, optimizer
+    or loop state. last.ckpt keeps everything a resume needs."""
+    kept = inference_checkpoint(load_plain(best, "best checkpoint"))
+    tmp = best.with_name(f".{best.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(kept, tmp)
+        os.replace(tmp, best)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("best checkpoint kept for inference only (weights, hyperparameters): %s", best)

@@ -101,6 +101,10 @@ def build_backbone(
                 f"model.weights_file={str(path)!r} does not exist; give a .pth/.safetensors "
                 "state dict of this architecture, or drop it to start from random weights"
             )
+        if path.suffix != ".safetensors":  # a pickle: tensors and plain values only, never code
+            from regionnet.model.module import load_plain
+
+            load_plain(path, "model.weights_file")
         try:
             model = timm.create_model(
                 name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs

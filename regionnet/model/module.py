@@ -20,6 +20,7 @@ images). Exports (`regionnet.export`) hold the plain forward, `predict_proba`, w
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -361,9 +362,82 @@ class RegionNet(L.LightningModule):
         }
 
 
+# What a checkpoint may hold: tensors and plain values, read with torch's allow-list loader.
+UNSAFE_FILE = (
+    "is not a regionnet checkpoint or holds objects other than tensors and plain values; "
+    "regionnet never unpickles code: retrain or re-save it with regionnet"
+)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint or weights file that the allow-list loader refused, or could not read."""
+
+
+def refuse_file(path: str | Path, key: str = "ckpt_path", error: BaseException | None = None):
+    """The error for a file torch's `weights_only` loader refused: it names the file and never
+    repeats torch's advice to load with `weights_only=False` (that would run the file's code)."""
+    why = ""
+    if error is not None and not isinstance(error, pickle.UnpicklingError):
+        text = str(error).splitlines()[0] if str(error) else ""
+        if text and "weights_only" not in str(error):
+            why = f" ({type(error).__name__}: {text})"
+    return UnsafeCheckpointError(f"{key}={str(path)!r} {UNSAFE_FILE}{why}")
+
+
+def load_plain(path: str | Path, key: str = "ckpt_path") -> dict:
+    """`torch.load` with `weights_only=True` (explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot
+    turn it off) on the CPU; a refused or unreadable file raises `UnsafeCheckpointError`."""
+    try:
+        return torch.load(Path(str(path)).expanduser(), map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except Exception as e:
+        raise refuse_file(path, key, e) from None
+
+
+def check_resumable(ckpt_path) -> None:
+    """A file to resume from must be a full training checkpoint (`last.ckpt`), read with
+    `weights_only=True`; best.ckpt keeps only what inference needs."""
+    if ckpt_path is None or not Path(str(ckpt_path)).expanduser().is_file():
+        return  # none, or Lightning's own names ("last", "hpc", ...), which it resolves
+    checkpoint = load_plain(ckpt_path, "ckpt_path")
+    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
+        raise ValueError(
+            f"ckpt_path={str(ckpt_path)!r} holds only what inference needs (a best.ckpt): "
+            "resume from the run's checkpoints/last.ckpt"
+        )
+
+
+def inference_checkpoint(checkpoint: dict) -> dict:
+    """What inference needs of a training checkpoint: the weights (the averaged ones under
+    weight averaging), the hyperparameters and the versions. No optimizer, loop or callback
+    state, no data module hyperparameters: those name the data root and the run directory.
+    `weights_file` keeps its file name only (`weights_source` has its sha256)."""
+    kept = {k: checkpoint[k] for k in INFERENCE_KEYS if k in checkpoint}
+    hparams = dict(kept.get("hyper_parameters") or {})
+    if hparams.get("weights_file"):
+        hparams["weights_file"] = Path(str(hparams["weights_file"])).name
+    kept["hyper_parameters"] = hparams
+    kept["regionnet"] = {"kind": "inference", "version": _package_version()}
+    return kept
+
+
+INFERENCE_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lightning_version")
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regionnet")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") -> RegionNet:
     """A trained RegionNet from a `.ckpt`, in eval mode on `device`. Never downloads or reads
-    ImageNet weights again: the checkpoint holds every weight."""
+    ImageNet weights again: the checkpoint holds every weight. Read with `weights_only=True`:
+    a file that would need code to unpickle is refused (`UnsafeCheckpointError`)."""
     path = Path(str(ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -372,9 +446,13 @@ def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
         )
     try:
         model = RegionNet.load_from_checkpoint(
-            path, map_location="cpu", pretrained=False, weights_file=None
+            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
         )
-    except Exception as e:  # torch/Lightning say "pickle" or "KeyError"; name the file
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never
+        raise refuse_file(path, "ckpt_path", e) from None
+    except Exception as e:  # torch/Lightning say "zip archive" or "KeyError"; name the file
+        if "weights_only" in str(e):
+            raise refuse_file(path, "ckpt_path", e) from None
         raise ValueError(
             f"ckpt_path={str(path)!r} is not a RegionNet checkpoint ({type(e).__name__}: {e})"
         ) from e
