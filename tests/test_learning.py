@@ -115,3 +115,71 @@ def test_phantom_scores_are_not_constant(held_out):
     _, results = held_out
     probs = np.array([[p.probabilities[r] for r in REGIONS] for p in results])
     assert probs.std(axis=0).min() > 0.05
+
+
+# -- self-supervised pretraining learns --------------------------------------------------------
+SSL_REGIONS = ("shoulder", "elbow", "hand", "pelvis", "knee")
+
+
+def _phantom_folder(root, per_region: int, seed: int):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for r in SSL_REGIONS:
+        for i in range(per_region):
+            img = render_phantom(r, seed + i, 64)
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(root / f"{r}_{i}.png")
+    return root
+
+
+def _probe_accuracy(backbone, images: torch.Tensor, labels: np.ndarray) -> float:
+    """5-fold cross-validated logistic-regression accuracy on frozen pooled features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    with torch.no_grad():
+        feats = backbone.eval()(images).numpy()
+    probe = LogisticRegression(max_iter=2000)
+    return float(cross_val_score(probe, feats, labels, cv=5).mean())
+
+
+def test_simclr_loss_falls_and_its_features_beat_random_ones(tmp_path):
+    """SimCLR on 120 unlabelled phantoms (no region labels), 10 short epochs of the tiny test
+    ResNet: the contrastive loss falls (measured 3.86 -> about 3.1), and a linear probe on the
+    frozen features of held-out phantoms beats the same probe on the random initialisation
+    (measured 0.67 vs 0.43 region accuracy). Weight decay and BatchNorm statistics alone move
+    the weights too, so the loss check is what catches a loss that teaches nothing."""
+    import pandas as pd
+
+    from regionnet.config import compose_config
+    from regionnet.data.transforms import build_transforms
+    from regionnet.model.backbone import create_backbone
+    from regionnet.pretrain import pretrain
+
+    root = _phantom_folder(tmp_path / "archive", per_region=24, seed=1000)
+    out = tmp_path / "ssl"
+    torch.manual_seed(0)
+    overrides = ["debug=tiny", "unlabeled=folder", f"data.root={root}", "data.batch_size=32"]
+    overrides += ["model.backbone=test_resnet", "trainer.max_epochs=10", "ssl.lr=0.003"]
+    pretrain(
+        compose_config("pretrain", [*overrides, "ssl.warmup_epochs=0", f"paths.output_dir={out}"])
+    )
+
+    log = pd.read_csv(next(out.glob("csv/**/metrics.csv")))
+    losses = log["train/loss_epoch"].dropna().tolist()
+    assert len(losses) == 10
+    assert np.mean(losses[-4:]) < losses[0] - 0.3, losses
+
+    tf = build_transforms(32, train=False)
+    images = torch.stack(
+        [
+            tf(torch.from_numpy(render_phantom(r, 5000 + i, 64))[None])
+            for r in SSL_REGIONS
+            for i in range(30)
+        ]
+    )
+    labels = np.repeat(np.arange(len(SSL_REGIONS)), 30)
+    torch.manual_seed(0)
+    random = _probe_accuracy(create_backbone("test_resnet"), images, labels)
+    learned = create_backbone("test_resnet", weights_file=str(out / "backbone.pth"))
+    assert _probe_accuracy(learned, images, labels) > random + 0.1
