@@ -23,6 +23,7 @@ wording; `regionnet-data index --dataset dicom --keywords map.yaml` adds to it.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,18 +144,34 @@ def audit(
     return out
 
 
+def _normal(path: str | Path) -> Path:
+    """The absolute path with `.` and `..` resolved by name (symlinks are not followed)."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
 def mirrored_path(src: str | Path, root: Path | None, out_dir: Path, suffix: str = "") -> Path:
     """`src`'s place under `out_dir` with the layout it has under `root` (an input folder).
 
     Files outside `root` keep their whole path below `out_dir`, so two inputs never collide.
+    Paths are normalised first (a CSV's `../x.dcm` is `x.dcm` beside the CSV's folder), so
+    the result is always inside `out_dir`; one that would not be (or whose folder inside
+    `out_dir` is a symlink leading out of it) raises ValueError.
     """
-    src = Path(src).absolute()
-    try:
-        rel = src.relative_to(root) if root is not None else Path(*src.parts[1:])
-    except ValueError:
+    src, out_dir = _normal(src), _normal(out_dir)
+    root = _normal(root) if root is not None else None
+    if root is not None and src.is_relative_to(root) and src != root:
+        rel = src.relative_to(root)
+    else:
         rel = Path(*src.parts[1:])
     dst = out_dir / rel
-    return dst.with_name(dst.name + suffix) if suffix else dst
+    dst = dst.with_name(dst.name + suffix) if suffix else dst
+    inside = dst.is_relative_to(out_dir) and ".." not in rel.parts and dst != out_dir
+    if inside:  # folders that exist inside out_dir must not be links leading out of it
+        real_parent = Path(os.path.realpath(dst.parent))
+        inside = real_parent.is_relative_to(Path(os.path.realpath(out_dir)))
+    if not inside:
+        raise ValueError(f"{str(src)!r} would be written outside {str(out_dir)!r}; refused")
+    return dst
 
 
 def write_body_part(src: str | Path, dst: str | Path, term: str) -> Path:
