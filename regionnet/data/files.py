@@ -18,14 +18,20 @@ dataset adapters (`regionnet.datasets.manifest.find_images`) and the DICOM archi
   same as `pathlib.Path.rglob` in Python < 3.13). The listed folder itself may be a symlink:
   link a whole folder in, or list the target.
 - Order: sorted by path.
-- Skips: files that are not radiographs (and dangling links) are counted and logged in one line
-  per listing; hidden files are skipped silently.
+- Skips: every skipped path is counted and logged with its reason. Files that are not
+  radiographs: one DEBUG line each and their count in one INFO line per listing. Paths that
+  look like a problem get a WARNING line each and are counted in that line too: a folder that
+  cannot be listed (permission denied), a dangling symlink, a file that cannot be read to look
+  for the `DICM` magic (permission denied), something that is not a regular file (a FIFO, a
+  socket). Hidden files are skipped without a line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,7 +44,7 @@ __all__ = ["IMAGE_EXTENSIONS", "SUPPORTED_FORMATS", "is_radiograph_file", "list_
 
 def list_radiographs(root: str | Path, suffixes: Iterable[str] | None = None) -> list[Path]:
     """Radiograph files under `root`, recursively, sorted; see the module docstring for the
-    hidden-file, symlink and format rules.
+    hidden-file, symlink, format and skip rules.
 
     Paths are `root` joined with the path below it (not resolved). `suffixes` narrows the rule
     to files with one of those suffixes (an adapter that knows its publisher's format): no
@@ -49,7 +55,16 @@ def list_radiographs(root: str | Path, suffixes: Iterable[str] | None = None) ->
         raise NotADirectoryError(f"{str(root)!r} is not a folder")
     wanted = None if suffixes is None else tuple(s.lower() for s in suffixes)
     found, skipped, links = [], 0, 0
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_warn_unlistable):
+    problems: Counter[str] = Counter()
+
+    def problem(path: str | Path, why: str) -> None:
+        log.warning("skipping %s: %s", path, why)
+        problems[why] += 1
+
+    def unlistable(err: OSError) -> None:
+        problem(err.filename, f"cannot list the folder ({err.strerror or err})")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
         here = Path(dirpath)
         keep = []
         for d in dirnames:
@@ -64,24 +79,45 @@ def list_radiographs(root: str | Path, suffixes: Iterable[str] | None = None) ->
             if name.startswith("."):
                 continue
             f = here / name
+            why = _unusable(f)
+            if why is not None:
+                problem(f, why)
+                continue
             if wanted is not None:
-                ok = f.suffix.lower() in wanted and f.is_file()
+                ok = f.suffix.lower() in wanted
+            elif f.suffix.lower() not in IMAGE_EXTENSIONS and not os.access(f, os.R_OK):
+                problem(f, "permission denied (cannot look for the DICM magic)")
+                continue
             else:
-                ok = f.is_file() and is_radiograph_file(f)
+                ok = is_radiograph_file(f)
             if ok:
                 found.append(f)
             else:
+                log.debug("skipping %s: not a radiograph", f)
                 skipped += 1
-    if skipped or links:
+    if skipped or links or problems:
         log.info(
-            "%s: skipped %d files that are not radiographs (%s)%s",
+            "%s: skipped %d files that are not radiographs (%s)%s%s",
             root,
             skipped,
             ", ".join(wanted) if wanted is not None else SUPPORTED_FORMATS,
             f" and {links} symlinked folders (not followed)" if links else "",
+            "".join(f"; {n} x {why}" for why, n in sorted(problems.items())),
         )
     return sorted(found)
 
 
-def _warn_unlistable(err: OSError) -> None:
-    log.warning("cannot list %s: %s", err.filename, err.strerror or err)
+def _unusable(path: Path) -> str | None:
+    """Why a listed name cannot be a radiograph file, or None: a dangling symlink, a
+    permission error, not a regular file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "dangling symlink" if path.is_symlink() else "vanished while listing"
+    except PermissionError:
+        return "permission denied"
+    except OSError as e:
+        return f"cannot stat ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
