@@ -123,12 +123,18 @@ class RegionDataModule(L.LightningDataModule):
         return pd.crosstab(self.records["region"], self.records["split"], margins=True)
 
     def write_split(self, path: str | Path) -> Path:
-        """Write the split in use as CSV (feed it back with `data.split_file=`)."""
+        """Write the split in use as CSV (feed it back with `data.split_file=`).
+
+        File names that are not UTF-8 (a Latin-1 `\\xe9` on Linux) are written as their bytes
+        (surrogateescape), so the `path` column is the real name; read it back with
+        `pd.read_csv(..., encoding_errors="surrogateescape")`."""
         self.setup()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         keep = ["path", "split", "region", "patient_id", "source"]
-        self.records[keep + [c for c in self.records if c not in keep]].to_csv(path, index=False)
+        self.records[keep + [c for c in self.records if c not in keep]].to_csv(
+            path, index=False, encoding="utf-8", errors="surrogateescape"
+        )
         return path
 
     def positives(self) -> list[int]:
