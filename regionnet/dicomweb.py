@@ -12,14 +12,23 @@ body to pydicom through BytesIO; nothing is written to disk) and decodes it with
 and transforms that files go through, so an instance gives the probabilities its file gives.
 
 A failed retrieve (404, a server error for that instance, a body pydicom cannot parse) is an
-error row and the run goes on. The server going away or refusing the credentials stops the
-run with a `DicomWebError` naming the URL: every later instance would fail the same way, and
-`resume=true` carries on from the rows already written.
+error row and the run goes on; a request still failing after its retries names the HTTP
+status of the last answer ("HTTP 503 Service Unavailable after 4 attempts"), and
+`resume=retry_errors` tries such rows again. An instance sent without the 128-byte preamble
+and `DICM` prefix (dicomweb-client's own `store_instances` writes them so, and servers that
+keep what they receive send them back so) is read with pydicom's `force=True` when the
+response names its transfer syntax (`transfer-syntax=` of the part's Content-Type).
+The server going away or refusing the credentials stops the run with a `DicomWebError` naming
+the URL: every later instance would fail the same way, and `resume=true` carries on from the
+rows already written.
 
 Credentials come only from environment variables whose *names* the config holds
 (`dicomweb.auth.username_env`/`password_env` for HTTP basic, `token_env` for a bearer token);
 a URL with `user:password@` is refused. TLS certificates are verified unless
-`dicomweb.verify_tls=false`; `dicomweb.ca_bundle` names a site CA. dicomweb-client and
+`dicomweb.verify_tls=false`; `dicomweb.ca_bundle` names a site CA. Those two settings win
+over the environment: requests would otherwise let `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`
+replace them on every request. With `verify_tls=true` and no `ca_bundle`, those variables
+apply as usual (else certifi's CAs); proxies come from the environment as usual. dicomweb-client and
 highdicom come with the `pacs` extra (`pip install -e ".[pacs]"`).
 """
 
@@ -31,12 +40,15 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import BytesIO
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
+import pydicom
 import requests
 import torch
 from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
 from torch.utils.data import Dataset as TorchDataset
 
 from regionnet.data.dataset import collate
@@ -83,6 +95,23 @@ class BearerAuth(requests.auth.AuthBase):
 
     def __repr__(self) -> str:
         return "BearerAuth(<token from the environment>)"
+
+
+class ConfigVerifySession(requests.Session):
+    """A requests session whose `verify` (the config's `verify_tls`/`ca_bundle`) is not
+    replaced by `REQUESTS_CA_BUNDLE`/`CURL_CA_BUNDLE`: requests merges those into every
+    request over `session.verify` while `trust_env` is on (it stays on for the proxies).
+    `pinned=False` (verify_tls=true without ca_bundle) keeps requests' behaviour."""
+
+    def __init__(self, pinned: bool = True):
+        super().__init__()
+        self.pinned = pinned
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.pinned and verify is None:  # not set for this one request: the config's
+            settings["verify"] = self.verify
+        return settings
 
 
 def _require_client():
@@ -159,26 +188,19 @@ class Server:
     def session(self) -> requests.Session:
         """A requests session with the credentials (read now from the environment) and the
         TLS settings."""
-        from dicomweb_client.session_utils import (
-            add_certs_to_session,
-            create_session,
-            create_session_from_auth,
-        )
-
+        verify: bool | str = self.verify_tls
+        if self.ca_bundle and self.verify_tls:
+            verify = os.path.expanduser(os.path.expandvars(self.ca_bundle))
+            if not os.path.isfile(verify):
+                raise ValueError(f"dicomweb.ca_bundle: CA bundle file does not exist: {verify}")
+        session = ConfigVerifySession(pinned=verify is not True)
+        session.verify = verify
         if self.auth == "basic":
             user = _secret(self.username_env, "username_env")
             password = _secret(self.password_env, "password_env")
-            session = create_session_from_auth(requests.auth.HTTPBasicAuth(user, password))
+            session.auth = requests.auth.HTTPBasicAuth(user, password)
         elif self.auth == "bearer":
-            session = create_session_from_auth(BearerAuth(_secret(self.token_env, "token_env")))
-        else:
-            session = create_session()
-        session.verify = self.verify_tls
-        if self.ca_bundle and self.verify_tls:
-            try:
-                add_certs_to_session(session, ca_bundle=self.ca_bundle)
-            except OSError as e:
-                raise ValueError(f"dicomweb.ca_bundle: {e}") from None
+            session.auth = BearerAuth(_secret(self.token_env, "token_env"))
         return session
 
     def client(self):
@@ -207,6 +229,22 @@ def _secret(env: str | None, key: str) -> str:
             "running (credentials are never taken from the command line or the config)"
         )
     return value
+
+
+def retry_failure(e: Exception) -> tuple[str, int] | None:
+    """(`HTTP <status> <reason>`, attempts) of a request that dicomweb-client's retrying gave
+    up on (its `RetryError` holds the last response), else None."""
+    attempt = getattr(e, "last_attempt", None)
+    if attempt is None or type(e).__name__ != "RetryError":
+        return None
+    number = int(getattr(attempt, "attempt_number", 0) or 0)
+    value = getattr(attempt, "value", None)
+    if getattr(attempt, "has_exception", False):
+        error = value[1] if isinstance(value, tuple) and len(value) > 1 else value
+        return f"{type(error).__name__}: {error}", number
+    if isinstance(value, requests.Response):
+        return f"HTTP {value.status_code} {value.reason or ''}".strip(), number
+    return repr(value), number
 
 
 def _network_reason(e: Exception) -> str:
@@ -248,6 +286,14 @@ def reporting(server: Server, action: str) -> Iterator[None]:
                 f"{'Unauthorized' if status == 401 else 'Forbidden'}); {hint}"
             ) from None
         raise DicomWebError(f"{action}: {where} answered HTTP {status} ({e})") from None
+    except Exception as e:  # dicomweb-client's RetryError: its last answer
+        failure = retry_failure(e)
+        if failure is None:
+            raise
+        raise DicomWebError(
+            f"{action}: {where} answered {failure[0]} after {failure[1]} attempts "
+            "(dicomweb.retries); try again later"
+        ) from None
 
 
 # ------------------------------------------------------------------------------- QIDO-RS
@@ -338,10 +384,83 @@ def find_instances(client, section: Mapping) -> list[InstanceRef]:
 
 
 # ------------------------------------------------------------------------------- WADO-RS
+RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _content_type(value: str) -> tuple[str, dict[str, str]]:
+    """(media type, {parameter: value}) of a Content-Type header, lower-case names."""
+    media, *params = (p.strip() for p in value.split(";"))
+    out = {}
+    for item in params:
+        name, _, val = item.partition("=")
+        out[name.strip().lower()] = val.strip().strip('"')
+    return media.lower(), out
+
+
+def _multipart(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
+    """(headers with lower-case names, content) of each part of a multipart body."""
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    for chunk in (b"\r\n" + body).split(delimiter)[1:]:  # [0]: the preamble
+        if chunk.startswith(b"--"):  # the close delimiter
+            return
+        head, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        headers = {}
+        for line in head.split(b"\r\n")[1:]:  # [0]: the rest of the delimiter line
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        yield headers, content
+
+
+def read_instance(content: bytes, transfer_syntax: str | None = None) -> Dataset:
+    """A retrieved instance as a pydicom Dataset. Without the preamble and `DICM` prefix
+    pydicom refuses the bytes; when the response named their transfer syntax they are read
+    with `force=True`, which stands in for missing file meta information."""
+    try:
+        return pydicom.dcmread(BytesIO(content))
+    except InvalidDicomError:
+        if not transfer_syntax:
+            raise
+    ds = pydicom.dcmread(BytesIO(content), force=True)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax)
+    return ds
+
+
+def retrieve_instance(client, url: str, ref: InstanceRef) -> Dataset:
+    """WADO-RS Retrieve Instance of `ref` from the DICOMweb root `url` through `client`'s
+    session and retries, read by `read_instance` (dicomweb-client's own `retrieve_instance`
+    parses without the response's transfer syntax, so it cannot read such instances)."""
+    get = getattr(client, "_http_get", None)
+    if get is None:  # a dicomweb-client without it: its own reader
+        return client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
+    uids = (quote(u, safe="") for u in (ref.study_uid, ref.series_uid, ref.sop_uid))
+    response = get(
+        "{}/studies/{}/series/{}/instances/{}".format(url, *uids),
+        headers={"Accept": RETRIEVE_ACCEPT},
+    )
+    media, params = _content_type(response.headers.get("Content-Type", ""))
+    if media == "multipart/related" and params.get("boundary"):
+        parts = list(_multipart(response.content, params["boundary"]))
+    else:  # a single part sent bare, which some servers do
+        parts = [({"content-type": response.headers.get("Content-Type", "")}, response.content)]
+    if len(parts) != 1:
+        raise ValueError(f"the server sent {len(parts)} instances for one SOP Instance UID")
+    headers, content = parts[0]
+    syntax = _content_type(headers.get("content-type", ""))[1].get("transfer-syntax")
+    syntax = syntax or params.get("transfer-syntax")
+    return read_instance(content, syntax if syntax and syntax != "*" else None)
+
+
 def retrieve_error(e: Exception) -> str:
-    """Why one instance could not be retrieved, in one line."""
+    """Why one instance could not be retrieved, in one line; after retries, the HTTP status
+    of the last answer."""
     if isinstance(e, requests.exceptions.HTTPError) and e.response is not None:
         return f"WADO-RS retrieve failed: HTTP {e.response.status_code} {e.response.reason}"
+    failure = retry_failure(e)
+    if failure is not None:
+        return f"WADO-RS retrieve failed: {failure[0]} after {failure[1]} attempts"
     return f"WADO-RS retrieve failed: {type(e).__name__}: {e}"
 
 
@@ -397,7 +516,7 @@ class DicomWebDataset(TorchDataset):
     def __getitem__(self, i: int) -> dict:
         ref, path = self.refs[i], self.paths[i]
         try:
-            ds = self.client().retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
+            ds = retrieve_instance(self.client(), self.server.url, ref)
         except Exception as e:
             if server_failure(e):  # every later instance would fail too: stop
                 with reporting(self.server, "WADO-RS retrieve"):
