@@ -13,7 +13,11 @@ DICOMweb server (`dicomweb.url`, filters in `dicomweb.*`) finds, retrieved into 
 in training, batched through Lightning's prediction loop, and written row by row by
 `regionnet.writer.PredictionWriter` (columns documented there). A file that cannot be read
 gets a row with `status=error: <why>`; the run goes on and exits 0. `resume=true` skips the
-paths already in `output`; without it an existing output is overwritten.
+paths already in `output`; `resume=retry_errors` also predicts the paths of its error rows
+again (the old error rows are removed, the file rewritten atomically) and, with
+`dicomweb.store_sr=true`, the instances whose SR was not stored (`sr_status`); without
+resume an existing output is overwritten. One run writes an output at a time: a second one on
+the same file stops at once (`regionnet.writer.output_lock`, a lock on `<output>.lock`).
 
 Options: `audit=true` compares DICOM BodyPartExamined with the prediction;
 `dicom.write_body_part=DIR` writes corrected DICOM copies (inputs are never modified);
@@ -44,9 +48,34 @@ from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import mirrored_path
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
-from regionnet.writer import PredictionWriter, prediction_columns, read_done
+from regionnet.writer import (
+    SR_STORED,
+    PredictionWriter,
+    ResumeState,
+    output_lock,
+    prediction_columns,
+    read_done,
+)
 
 log = logging.getLogger(__name__)
+
+RETRY_ERRORS = "retry_errors"
+
+
+def resume_mode(value) -> bool | str:
+    """`resume`: false, true or retry_errors (see the module docstring)."""
+    text = str(value).strip().lower() if value is not None else "false"
+    if text in ("false", "0", "none", ""):
+        return False
+    if text in ("true", "1"):
+        return True
+    if text == RETRY_ERRORS:
+        return RETRY_ERRORS
+    raise ValueError(
+        f"resume={value!r}: choose false (overwrite), true (skip the paths already in output) "
+        "or retry_errors (also predict the error rows again and, with dicomweb.store_sr=true, "
+        "store the SRs not stored yet)"
+    )
 
 
 def _absolute(path: str | Path) -> str:
@@ -144,6 +173,8 @@ def print_summary(summary: dict) -> None:
     table.add_row("error (unreadable)", str(summary["errors"]))
     if summary["resumed"]:
         table.add_row("already done (resume)", str(summary["resumed"]))
+    if summary.get("retried"):
+        table.add_row("predicted again (retry_errors)", str(summary["retried"]))
     if summary.get("sr_stored") or summary.get("sr_failed"):
         table.add_row("SRs stored (STOW-RS)", str(summary["sr_stored"]))
         table.add_row("SRs not stored", str(summary["sr_failed"]))
@@ -178,9 +209,17 @@ def predict(cfg: DictConfig) -> dict:
     """Predict the region of every radiograph in `cfg.input`; write `cfg.output`.
 
     Returns a summary: counts `ok`, `unknown`, `errors`, `regions` (radiographs per
-    predicted region), `resumed`, `seconds` and `per_second` of the predict loop, `output`.
+    predicted region), `resumed`, `retried` (rows of `output` predicted again by
+    `resume=retry_errors`), `seconds` and `per_second` of the predict loop, `output`.
+    Raises `regionnet.writer.OutputLockedError` when another run is writing `output`.
     """
     output = Path(str(cfg.output)).expanduser()
+    resume = resume_mode(cfg.get("resume"))
+    with output_lock(output):
+        return _predict(cfg, output, resume)
+
+
+def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
     group_by = cfg.get("group_by")
     if group_by not in GROUP_BY:
         raise ValueError(f"group_by={group_by!r}: choose null or study")
@@ -214,30 +253,43 @@ def predict(cfg: DictConfig) -> dict:
     thresholds = resolve_thresholds(model.thresholds.tolist(), regions, override)
     log.info("heads %s, thresholds %s", regions, [round(t, 4) for t in thresholds])
 
-    resumed = 0
+    resumed, state = 0, ResumeState()
     if output.exists():
-        if cfg.get("resume"):
-            done = read_done(output, prediction_columns(regions, audit, server is not None))
+        if resume:
+            redo = _redo(store_sr, set(paths)) if resume == RETRY_ERRORS else None
+            columns = prediction_columns(regions, audit, server is not None)
+            done = read_done(output, columns, redo, state)
             resumed = sum(p in done for p in paths)
             paths = [p for p in paths if p not in done]
             log.info(
                 "resume: %d of %d radiographs already in %s", resumed, resumed + len(paths), output
             )
+            if state.redone:
+                log.info("resume=retry_errors: %d rows of %s predicted again", state.redone, output)
+            elif state.errors or state.sr_missing:
+                log.warning(
+                    "resume: %s keeps %d error rows and %d SRs not stored; "
+                    "resume=retry_errors predicts them again",
+                    output,
+                    state.errors,
+                    state.sr_missing,
+                )
         else:
             log.warning("overwriting %s (set resume=true to continue it instead)", output)
 
+    sr_store = _sr_store(cfg, model, regions, thresholds) if store_sr else None
     writer = PredictionWriter(
         output,
         regions,
         thresholds,
-        append=bool(cfg.get("resume")),
+        append=bool(resume),
         audit=audit,
         body_part_dir=body_part_dir,
         input_root=root,
         collect_cam=cam_dir is not None,
         uids=server is not None,
+        sr_store=sr_store,
     )
-    sr_store = _sr_store(cfg, model, regions, thresholds) if store_sr else None
     seconds = 0.0
     if paths:
         if cfg.get("channels_last"):
@@ -269,7 +321,7 @@ def predict(cfg: DictConfig) -> dict:
         trainer = L.Trainer(
             **trainer_cfg,
             logger=False,
-            callbacks=[writer] + ([sr_store] if sr_store else []),
+            callbacks=[writer],
             enable_checkpointing=False,
             enable_model_summary=False,
             default_root_dir=str(output.parent),
@@ -294,6 +346,7 @@ def predict(cfg: DictConfig) -> dict:
         "errors": counts["error"],
         "regions": dict(sorted(per_region.items())),
         "resumed": resumed,
+        "retried": state.redone,
         "body_part_written": counts["body_part_written"],
         "seconds": seconds,
         "per_second": done / seconds if seconds > 0 else 0.0,
@@ -308,6 +361,21 @@ def predict(cfg: DictConfig) -> dict:
         summary.update(study_output=str(study_path), studies=len(studies))
     print_summary(summary)
     return summary
+
+
+def _redo(store_sr: bool, inputs: set[str]):
+    """The rows `resume=retry_errors` predicts again: those of this run's inputs that are
+    error rows or, when SRs are stored, whose SR is not (`sr_status` other than `stored`).
+    Rows of paths this run does not list (an instance gone from the PACS) stay."""
+
+    def redo(row: dict) -> bool:
+        if row.get("path") not in inputs:
+            return False
+        if str(row.get("status", "")).startswith("error"):
+            return True
+        return store_sr and row.get("sr_status") != SR_STORED
+
+    return redo
 
 
 def _check_dicomweb_options(cfg: DictConfig) -> None:

@@ -17,9 +17,12 @@ Measurement Report holding one TID 1501 measurement group):
 
 The SR joins the source's study (Patient and Study attributes copied from the source), in a
 new series (Modality SR, one per study and run); its evidence lists the source instance.
-SRs go to `dicomweb.sr_url` (default: `dicomweb.url`) in batches of `dicomweb.batch_size`.
-Source instances are only ever read: STOW-RS adds the SR instances and nothing else. A batch
-the server refuses is logged and counted (`sr_failed`); the predictions are kept either way.
+SRs go to `dicomweb.sr_url` (default: `dicomweb.url`) in batches of `dicomweb.batch_size`,
+each prediction batch's SRs before its rows are written. Source instances are only ever read:
+STOW-RS adds the SR instances and nothing else. An SR the server refuses (or cannot be sent)
+is logged and counted (`sr_failed`), and its row says `sr_status=failed: <why>`; the
+predictions are kept either way, and `resume=retry_errors` with `store_sr=true` stores the
+missing SRs (and only those).
 """
 
 from __future__ import annotations
@@ -28,18 +31,18 @@ import copy
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from lightning.pytorch.callbacks import Callback
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from regionnet.decision import decide
 from regionnet.dicomweb import DicomWebError, Server, reporting
 from regionnet.regions import UNKNOWN, region_info
+from regionnet.writer import SR_STORED
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +167,14 @@ def build_sr(
     )
 
 
-class SRStore(Callback):
-    """Builds an SR for each predicted instance of a batch and STOW-RSes them in batches.
+class SRStore:
+    """Builds the SRs of a prediction batch and STOW-RSes them, `batch_size` per request.
 
-    Needs the batch's `datasets` (path -> the instance without pixels, from
-    `regionnet.dicomweb.DicomWebDataset(keep_datasets=True)`). `counts` has `sr_stored` and
+    `store(paths, probabilities, datasets)` needs `datasets` (path -> the instance without
+    pixels, from `regionnet.dicomweb.DicomWebDataset(keep_datasets=True)`) and returns
+    path -> `sr_status`: `stored`, or `failed: <why>`. The prediction writer calls it for each
+    batch before writing the batch's rows, so a row says whether its SR is on the server and
+    `resume=retry_errors` stores exactly the missing ones. `counts` has `sr_stored` and
     `sr_failed`; `stored` maps source SOP Instance UID -> SR SOP Instance UID.
     """
 
@@ -185,53 +191,63 @@ class SRStore(Callback):
         self.batch_size = max(1, int(batch_size))
         self.counts: Counter[str] = Counter()
         self.stored: dict[str, str] = {}
-        self._pending: list[tuple[str, Dataset]] = []
         self._series: dict[str, str] = {}  # study -> this run's SR series
         self._made = 0
         self._client = None
 
-    def on_predict_batch_end(
-        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
-    ) -> None:
-        datasets = batch.get("datasets", {})
-        for path, probs in zip(outputs["path"], outputs["probs"].float().tolist(), strict=True):
+    def store(
+        self,
+        paths: Sequence[str],
+        probabilities: Sequence[Sequence[float]],
+        datasets: Mapping[str, Dataset],
+    ) -> dict[str, str]:
+        """Build and store the SRs of predicted instances; path -> `sr_status`."""
+        status: dict[str, str] = {}
+        pending: list[tuple[str, str, Dataset]] = []
+        for path, probs in zip(paths, probabilities, strict=True):
             source = datasets.get(path)
             if source is None:
+                status[path] = self._failed(path, "no DICOM header to build the SR from")
                 continue
             try:
                 series = self._series.setdefault(source.StudyInstanceUID, generate_uid())
                 sr = build_sr(source, probs, self.regions, self.model, series, self._made + 1)
             except Exception as e:  # a malformed source header costs its SR only
-                log.warning("store_sr: no SR for %s: %s", path, e)
-                self.counts["sr_failed"] += 1
+                status[path] = self._failed(path, f"cannot build the SR: {e}")
                 continue
             self._made += 1
-            self._pending.append((source.SOPInstanceUID, sr))
-        if len(self._pending) >= self.batch_size:
-            self.flush()
+            pending.append((path, source.SOPInstanceUID, sr))
+        for i in range(0, len(pending), self.batch_size):
+            status.update(self._stow(pending[i : i + self.batch_size]))
+        return status
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        self.flush()
+    def _failed(self, path: str, why: str, n: int = 1) -> str:
+        why = " ".join(str(why).split())
+        log.warning("store_sr: no SR stored for %s: %s", path, why)
+        self.counts["sr_failed"] += n
+        return f"failed: {why}"
 
-    def flush(self) -> None:
-        """STOW-RS the pending SRs (one request); failures are logged and counted."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
+    def _stow(self, pending: list[tuple[str, str, Dataset]]) -> dict[str, str]:
+        """STOW-RS the SRs in one request; path -> `sr_status`."""
         try:
             if self._client is None:
                 self._client = self.server.client()
             with reporting(self.server, "STOW-RS of the SRs"):
-                response = self._client.store_instances([sr for _, sr in pending])
+                response = self._client.store_instances([sr for _, _, sr in pending])
         except (DicomWebError, ValueError) as e:
-            log.warning("store_sr: %d SRs not stored: %s", len(pending), e)
-            self.counts["sr_failed"] += len(pending)
-            return
-        failed = {item.ReferencedSOPInstanceUID for item in response.get("FailedSOPSequence", [])}
-        for source_uid, sr in pending:
+            return {path: self._failed(path, e) for path, _, _ in pending}
+        failed = {
+            item.ReferencedSOPInstanceUID: item.get("FailureReason")
+            for item in response.get("FailedSOPSequence", [])
+        }
+        status = {}
+        for path, source_uid, sr in pending:
             if sr.SOPInstanceUID in failed:
-                log.warning("store_sr: the server refused the SR for %s", source_uid)
-                self.counts["sr_failed"] += 1
+                reason = failed[sr.SOPInstanceUID]
+                code = f" (FailureReason 0x{int(reason):04X})" if reason is not None else ""
+                status[path] = self._failed(path, f"the server refused the SR{code}")
             else:
                 self.stored[source_uid] = sr.SOPInstanceUID
                 self.counts["sr_stored"] += 1
+                status[path] = SR_STORED
+        return status

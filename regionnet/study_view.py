@@ -14,6 +14,9 @@
 - `n_mismatched`.
 
 Images without a Study Instance UID (PNG, JPEG) belong to no study and are left out.
+The CSV is written like the prediction file (`regionnet.writer`): text cells a spreadsheet
+would run as a formula get a leading `'`, file names keep their bytes (surrogateescape), and
+the prediction CSV is read back with those undone, so the study rows hold the real values.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from regionnet.regions import UNKNOWN
-from regionnet.writer import is_jsonl
+from regionnet.writer import ENCODING, ERRORS, csv_safe, csv_unsafe, is_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,11 @@ def study_columns(regions: Sequence[str]) -> list[str]:
 
 
 def _read(path: Path) -> pd.DataFrame:
-    if is_jsonl(path):
-        lines = path.read_text(encoding="utf-8").splitlines()
+    if is_jsonl(path):  # json.dumps escapes every line break inside a value
+        lines = path.read_text(encoding=ENCODING, errors=ERRORS).split("\n")
         return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
-    return pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors=ERRORS)
+    return df.apply(lambda col: col.map(csv_unsafe))
 
 
 def _true(value) -> bool:
@@ -97,5 +101,6 @@ def write_study_view(predictions: str | Path, regions: Sequence[str]) -> tuple[P
     if is_jsonl(out):
         out.write_text("".join(json.dumps(r) + "\n" for r in rows.to_dict("records")))
     else:
-        rows.to_csv(out, index=False)
+        safe = rows.apply(lambda col: col.map(lambda v: csv_safe(v) if isinstance(v, str) else v))
+        safe.to_csv(out, index=False, encoding=ENCODING, errors=ERRORS)
     return out, rows

@@ -16,16 +16,42 @@ lines when the file name ends in `.jsonl`. Columns, in order:
 - `snomed`, `radlex`, `dicom_body_part`: codes of the predicted region (empty for unknown);
 - with `audit=true`: `header_region`, `mismatch`, `study_uid`, `series_uid`, `sop_uid`
   (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable; the UIDs
-  are not repeated for `input=dicomweb`).
+  are not repeated for `input=dicomweb`);
+- with `input=dicomweb`, after `status`: `sr_status`: `stored` when the DICOM SR of the row
+  was stored (`dicomweb.store_sr=true`), `failed: <why>` when it was not, empty when SRs are
+  off and on error rows.
+
+Hostile values. CSV files are opened in spreadsheets, which run a cell starting with `=`,
+`+`, `-`, `@`, TAB or CR as a formula (`=HYPERLINK(...)` in a DICOM UID). In CSV output such
+a text cell gets a leading `'` (the OWASP rule; a text cell already starting with quotes
+before one of those characters gets one more, so `csv_unsafe` gives the exact value back);
+numbers (probabilities) and text that is a plain number (`-0.5`) are written as they are.
+JSON lines hold every value exactly. File names that are not UTF-8 (bytes a Linux file
+system allows, e.g. Latin-1 `\\xe9`) are written as their original bytes (Python's
+`surrogateescape`): the CSV `path` is the file's real name; read such a CSV back with
+`pd.read_csv(..., encoding_errors="surrogateescape")` or `open(..., errors="surrogateescape")`.
+JSON lines escape them as `\\udcXX` (`json.loads` gives the name back, `os.fsencode` its bytes).
+Names holding line breaks are quoted by the CSV writer and parsed back with the csv module.
+
+One writer per file: `output_lock` takes an exclusive lock on `<output>.lock` for the run; a
+second regionnet-predict on the same output stops with a message naming it. `read_done` (for
+`resume`) drops a last record cut short by an interruption and can drop the rows to predict
+again (`resume=retry_errors`), rewriting the file atomically.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
+import re
+import socket
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +67,20 @@ log = logging.getLogger(__name__)
 CODE_COLUMNS = ("snomed", "radlex", "dicom_body_part")
 UID_COLUMNS = ("study_uid", "series_uid", "sop_uid")
 DICOMWEB_SCHEME = "dicomweb://"
+SR_STORED = "stored"
+# file names may hold any byte but '/' and NUL: write and read them back unchanged
+ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 
 def prediction_columns(
     regions: Sequence[str], audit: bool = False, uids: bool = False
 ) -> list[str]:
-    """Output columns in order (see the module docstring); `uids` for `input=dicomweb`."""
+    """Output columns in order (see the module docstring); `uids` for `input=dicomweb`
+    (with the `sr_status` column)."""
     cols = ["path", *(UID_COLUMNS if uids else ())]
-    cols += [*(f"p_{r}" for r in regions), "region", "regions", "status", *CODE_COLUMNS]
+    cols += [*(f"p_{r}" for r in regions), "region", "regions", "status"]
+    cols += ["sr_status"] if uids else []
+    cols += CODE_COLUMNS
     return cols + [c for c in AUDIT_COLUMNS if c not in cols] if audit else cols
 
 
@@ -72,41 +104,207 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".jsonl"
 
 
+# -- hostile values in CSV cells ----------------------------------------------------------
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def csv_safe(value: str) -> str:
+    """A text cell a spreadsheet will not run as a formula (OWASP CSV injection rule).
+
+    A value starting with `= + - @ TAB CR` gets a leading `'`; a plain number (`-0.5`) stays.
+    A value that already starts with `'`s before one of those gets one more `'`, so that
+    `csv_unsafe` undoes exactly what this did."""
+    body = value.lstrip("'")
+    if body[:1] in FORMULA_START and not (body == value and _NUMBER.fullmatch(value)):
+        return "'" + value
+    return value
+
+
+def csv_unsafe(value: str) -> str:
+    """The original of a `csv_safe` cell."""
+    if value.startswith("'") and value.lstrip("'")[:1] in FORMULA_START:
+        return value[1:]
+    return value
+
+
 def _csv_value(v: Any) -> Any:
     if v is None:
         return ""
     if isinstance(v, bool):
         return "true" if v else "false"
+    if isinstance(v, str):
+        return csv_safe(v)
     return v
 
 
-def read_done(path: str | Path, columns: Sequence[str]) -> set[str]:
-    """Paths already in an output file (for `resume=true`).
+# -- reading an output back (resume) -------------------------------------------------------
+# One CSV record: unquoted runs and quoted fields (line breaks inside quotes belong to the
+# field), up to the newline that ends it. Possessive: no backtracking on a cut last record.
+_CSV_RECORD = re.compile(rb'(?:[^"\n]++|"[^"]*+")*+\n')
 
-    A last line cut short by an interruption is removed from the file: its radiograph is
-    predicted again. A CSV written with other columns (another model or `audit` setting)
-    cannot be continued and raises.
-    """
+
+def _records(data: bytes, jsonl: bool) -> list[bytes]:
+    """The complete records of an output file's bytes, each with its line end."""
+    if jsonl:  # json.dumps escapes every line break inside a value
+        return [r + b"\n" for r in data[: data.rfind(b"\n") + 1].split(b"\n")[:-1]]
+    records, pos = [], 0
+    while (m := _CSV_RECORD.match(data, pos)) is not None:
+        records.append(data[pos : m.end()])
+        pos = m.end()
+    return records
+
+
+def _decode(record: bytes) -> str:
+    return record.decode(ENCODING, ERRORS)
+
+
+def _csv_fields(record: bytes) -> list[str]:
+    return next(csv.reader(io.StringIO(_decode(record), newline="")), [])
+
+
+@dataclass
+class ResumeState:
+    """What `read_done` found in an output: the paths done, and the rows it dropped to be
+    predicted again (`redone`), or kept though failed (`errors`, `sr_missing`)."""
+
+    done: set[str] = field(default_factory=set)
+    redone: int = 0
+    errors: int = 0
+    sr_missing: int = 0
+
+
+def read_output_rows(
+    path: str | Path, columns: Sequence[str]
+) -> tuple[bytes | None, list[tuple[bytes, dict]]]:
+    """(the CSV header record or None, the rows as (record bytes, {column: value})) of an
+    output file; CSV values as they were before `csv_safe`.
+
+    A last record cut short by an interruption is removed from the file: its radiograph is
+    predicted again. A CSV written with other columns (another model, `audit` setting or
+    input kind) cannot be continued and raises."""
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
-        return set()
+        return None, []
     data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
+    jsonl = is_jsonl(path)
+    records = _records(data, jsonl)
+    end = sum(len(r) for r in records)
     if end < len(data):
         log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
         with path.open("r+b") as fh:
             fh.truncate(end)
-    text = data[:end].decode("utf-8")
-    if is_jsonl(path):
-        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
-    rows = csv.reader(text.splitlines())
-    header = next(rows, None)
-    if header is not None and header != list(columns):
+    if jsonl:
+        return None, [(r, json.loads(r)) for r in records if r.strip()]
+    if not records:
+        return None, []
+    header = _csv_fields(records[0])
+    if header != list(columns):
         raise ValueError(
-            f"resume=true: {path} has columns {header}, this run writes {list(columns)} "
-            "(another model or audit setting); write to a new output file instead"
+            f"resume: {path} has columns {header}, this run writes {list(columns)} "
+            "(another model, audit setting or input kind); write to a new output file instead"
         )
-    return {row[0] for row in rows if row}
+    rows = []
+    for r in records[1:]:
+        fields = _csv_fields(r)
+        if fields:
+            rows.append((r, {k: csv_unsafe(v) for k, v in zip(header, fields)}))
+    return records[0], rows
+
+
+def read_done(
+    path: str | Path,
+    columns: Sequence[str],
+    redo: Callable[[dict], bool] | None = None,
+    state: ResumeState | None = None,
+) -> set[str]:
+    """Paths already in an output file (for `resume`).
+
+    `redo(row)` true: the row is removed (the file is rewritten without it, atomically) and
+    its path is not done: `resume=retry_errors` predicts it again. `state` (a
+    `ResumeState`) also gets the counts. See `read_output_rows` for cut records and
+    columns."""
+    path = Path(path)
+    state = state if state is not None else ResumeState()
+    header, rows = read_output_rows(path, columns)
+    if redo is not None:
+        keep = [(raw, row) for raw, row in rows if not redo(row)]
+        state.redone = len(rows) - len(keep)
+        if state.redone:
+            _replace(path, [*([header] if header else []), *(raw for raw, _ in keep)])
+        rows = keep
+    for _, row in rows:
+        state.done.add(row["path"])
+        if str(row.get("status", "")).startswith("error"):
+            state.errors += 1
+        elif row.get("sr_status") not in (None, "", SR_STORED):
+            state.sr_missing += 1
+    return state.done
+
+
+def _replace(path: Path, records: Sequence[bytes]) -> None:
+    """Write `records` to `path` through a temporary file and a rename: a crash leaves the
+    old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.writelines(records)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- one writer per output ------------------------------------------------------------------
+class OutputLockedError(RuntimeError):
+    """Another regionnet-predict is writing the same output file."""
+
+
+def lock_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+@contextmanager
+def output_lock(output: str | Path) -> Iterator[Path]:
+    """Hold an exclusive, non-blocking `flock` on `<output>.lock` (holding the pid and host)
+    while a run reads and writes `output`; raise `OutputLockedError` when another process
+    holds it. The lock file stays (removing it would race with a process opening it); the
+    lock ends with the process, also on kill -9. Where `fcntl` is missing (Windows) there is
+    no lock, with a warning."""
+    path = lock_path(output)
+    try:
+        import fcntl
+    except ImportError:
+        log.warning("no file locking on this platform: run one regionnet-predict per output")
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("a+", encoding=ENCODING, errors=ERRORS)
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown pid"
+            raise OutputLockedError(
+                f"{output} is being written by another regionnet-predict ({holder}; it holds "
+                f"the lock {path}); wait for it to finish or choose another output"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        try:
+            yield path
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -117,7 +315,9 @@ class PredictionWriter(BasePredictionWriter):
     under `input_root`). `cam_items` collects (path, region, head index) of readable
     radiographs for class activation maps drawn after the loop. `uids` (input=dicomweb):
     rows carry the UID columns, and the audit reads the headers the batch brings along
-    (`batch["headers"]`: path -> tags) instead of files.
+    (`batch["headers"]`: path -> tags) instead of files. `sr_store` (a `regionnet.sr.SRStore`,
+    `dicomweb.store_sr=true`) stores each batch's SRs before its rows are written, so that
+    `sr_status` says what happened.
     """
 
     def __init__(
@@ -132,6 +332,7 @@ class PredictionWriter(BasePredictionWriter):
         input_root: str | Path | None = None,
         collect_cam: bool = False,
         uids: bool = False,
+        sr_store=None,
     ):
         super().__init__(write_interval="batch")
         self.output = Path(output)
@@ -143,6 +344,7 @@ class PredictionWriter(BasePredictionWriter):
         self.input_root = Path(input_root) if input_root else None
         self.collect_cam = collect_cam
         self.uids = uids
+        self.sr_store = sr_store
         self.columns = prediction_columns(self.regions, audit, uids)
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
@@ -154,7 +356,9 @@ class PredictionWriter(BasePredictionWriter):
     def _open(self) -> None:
         self.output.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (self.append and self.output.is_file() and self.output.stat().st_size > 0)
-        self._fh = self.output.open("w" if fresh else "a", newline="", encoding="utf-8")
+        self._fh = self.output.open(
+            "w" if fresh else "a", newline="", encoding=ENCODING, errors=ERRORS
+        )
         if not self.jsonl:
             self._csv = csv.DictWriter(self._fh, fieldnames=self.columns)
             if fresh:
@@ -180,9 +384,9 @@ class PredictionWriter(BasePredictionWriter):
             self._open()
         for row in rows:
             if self.jsonl:
-                self._fh.write(json.dumps(row) + "\n")
+                self._fh.write(json.dumps({k: row.get(k) for k in self.columns}) + "\n")
             else:
-                self._csv.writerow({k: _csv_value(v) for k, v in row.items()})
+                self._csv.writerow({k: _csv_value(row.get(k)) for k in self.columns})
         self._fh.flush()
 
     # -- rows ----------------------------------------------------------------------------
@@ -222,12 +426,13 @@ class PredictionWriter(BasePredictionWriter):
         term = region_codes(region)["dicom_body_part"]
         if not term or path.startswith("phantom://") or not is_dicom(path):
             return
-        dst = mirrored_path(path, self.input_root, self.body_part_dir)
-        try:
+        dst = None
+        try:  # a path escaping body_part_dir is refused by mirrored_path
+            dst = mirrored_path(path, self.input_root, self.body_part_dir)
             write_body_part(path, dst, term)
             self.counts["body_part_written"] += 1
         except Exception as e:  # one unwritable copy must not stop the run
-            log.warning("dicom.write_body_part: could not write %s: %s", dst, e)
+            log.warning("dicom.write_body_part: no copy of %s (%s): %s", path, dst, e)
             self.counts["body_part_failed"] += 1
 
     def write_on_batch_end(
@@ -239,5 +444,10 @@ class PredictionWriter(BasePredictionWriter):
             self.ok_row(p, pr, headers.get(p))
             for p, pr in zip(prediction["path"], probs, strict=True)
         ]
+        if self.sr_store is not None:  # stored before the rows are written: sr_status is true
+            datasets = batch.get("datasets", {}) if isinstance(batch, dict) else {}
+            stored = self.sr_store.store(prediction["path"], probs, datasets)
+            for row in rows:
+                row["sr_status"] = stored.get(row["path"], "")
         rows += [self.error_row(p, why, headers.get(p)) for p, why in prediction["errors"]]
         self.write_rows(rows)
