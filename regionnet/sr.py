@@ -1,6 +1,6 @@
 """Results back to the PACS: one DICOM Structured Report per classified instance, by STOW-RS.
 
-`dicomweb.store_sr=true` makes `SRStore` (a Lightning callback beside the prediction writer)
+`dicomweb.store_sr=true` makes `SRStore` (called by the prediction writer for each batch)
 build, for every instance with a prediction, a Comprehensive 3D SR with highdicom (TID 1500
 Measurement Report holding one TID 1501 measurement group):
 
