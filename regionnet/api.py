@@ -58,18 +58,22 @@ def load_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
 
 
 def array_pixels(x: np.ndarray | torch.Tensor, name: str = "array") -> np.ndarray:
-    """An in-memory image as float32 (H, W) in [0, 1]; RadiographReadError if unusable."""
+    """An in-memory image as float32 (H, W) in [0, 1]; RadiographReadError if unusable.
+
+    The intensity rule of `regionnet.io` (the one every file reader uses): integer arrays are
+    divided by the full scale of their bit depth, which an array does not declare, so it is the
+    smallest of 8, 10, 12, 14, 16, 32 bits holding the brightest value (uint8: v / 255, like an
+    8-bit PNG; 12-bit data: v / 4095, like a 12-bit DICOM; signed when any value is negative).
+    Float arrays must already lie in [0, 1] and are taken as they are."""
+    from regionnet.io import integer_pixels
+
     arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
         arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
     if arr.ndim != 2 or arr.size == 0:
         raise RadiographReadError(name, f"expected a grey image of shape (H, W), got {arr.shape}")
-    if arr.dtype == np.uint8:
-        return (arr / 255.0).astype(np.float32)
     if arr.dtype.kind in "iu":
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros(arr.shape)
-        return scaled.astype(np.float32)
+        return np.ascontiguousarray(integer_pixels(arr))
     if arr.dtype.kind != "f":
         raise RadiographReadError(name, f"unsupported dtype {arr.dtype}; use float or integers")
     if not np.isfinite(arr).all():

@@ -32,6 +32,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.io import INTENSITY
 from regionnet.model.metrics import RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
 from regionnet.model.thresholds import calibrate, parse_method
@@ -72,9 +73,19 @@ class RegionNet(L.LightningModule):
         tta: bool = False,
         weights_source: Mapping | None = None,
         backbone_lr_scale: float = 1.0,
+        intensity: str = INTENSITY,
     ):
         super().__init__()
         regions = list(validate_regions(regions))
+        # The pixel intensity rule the training images were read with (regionnet.io). Old
+        # checkpoints lack it and get the default: every film they were trained on (8-bit PNGs,
+        # phantoms) reads the same under it.
+        if intensity != INTENSITY:
+            raise ValueError(
+                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
+                f"{INTENSITY!r} rule only (regionnet.io); use the regionnet version the "
+                "checkpoint was trained with"
+            )
         parse_method(threshold_method)
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(
