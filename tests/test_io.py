@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -523,3 +524,24 @@ def test_read_dicom_header_reads_only_the_tags_asked(tmp_path):
     header = read_dicom_header(path, ("PatientID", "StudyInstanceUID"))
     assert set(header) == {"PatientID", "StudyInstanceUID"}
     assert header["PatientID"] == "P-7" and header["StudyInstanceUID"].startswith("1.2.")
+
+
+def test_folder_source_groups_dicom_by_patient_then_study(tmp_path):
+    from regionnet.data.sources import folder_records
+
+    root = tmp_path / "hospital"
+    (root / "knee").mkdir(parents=True)
+    (root / "hand").mkdir()
+    make_dicom(root / "knee" / "a.dcm", RAW, PatientID="P1", StudyInstanceUID="1.2.3")
+    make_dicom(root / "knee" / "b", RAW, suffix="", PatientID="P1", StudyInstanceUID="1.2.4")
+    make_dicom(root / "hand" / "c.dcm", RAW, PatientID="P2", StudyInstanceUID="1.2.5")
+    make_dicom(root / "hand" / "d.dcm", RAW, PatientID="", StudyInstanceUID="1.2.6")
+    make_dicom(root / "hand" / "e.dcm", RAW, PatientID="", StudyInstanceUID="1.2.6")
+    Image.fromarray(gradient()).save(root / "hand" / "f.png")
+    df = folder_records(root, ("hand", "knee"))
+    names = {Path(row["path"]).name: row for _, row in df.iterrows()}
+    assert names["a.dcm"]["patient_id"] == names["b"]["patient_id"] == "P1"
+    assert names["c.dcm"]["patient_id"] == "P2"
+    assert names["d.dcm"]["patient_id"] == names["e.dcm"]["patient_id"] == "study:1.2.6"
+    assert names["f.png"]["patient_id"] == str((root / "hand" / "f.png").resolve())
+    assert names["a.dcm"]["study_id"] == "1.2.3" and names["f.png"]["study_id"] == ""

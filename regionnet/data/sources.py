@@ -9,6 +9,7 @@ region set or `other`), `patient_id` (splits never put one patient in two splits
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import pandas as pd
 
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.phantom import PHANTOM_REGIONS, phantom_uri
+from regionnet.io import RadiographReadError, is_dicom, read_dicom_header
 from regionnet.regions import OTHER, to_target
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 def label_columns(regions: Sequence[str]) -> list[str]:
@@ -58,6 +61,11 @@ def folder_records(
     folder may be a symlink. Below it, `regionnet.data.files.list_radiographs` finds the files
     (image suffixes, DICOM also without suffix; hidden files and symlinked folders skipped;
     other files counted in the log).
+
+    DICOM files take `patient_id` from their PatientID, or `study:<StudyInstanceUID>` when it
+    is empty (a study belongs to one patient), and `study_id` from StudyInstanceUID, so a
+    hospital's DICOM folder is split by patient. Only those two header elements are read, not
+    the pixels. Other files (and unreadable headers) are each their own patient.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -72,12 +80,33 @@ def folder_records(
     for sub in subdirs:
         region = to_target(sub.name, regions, aliases, unknown_as_other, where=f"folder {sub}")
         for f in list_radiographs(sub):
-            rows.append({"path": str(f.resolve()), "region": region, "folder": sub.name})
+            row = {"path": str(f.resolve()), "region": region, "folder": sub.name}
+            rows.append(row | _dicom_ids(f))
     if not rows:
         raise ValueError(f"data.root={str(root)!r}: no radiographs ({SUPPORTED_FORMATS})")
     df = pd.DataFrame(rows)
+    known = df["patient_id"] != ""
+    if known.any():
+        log.info(
+            "%s: patient ids of %d files from their DICOM headers (%d patients)",
+            root,
+            int(known.sum()),
+            df.loc[known, "patient_id"].nunique(),
+        )
     df["source"] = source or root.name
     return _finish(df, regions)
+
+
+def _dicom_ids(path: Path) -> dict[str, str]:
+    """`patient_id` and `study_id` of a DICOM file from its header; empty for other files."""
+    if not is_dicom(path):
+        return {"patient_id": "", "study_id": ""}
+    try:
+        header = read_dicom_header(path, ("PatientID", "StudyInstanceUID"))
+    except RadiographReadError:
+        return {"patient_id": "", "study_id": ""}  # the reader says why when it is read
+    patient, study = header["PatientID"].strip(), header["StudyInstanceUID"].strip()
+    return {"patient_id": patient or (f"study:{study}" if study else ""), "study_id": study}
 
 
 def csv_records(
