@@ -273,18 +273,20 @@ def supersede(out: Path, why: str) -> Path | None:
 
 
 def _same_config_nearby(out: Path, cfg: DictConfig) -> list[Path]:
-    """Sibling job directories of a multirun that hold a finished run of this config (a
-    re-launched grid in another order)."""
+    """Sibling job directories of a multirun, or runs moved aside in them, that hold a
+    finished run of this config (a re-launched grid in another order)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return []
     found = []
-    for other in sorted(out.parent.iterdir(), key=_job_key):
-        done = other != out and (other / "metrics.json").is_file()
-        if done and _differences(other, cfg) == []:
-            found.append(other)
+    for job in sorted(out.parent.iterdir(), key=_job_key):
+        if job == out or not job.is_dir():
+            continue
+        for other in [job, *sorted(job.glob(f"{SUPERSEDED}*"))]:
+            if (other / "metrics.json").is_file() and _differences(other, cfg) == []:
+                found.append(other)
     return found
 
 

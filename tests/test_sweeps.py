@@ -116,6 +116,30 @@ def test_two_relaunches_keep_both_earlier_runs(tmp_path):
     assert kept == [0.5, 0.9]
 
 
+def test_a_reordered_grid_keeps_every_run_and_names_where_this_config_finished(
+    tmp_path, monkeypatch, caplog
+):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(
+        HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN))
+    )
+    first = {**_fake_run(tmp_path / "0", "seed=1"), **_fake_run(tmp_path / "1", "seed=2")}
+    with caplog.at_level(logging.WARNING, logger="regionnet.sweep"):
+        assert finished_run(_cfg(tmp_path / "0", "seed=2")) is None  # seed=2,1 this time
+        assert f"a finished run of this config is in {tmp_path / '1'} " in caplog.text
+        assert finished_run(_cfg(tmp_path / "1", "seed=1")) is None
+        (moved,) = (tmp_path / "0").glob("superseded-*")
+        assert f"a finished run of this config is in {moved} " in caplog.text
+    # both earlier runs kept, byte for byte: <job>/<archive>/<file> holds <job>/<file>
+    for f, content in first.items():
+        job, *rest = f.relative_to(tmp_path).parts
+        (kept,) = (tmp_path / job).glob(f"superseded-*/{'/'.join(rest)}")
+        assert kept.read_bytes() == content
+
+
 def test_only_rank_zero_moves_files(tmp_path, monkeypatch):
     from lightning.pytorch.utilities import rank_zero_only
 
