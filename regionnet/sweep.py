@@ -331,6 +331,8 @@ def finished_run(cfg: DictConfig) -> dict | None:
     if differ:
         shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         why = f"{out} held a run of another config (differing: {shown})"
+    elif cfg.get("skip_if_done"):
+        why = f"{out} held a run of this config with an unreadable metrics.json"
     else:
         why = f"{out} held a run of this config and skip_if_done is false"
     archive = supersede(out, why)
