@@ -169,6 +169,7 @@ def test_pretrain_cli_on_a_user_folder(tmp_path):
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
 
 
+@pytest.mark.shared_data
 def test_pretrain_on_shared_unlabelled_data(tmp_path, shared_data):
     out = run_pretrain(tmp_path, [f"paths.data_dir={shared_data}", "data.max_images=64"])
     used = pd.read_csv(out / "pretrain_images.csv")
