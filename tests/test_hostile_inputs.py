@@ -160,7 +160,8 @@ def test_dotdot_paths_in_a_csv_write_copies_and_maps_inside_the_output_folders(
     phantom_checkpoint,  # noqa: F811
     tmp_path,
 ):
-    pytest.importorskip("regionnet.cam")
+    import regionnet.cam  # noqa: F401 - a broken module must fail here, not skip
+
     src = tmp_path / "a" / "b"
     src.mkdir(parents=True)
     make_dicom(src / "x.dcm", u16("knee", 9201), BodyPartExamined="")

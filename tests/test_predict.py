@@ -293,7 +293,8 @@ def test_console_script_runs_with_workers_and_exits_0(
 
 
 def test_cam_maps_for_readable_radiographs(phantom_checkpoint, tmp_path):  # noqa: F811
-    pytest.importorskip("regionnet.cam")
+    import regionnet.cam  # noqa: F401 - a broken module must fail here, not skip
+
     (tmp_path / "in").mkdir()
     Image.fromarray(phantom_u8("knee", 7301)).save(tmp_path / "in" / "knee.png")
     (tmp_path / "in" / "broken.png").write_text("no pixels here")

@@ -99,7 +99,7 @@ def read_split_file(path: str | Path, df: pd.DataFrame) -> pd.Series:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data.split_file={str(path)!r} does not exist")
-    saved = pd.read_csv(path, dtype=str)
+    saved = pd.read_csv(path, dtype=str, encoding="utf-8", encoding_errors="surrogateescape")
     if not {"path", "split"} <= set(saved.columns):
         raise ValueError(f"{path}: a split file needs 'path' and 'split' columns")
     lookup = dict(zip(saved["path"], saved["split"].str.lower(), strict=True))

@@ -157,7 +157,9 @@ class UnlabeledDataModule(L.LightningDataModule):
         """`pretrain_images.csv` (what was used) and, with `labelled`, `labelled_split.csv`."""
         self.setup()
         out_dir = Path(out_dir)
-        self.records.to_csv(out_dir / "pretrain_images.csv", index=False)
+        self.records.to_csv(
+            out_dir / "pretrain_images.csv", index=False, encoding="utf-8", errors="surrogateescape"
+        )
         if self.labelled is not None:
             self.labelled.write_split(out_dir / "labelled_split.csv")
 
