@@ -457,6 +457,35 @@ def test_manifest_validation_names_the_problem(tmp_path):
         read_manifest(tmp_path / "nope.csv")
 
 
+def test_original_label_and_label_source_are_optional(tmp_path, capsys):
+    """A manifest made elsewhere (the shared radiographs' manifest.csv) has neither column: it
+    reads, counts and merges with an adapter's manifest (label_source '' = not stated)."""
+    bare = frame("a", {"knee": 2, "hand": 1}).drop(columns=["original_label", "label_source"])
+    path = tmp_path / "bare.csv"
+    bare.to_csv(path, index=False)
+    df = read_manifest(path)
+    assert "label_source" not in df and stats_frame(df).loc["knee", "a"] == 2
+    assert main(["stats", str(path)]) == 0
+    assert "total" in capsys.readouterr().out
+    merged = merge_manifests([df, frame("b", {"elbow": 1})])
+    assert merged["label_source"].tolist() == ["", "", "", "dataset"]
+    write_manifest(merged, tmp_path / "merged.csv")
+    wrong = frame("a", {"knee": 1})
+    wrong["label_source"] = "guess"
+    with pytest.raises(ValueError, match="label_source"):
+        write_manifest(wrong, tmp_path / "wrong.csv")
+    with pytest.raises(ValueError, match=r"missing columns \['source'\]"):
+        write_manifest(bare.drop(columns="source"), tmp_path / "m.csv")
+
+
+@needs_shared
+@pytest.mark.shared_data
+def test_cli_stats_on_the_shared_manifest(capsys):
+    assert main(["stats", str(RADIOGRAPHS / "manifest.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "pelvis" in out
+
+
 def test_same_raw_patient_id_in_two_sources_never_collides(tmp_path):
     a = tmp_path / "a"
     b = tmp_path / "b"

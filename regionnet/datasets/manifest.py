@@ -13,6 +13,9 @@ A manifest has one row per radiograph and the columns of `MANIFEST_COLUMNS`:
 - `original_label`: the dataset's own label the region came from (`XR_WRIST`, `hip`, `10 15`);
 - `label_source`: `dataset` (the publisher's label) or `dicom_metadata` (pre-labelled from DICOM
   tags: audit these against predictions).
+`original_label` and `label_source` are optional (`OPTIONAL_COLUMNS`): every adapter writes them,
+but a manifest made elsewhere (such as the shared radiographs' manifest.csv) may lack them, and
+an empty `label_source` means "not stated" (a merge of manifests with and without it).
 Adapters may add columns (`age_group`, `finding`, `original_split`, ...); they are kept.
 
 A multi-label manifest (UNIFESP with `--multilabel`) has no `region` column but one 0/1 column
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = (
     "path", "region", "source", "patient_id", "view", "original_label", "label_source",
 )  # fmt: skip
+OPTIONAL_COLUMNS = ("original_label", "label_source")
 LABEL_SOURCES = ("dataset", "dicom_metadata")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -165,11 +169,12 @@ def is_multilabel(df: pd.DataFrame) -> bool:
 
 def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> pd.DataFrame:
     """Check a manifest's columns and values; raise naming the column and the fix."""
-    required = [c for c in MANIFEST_COLUMNS if c != "region"]
+    required = [c for c in MANIFEST_COLUMNS if c != "region" and c not in OPTIONAL_COLUMNS]
     missing = [c for c in required if c not in df]
     if missing:
         raise ValueError(
-            f"{where}: missing columns {missing}; a regionnet manifest has {list(MANIFEST_COLUMNS)}"
+            f"{where}: missing columns {missing}; a regionnet manifest has {required} and "
+            f"'region' (or 0/1 region columns), optionally {list(OPTIONAL_COLUMNS)}"
             " (write one with `regionnet-data index`)"
         )
     if "region" in df:
@@ -193,9 +198,12 @@ def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> pd.DataFrame
             raise ValueError(f"{where}: region columns {cols} must hold 0 or 1")
     if (df["patient_id"].astype(str).str.strip() == "").any():
         raise ValueError(f"{where}: every row needs a patient_id (splits group by patient)")
-    bad_ls = sorted(set(df["label_source"]) - set(LABEL_SOURCES))
-    if bad_ls:
-        raise ValueError(f"{where}: label_source {bad_ls}; allowed {list(LABEL_SOURCES)}")
+    if "label_source" in df:
+        bad_ls = sorted(set(df["label_source"].astype(str)) - {*LABEL_SOURCES, ""})
+        if bad_ls:
+            raise ValueError(
+                f"{where}: label_source {bad_ls}; allowed {list(LABEL_SOURCES)} or empty"
+            )
     dupes = df["path"][df["path"].duplicated()]
     if len(dupes):
         raise ValueError(
