@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.loggers import finish_wandb, loggable_config, private_table
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
@@ -274,8 +275,12 @@ def _ci(values: dict, stage: str, region: str) -> tuple[float, float] | None:
 
 
 def _log(cfg: DictConfig, result: dict, figures: dict, predictions: pd.DataFrame) -> None:
-    """Scalars to every logger; with W&B also the figures and the predictions table (patient
-    ids left out: they may identify patients)."""
+    """Scalars to every logger; with W&B also the figures and the predictions table. Unless
+    `logger.wandb.log_paths`, W&B gets the config with paths redacted and the table without
+    its path, patient_id, UID and source columns (file names like CR.1.2.840... identify
+    studies; a source is named after its data folder)."""
+    from lightning.pytorch.loggers import WandbLogger
+
     group = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
     for c in group.values():
         if c and str(c.get("_target_", "")).endswith("wandb_logger"):
@@ -287,15 +292,14 @@ def _log(cfg: DictConfig, result: dict, figures: dict, predictions: pd.DataFrame
         if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
     }
     for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        lg.log_hyperparams(loggable_config(lg, OmegaConf.to_container(cfg, resolve=True)))
         lg.log_metrics(scalars)
-        if type(lg).__name__ == "WandbLogger":
+        if isinstance(lg, WandbLogger):
             for name, path in figures.items():
                 lg.log_image(f"eval/{name}", images=[str(path)])
-            table = predictions.drop(columns=["patient_id"], errors="ignore")
-            lg.log_table("eval/predictions", dataframe=table)
+            private = not getattr(lg, "log_paths", False)
+            lg.log_table(
+                "eval/predictions", dataframe=private_table(predictions) if private else predictions
+            )
         lg.finalize("success")
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
+    finish_wandb(loggers)

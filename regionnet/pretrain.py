@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
+from regionnet.loggers import finish_wandb
 from regionnet.model.module import check_resumable
 from regionnet.run import instantiate_list, numbers, prepare_run, speed_up
 from regionnet.ssl.data import UnlabeledDataModule
@@ -113,8 +114,5 @@ def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
             cfg.model.backbone,
             weights.resolve(),
         )
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
+    finish_wandb(loggers)
     return metrics

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
-from regionnet.loggers import wandb_summary
+from regionnet.loggers import finish_wandb, loggable_config, wandb_summary
 from regionnet.model.module import check_resumable, inference_checkpoint, load_plain
 from regionnet.model_card import write_model_card
 from regionnet.run import (
@@ -70,8 +70,8 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         dm.write_split(out / "split.csv")
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
-    for lg in loggers:
-        lg.log_hyperparams(plain_cfg)
+    for lg in loggers:  # W&B gets no paths unless logger.wandb.log_paths
+        lg.log_hyperparams(loggable_config(lg, plain_cfg))
 
     speed_up(model, cfg.model.get("channels_last"), cfg.model.get("compile"))
     resume = cfg.get("ckpt_path")
@@ -105,10 +105,7 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
         print_summary(metrics, dm.regions)
         log.info("run directory: %s (best checkpoint: %s)", out, best)
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
+    finish_wandb(loggers)
     return metrics
 
 

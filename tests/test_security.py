@@ -50,12 +50,21 @@ def _folder_data(root: Path, per_region: int = 10) -> Path:
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
-    """A tiny `data=folder` training: (data root, run dir)."""
+    """A tiny `data=folder` training logging to W&B (offline, the default): (data root, run
+    dir). The data hold an unreadable file, whose path the console log names."""
     base = tmp_path_factory.mktemp("folder_run")
     root = _folder_data(base / "secret-radiograph-root")
     run = base / "run-dir-xyz"
-    cfg = compose_config("train", [*FOLDER, f"data.root={root}", f"paths.output_dir={run}"])
-    train(cfg)
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("WANDB_MODE", raising=False)
+        env.delenv("WANDB_API_KEY", raising=False)
+        env.setenv("WANDB_DIR", str(base))
+        cfg = compose_config(
+            "train",
+            [*FOLDER, "logger=wandb", f"data.root={root}", f"paths.output_dir={run}"],
+        )
+        assert cfg.logger.wandb.mode == "offline" and not cfg.logger.wandb.log_paths
+        train(cfg)
     return root, run
 
 
@@ -190,3 +199,98 @@ def test_a_weights_file_with_a_payload_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UnsafeCheckpointError, match="model.weights_file=") as refused:
         build_backbone("test_resnet", weights_file=str(weights))
     assert "weights_only=False" not in str(refused.value) and not marker.exists()
+
+
+# -- 2. W&B: offline unless asked, no paths unless asked --------------------------------------
+def _uploadable(run: Path) -> list[Path]:
+    """What `wandb sync` would upload of a run's offline W&B runs: the run file and files/
+    (not logs/, W&B's local debug logs)."""
+    (offline,) = run.glob("wandb/offline-run-*")
+    return [f for f in offline.rglob("*") if f.is_file() and "logs" not in f.parts]
+
+
+def test_default_wandb_logger_is_offline_and_private(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key alone is no consent to upload
+    cfg = compose_config("train", [f"paths.output_dir={tmp_path}"])
+    assert "wandb" in cfg.logger and cfg.logger.wandb.mode == "offline"
+    logger = instantiate(cfg.logger.wandb)
+    assert logger._wandb_init["mode"] == "offline" and not logger.log_paths
+    settings = logger._wandb_init["settings"]
+    assert settings.console == "off" and settings.x_disable_meta and settings.disable_git
+    # WANDB_MODE may make it stricter, never looser than the config
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    online = compose_config("train", [f"paths.output_dir={tmp_path}", "logger.wandb.mode=online"])
+    assert instantiate(online.logger.wandb)._wandb_init["mode"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert instantiate(cfg.logger.wandb)._wandb_init["mode"] == "disabled"
+
+
+def test_wandb_gets_no_data_root_no_run_dir_and_no_console_log(folder_run):
+    root, run = folder_run
+    files = _uploadable(run)
+    assert any(f.suffix == ".wandb" for f in files)
+    assert not any(f.name == "output.log" for f in files)  # no console log
+    assert not any(f.name == "wandb-metadata.json" for f in files)  # no command line, host
+    blob = b"".join(f.read_bytes() for f in files)
+    assert b"<redacted>" in blob and b"test/auroc_mean" in blob  # the config and the metrics
+    for secret in (str(root), root.name, "broken.png", str(run)):
+        assert secret.encode() not in blob, secret
+    # the unreadable file was named on the console (train.log), just not sent to W&B
+    assert (run / "checkpoints").is_dir()
+
+
+def test_eval_table_sent_to_wandb_has_no_path_or_patient_column(folder_run, tmp_path, monkeypatch):
+    from regionnet.evaluate import evaluate
+
+    root, run = folder_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "eval"
+    cfg = compose_config(
+        "eval",
+        [f"ckpt_path={run / 'checkpoints/best.ckpt'}", f"paths.output_dir={out}", "logger=wandb",
+         "num_workers=0", "trainer.accelerator=cpu", "bootstrap.resamples=20"],
+    )  # fmt: skip
+    evaluate(cfg)
+    assert "path" in pd.read_csv(out / "predictions.csv").columns  # the local file keeps it
+    (table,) = [f for f in _uploadable(out) if f.name.endswith(".table.json")]
+    columns = json.loads(table.read_text())["columns"]
+    assert "p_knee" in columns and "true_region" in columns
+    assert not {"path", "patient_id", "source"} & set(columns)
+    blob = b"".join(f.read_bytes() for f in _uploadable(out))
+    assert root.name.encode() not in blob and run.name.encode() not in blob
+
+
+def test_online_without_a_reachable_server_logs_offline_with_one_warning(
+    tmp_path, monkeypatch, caplog
+):
+    import time
+
+    from hydra.utils import instantiate
+
+    from regionnet import loggers
+
+    monkeypatch.setattr(loggers, "_probed", {})
+    monkeypatch.setattr(loggers, "_warned", set())
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    overrides = [o for o in TINY if not o.startswith("logger=")]
+    cfg = compose_config(
+        "train",
+        [*overrides, "logger=wandb", "logger.wandb.mode=online", "logger.wandb.probe_timeout=2",
+         f"paths.output_dir={tmp_path}"],
+    )  # fmt: skip
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="regionnet.loggers"):
+        assert instantiate(cfg.logger.wandb)._wandb_init["mode"] == "offline"
+        metrics = train(cfg)
+    assert time.monotonic() - start < 120 and "test/auroc_mean" in metrics
+    warnings = [r for r in caplog.records if r.name == "regionnet.loggers"]
+    assert len(warnings) == 1 and "127.0.0.1:9" in warnings[0].getMessage()
+    assert "offline" in warnings[0].getMessage()
+    assert list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
