@@ -4,7 +4,8 @@ Keys follow the MONAI bundle `metadata.json` where one fits (`version`, `task`,
 `description`, `data_source`, `data_type`, `image_classes`, `label_classes`, `pred_classes`,
 `eval_metrics`, `intended_use`, `references`, `network_data_format` with `inputs`/`outputs`)
 plus regionnet's own (`regions` with DICOM terms and SNOMED CT codes, `thresholds`, `backbone`,
-`training_data`, `known_limits`). Written next to the checkpoints at the end of training.
+`training_data`, `auroc_per_head`: each head's AUROC with its interval where known and its
+positives, n+, `known_limits`). Written next to the checkpoints at the end of training.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 
 import regionnet
 from regionnet.regions import OTHER, UNKNOWN, region_info
+from regionnet.reporting import auroc_summary
 
 FEW_IMAGES = 100  # fewer training images than this for a head is called out as a limit
+FEW_POSITIVES = 10  # a test AUROC resting on fewer positives than this is called out
 
 INTENDED_USE = (
     "Tell which anatomical region a musculoskeletal radiograph shows, to drive hanging "
@@ -92,8 +95,10 @@ def model_card(model, datamodule, metrics: Mapping[str, float]) -> dict:
         "eval_metrics": {
             k: v for k, v in metrics.items() if k.startswith(("test/", "external/", "val/"))
         },
+        # "AUC 1.00, n+=1": an AUROC from one positive says little; say how many it rests on
+        "auroc_per_head": auroc_summary(metrics, ("val", "test", "external"), regions),
         "intended_use": INTENDED_USE,
-        "known_limits": _limits(records, regions, datamodule),
+        "known_limits": _limits(records, regions, datamodule, metrics),
         "references": list(REFERENCES),
     }
 
@@ -180,7 +185,7 @@ def _split_rule(h) -> str:
     return f"patient-grouped stratified {list(h.split_fractions)} (seed {h.split_seed})"
 
 
-def _limits(records, regions: list[str], datamodule) -> list[str]:
+def _limits(records, regions: list[str], datamodule, metrics: Mapping | None = None) -> list[str]:
     limits = [
         "Heads are one-vs-rest: anatomy absent from training (as a target or as "
         f"'{OTHER}') may still make a head fire instead of giving '{UNKNOWN}'.",
@@ -205,6 +210,18 @@ def _limits(records, regions: list[str], datamodule) -> list[str]:
     few = [r for r in regions if (train["region"] == r).sum() < FEW_IMAGES]
     if few:
         limits.append(f"Fewer than {FEW_IMAGES} training images for: {', '.join(few)}.")
+    metrics = metrics or {}
+    thin = {
+        r: int(n)
+        for r in regions
+        if (n := metrics.get(f"test/positives/{r}")) is not None and n < FEW_POSITIVES
+    }
+    if thin:
+        counts = ", ".join(f"{r} (n+={n})" for r, n in thin.items())
+        limits.append(
+            f"Test AUROC rests on fewer than {FEW_POSITIVES} positives for: {counts}; "
+            "an AUROC and interval from so few positives say little."
+        )
     if datamodule.external is None:
         limits.append("Not tested on an external site (no data.external_test).")
     return limits

@@ -90,6 +90,44 @@ def bootstrap_auroc_ci(
     return auroc_ci(y, p, bootstrap_samples(len(y), groups, resamples, seed), ci)
 
 
+def auroc_text(
+    value: float, ci: Sequence[float] | None = None, positives: float | None = None, digits: int = 2
+) -> str:
+    """`AUC 1.00 [1.00, 1.00], n+=1`: an AUROC with its interval and the number of positives it
+    rests on (one positive gives a perfect-looking AUROC and interval that say little)."""
+    text = f"AUC {value:.{digits}f}"
+    if ci is not None:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    if positives is not None:
+        text += f", n+={int(positives)}"
+    return text
+
+
+def auroc_summary(metrics: Mapping, stages: Sequence[str], regions: Sequence[str]) -> dict:
+    """{stage: {region: {auroc, ci (when known), positives, text}}} from flat metrics
+    (`stage/auroc/<r>`, `stage/auroc_ci/<r>`, `stage/positives/<r>`); heads without an AUROC
+    are listed with their positives only."""
+    out: dict[str, dict] = {}
+    for stage in stages:
+        heads = {}
+        for r in regions:
+            a = metrics.get(f"{stage}/auroc/{r}")
+            ci = metrics.get(f"{stage}/auroc_ci/{r}")
+            pos = metrics.get(f"{stage}/positives/{r}")
+            if a is None and pos is None:
+                continue
+            head: dict = {"auroc": a}
+            if ci is not None:
+                head["ci"] = list(ci)
+            if pos is not None:
+                head["positives"] = int(pos)
+            head["text"] = auroc_text(a, ci, pos) if a is not None else f"no AUC, n+={int(pos)}"
+            heads[r] = head
+        if heads:
+            out[stage] = heads
+    return out
+
+
 def resampling_unit(patient_ids: Sequence[str], paths: Sequence[str]) -> str:
     """`patient` when patient ids were given, `image` when every id is just the image's path
     (regionnet's fill-in for records without one)."""
@@ -185,12 +223,13 @@ def stage_metrics(
 
 # -- figures -------------------------------------------------------------------------------
 class RocCurve(NamedTuple):
-    """One head's ROC curve with its AUROC and CI, for `plot_roc`."""
+    """One head's ROC curve with its AUROC, CI and number of positives, for `plot_roc`."""
 
     fpr: np.ndarray
     tpr: np.ndarray
     auroc: float
     ci: tuple[float, float] | None = None
+    positives: int | None = None
 
 
 def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,8 +241,8 @@ def roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def plot_roc(
     panels: Mapping[str, Mapping[str, RocCurve]], path: str | Path, ci: float = 0.95
 ) -> Path:
-    """One panel per stage, one curve per head, `AUC 0.95 [0.91, 0.98]` in the legend
-    (`ci`: the level of the intervals, for the legend's title)."""
+    """One panel per stage, one curve per head, `AUC 0.95 [0.91, 0.98], n+=12` in the legend
+    (`ci`: the level of the intervals, for the legend's title; n+: the head's positives)."""
     from matplotlib.figure import Figure
 
     n = max(1, len(panels))
@@ -212,12 +251,14 @@ def plot_roc(
     for ax, (stage, curves) in zip(axes, panels.items(), strict=False):
         ax.plot([0, 1], [0, 1], ls=":", c="0.6", lw=1)
         for region, c in curves.items():
-            interval = f" [{c.ci[0]:.2f}, {c.ci[1]:.2f}]" if c.ci else ""
-            ax.plot(c.fpr, c.tpr, lw=1.5, label=f"{region}: AUC {c.auroc:.2f}{interval}")
+            label = f"{region}: {auroc_text(c.auroc, c.ci, c.positives)}"
+            ax.plot(c.fpr, c.tpr, lw=1.5, label=label)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), aspect="equal", title=f"{stage}: ROC per head")
         ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity")
         if curves:
             title = f"one-vs-rest, AUC [{ci:.0%} CI]"
+            if any(c.positives is not None for c in curves.values()):
+                title += ", n+ positives"
             ax.legend(loc="lower right", fontsize=7.5, title=title, title_fontsize=7.5)
         else:
             ax.text(0.5, 0.5, "no head with both classes", ha="center", va="center")

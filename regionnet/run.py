@@ -61,18 +61,30 @@ def speed_up(model: torch.nn.Module, channels_last: bool = False, compile: bool 
 
 
 def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "external")) -> None:
-    """A per-region AUROC table on the console."""
+    """A per-region AUROC table on the console: each head's AUROC with its interval (where
+    the metrics have `stage/auroc_ci/<r>`) and its positives (`stage/positives/<r>`, n+)."""
     from rich.console import Console
     from rich.table import Table
 
     shown = [s for s in stages if any(k.startswith(f"{s}/") for k in metrics)]
-    table = Table(title="AUROC per region head (one-vs-rest)")
+    table = Table(title="AUROC per region head (one-vs-rest; n+ = positives)")
     table.add_column("region")
     for s in shown:
         table.add_column(s, justify="right")
+
+    def cell(stage: str, r: str) -> str:
+        if r not in regions:
+            return f"{metrics[k]:.3f}" if (k := f"{stage}/{r}") in metrics else "n/a"
+        a, ci = metrics.get(f"{stage}/auroc/{r}"), metrics.get(f"{stage}/auroc_ci/{r}")
+        text = "n/a" if a is None else f"{a:.3f}"
+        if a is not None and ci is not None:
+            text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+        if (pos := metrics.get(f"{stage}/positives/{r}")) is not None:
+            text += f", n+={int(pos)}"
+        return text
+
     for r in [*regions, "auroc_mean", "top1_acc"]:
-        keys = [f"{s}/auroc/{r}" if r in regions else f"{s}/{r}" for s in shown]
-        table.add_row(r, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in keys))
+        table.add_row(r, *(cell(s, r) for s in shown))
     Console().print(table)
 
 

@@ -186,6 +186,10 @@ def test_model_card_written_by_train(trained):
     assert list(outputs.values()) == list(REGIONS)
     assert card["training_data"]["sources"] == {"phantom": card["training_data"]["images"]}
     assert "test/auroc_mean" in card["eval_metrics"]
+    # every AUROC comes with the positives it rests on
+    for r, head in card["auroc_per_head"]["test"].items():
+        assert head["positives"] == card["eval_metrics"][f"test/positives/{r}"]
+        assert head["text"].endswith(f"n+={head['positives']}")
     assert any("SYNTHETIC" in limit for limit in card["known_limits"])
     assert "Not for diagnosis" in card["intended_use"]
 
