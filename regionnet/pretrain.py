@@ -109,10 +109,14 @@ def _pretrain(cfg: DictConfig, job: DistributedJob) -> dict:
     )
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info(
-            "fine-tune from these weights: regionnet-train model.backbone=%s model.weights_file=%s",
-            cfg.model.backbone,
-            weights.resolve(),
-        )
+        hint = f"model.backbone={cfg.model.backbone} model.weights_file={weights.resolve()}"
+        lab = cfg.data.get("labelled")
+        if lab:  # fine-tune on the same labelled data, with the split the pretraining kept to
+            key = {"csv": "csv", "folder": "root"}.get(lab.source)
+            hint += f" data={lab.source}" + (f" data.{key}={lab[key]}" if key else "")
+            if lab.get("regions"):
+                hint += f" data.regions=[{','.join(lab.regions)}]"
+            hint += f" data.split_file={(out / 'labelled_split.csv').resolve()}"
+        log.info("fine-tune from these weights: regionnet-train %s", hint)
     finish_wandb(loggers)
     return metrics
