@@ -294,3 +294,40 @@ def test_online_without_a_reachable_server_logs_offline_with_one_warning(
     assert len(warnings) == 1 and "127.0.0.1:9" in warnings[0].getMessage()
     assert "offline" in warnings[0].getMessage()
     assert list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+
+
+# -- 6. credentials in URLs ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dicomweb.url=https://u:secret@host/dicom-web", "input=dicomweb", "ckpt_path=x"],
+        # a sweep, and the SR destination
+        ["-m", "dicomweb.url=https://host/dicom-web", "input=dicomweb", "ckpt_path=x",
+         "dicomweb.sr_url=https://h2/dicom-web,https://u:secret@host/sr"],
+    ],
+    ids=["run", "multirun"],
+)  # fmt: skip
+def test_a_dicomweb_url_with_credentials_is_refused_before_hydra_writes_it(tmp_path, args):
+    proc = subprocess.run(
+        [_console("regionnet-predict"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(REGIONNET_LOG_DIR=str(tmp_path / "outputs")),
+    )
+    assert proc.returncode != 0
+    assert "DICOMWEB_USER" in proc.stderr and "DICOMWEB_PASSWORD" in proc.stderr
+    assert "secret" not in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("*"))  # no run directory, no .hydra/*.yaml, no log
+
+
+def test_url_credentials_names_only_urls_with_userinfo():
+    from regionnet.cli import url_credentials
+
+    cfg = compose_config(
+        "predict", ["ckpt_path=x", "input=dicomweb", "dicomweb.url=https://host/dicom-web"]
+    )
+    assert url_credentials(cfg) == []
+    cfg.dicomweb.sr_url = "http://pacs-user@host:8042/dicom-web"
+    assert url_credentials(cfg) == ["dicomweb.sr_url"]
