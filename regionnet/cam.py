@@ -10,6 +10,11 @@ shortcuts (Yi et al. 2019 show them for the same task).
 
 The model input is the radiograph resized (longest side to S) and centre-padded to S x S;
 `cam_overlay` crops the map to that content box before stretching it back onto the original.
+
+`label_overlay` adds a strip below an overlay (its pixels stay as they are; the image grows by
+the strip's height): the region and its probability on the left, the colour bar of the heat
+map (0 = no evidence, 1 = the strongest in this image) on the right. `regionnet-predict
+cam=true` saves labelled overlays.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from regionnet.data.transforms import eval_transform
 
@@ -131,6 +136,53 @@ def cam_overlay(
     crop = torch.from_numpy(cam[top : top + h, left : left + w].copy())[None, None]
     heat = F.interpolate(crop, size=pixels.shape, mode="bilinear", align_corners=False)[0, 0]
     return blend(pixels, heat.clamp(0, 1).numpy(), alpha, cmap)
+
+
+def strip_height(width: int) -> int:
+    """Height of `label_overlay`'s strip for an overlay `width` pixels wide: 6 % of the width,
+    at least 16 pixels."""
+    return max(16, round(0.06 * width))
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType (Pillow >= 10.1)
+    except (TypeError, ValueError, OSError):
+        return ImageFont.load_default()
+
+
+def label_overlay(overlay: np.ndarray, text: str, cmap: str = "jet") -> np.ndarray:
+    """`overlay` (uint8 (H, W, 3)) with a black strip of `strip_height(W)` rows below it:
+    `text` (e.g. "knee p=0.97") in white on the left, and on the right, over about a third of
+    the width, the colour bar of `cmap` from 0 to 1 with its end values. Returns uint8
+    (H + strip, W, 3); the overlay's own pixels are unchanged."""
+    overlay = np.asarray(overlay)
+    if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8:
+        raise ValueError(f"overlay must be uint8 (H, W, 3), got {overlay.dtype} {overlay.shape}")
+    height, width = overlay.shape[:2]
+    sh = strip_height(width)
+    strip = Image.new("RGB", (width, sh), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    font = _font(max(8, round(sh * 0.7)))
+    pad = max(2, sh // 6)
+    # the colour bar: "0" [gradient] "1" at the right end
+    one_w = draw.textlength("1", font=font)
+    zero_w = draw.textlength("0", font=font)
+    bar_w = max(8, width // 3 - int(one_w + zero_w) - 4 * pad)
+    bar_right = width - pad - int(one_w) - pad
+    bar_left = bar_right - bar_w
+    text_right = bar_left - pad - int(zero_w) - 2 * pad
+    if text_right > pad:  # the text, cut at its box: a long label never runs into the bar
+        box = Image.new("RGB", (text_right, sh), (0, 0, 0))
+        ImageDraw.Draw(box).text((pad, sh / 2), text, fill=(255, 255, 255), font=font, anchor="lm")
+        strip.paste(box, (0, 0))
+    colours = np.round(heat_colors(np.linspace(0, 1, bar_w), cmap) * 255).astype(np.uint8)
+    top, bottom = pad, sh - pad
+    bar = np.broadcast_to(colours[None], (max(1, bottom - top), bar_w, 3))
+    strip.paste(Image.fromarray(np.ascontiguousarray(bar)), (bar_left, top))
+    draw.text((bar_left - pad, sh / 2), "0", fill=(255, 255, 255), font=font, anchor="rm")
+    draw.text((bar_right + pad, sh / 2), "1", fill=(255, 255, 255), font=font, anchor="lm")
+    return np.concatenate([overlay, np.asarray(strip, np.uint8)], axis=0)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

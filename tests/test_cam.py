@@ -182,3 +182,37 @@ def test_cam_for_file_uses_the_checkpoints_normalisation(tmp_path, knee):
     for region in REGIONS:
         _, _, prob = cam_for_file(model, path, region=region)
         assert prob == pytest.approx(api.probabilities[region], abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (40, 130), (600, 800)])
+def test_label_overlay_adds_a_strip_and_keeps_the_overlay(shape):
+    from regionnet.cam import heat_colors, label_overlay, strip_height
+
+    rng = np.random.default_rng(1)
+    overlay = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    labelled = label_overlay(overlay, "knee p=0.97")
+    h, w = shape
+    assert labelled.shape == (h + strip_height(w), w, 3) and labelled.dtype == np.uint8
+    np.testing.assert_array_equal(labelled[:h], overlay)  # the overlay's pixels unchanged
+    strip = labelled[h:]
+    row = strip[strip.shape[0] // 2]
+    # the colour bar runs from the colormap's 0 (dark blue) to its 1 (dark red), left to right
+    low, high = (np.round(heat_colors(np.array([v]))[0] * 255) for v in (0.0, 1.0))
+    lo = np.abs(row.astype(int) - low).sum(axis=1).argmin()
+    hi = np.abs(row.astype(int) - high).sum(axis=1).argmin()
+    assert np.abs(row[lo].astype(int) - low).max() <= 2
+    assert np.abs(row[hi].astype(int) - high).max() <= 2
+    assert w // 2 < lo < hi
+    # white text on the left part of the strip
+    assert (strip[:, : w // 2] == 255).all(axis=2).any()
+    # another label, another strip; a long label never spills into the bar
+    other = label_overlay(overlay, "unknown (elbow p=0.12) " * 20)
+    assert not np.array_equal(other[h:, : w // 2], strip[:, : w // 2])
+    np.testing.assert_array_equal(other[h:, lo : hi + 1], strip[:, lo : hi + 1])
+
+
+def test_label_overlay_refuses_a_grey_image():
+    from regionnet.cam import label_overlay
+
+    with pytest.raises(ValueError, match="uint8"):
+        label_overlay(np.zeros((8, 8)), "knee")
