@@ -18,6 +18,23 @@ The region is canonical anatomy (`regionnet.regions`: wrist stays wrist, chest s
 not a member of a model's region set: `mismatch` compares it with a prediction.
 `DEFAULT_KEYWORDS` holds every known region's name, DICOM term and aliases plus common report
 wording; `regionnet-data index --dataset dicom --keywords map.yaml` adds to it.
+
+Re-tagging (`regionnet-predict dicom.write_body_part=DIR`) never replaces a header a hospital
+can trust unless asked. `body_part_decision` applies `dicom.write_body_part_mode`:
+- `fill_empty` (default): write only where `BodyPartExamined` is empty or generic
+  (`GENERIC_BODY_PARTS`: OTHER, UNKNOWN, EXTREMITY, LOW_EXM, UP_EXM, WHOLEBODY, BODY, XR, ...)
+  and the descriptions (`header_evidence`) name no other region than the predicted one;
+- `mismatch_margin`: as `fill_empty`, and a header whose region (`header_evidence`: the tag,
+  else the descriptions) disagrees with the prediction is overwritten when the predicted
+  head's probability beats the probability of the header region's head by at least
+  `dicom.mismatch_margin`. A header region the model has no head for (CHEST for a limb model)
+  has no probability to beat and is kept: the model cannot argue against anatomy it does not
+  know. A `BodyPartExamined` that is neither generic nor a region regionnet knows is kept too;
+- `all`: write every predicted region (the behaviour before these safeguards).
+Copies are new DICOM instances (`write_body_part`): a new SOP Instance UID (and, with
+`dicom.new_series_uid=true`, a new Series Instance UID shared by the copies of one series),
+the source referenced in `SourceImageSequence` and described in `DerivationDescription`, so a
+copy stored to a PACS never collides with its source.
 """
 
 from __future__ import annotations
@@ -25,10 +42,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from regionnet.io import RadiographReadError, is_dicom, read_dicom_header
 from regionnet.regions import KNOWN_REGIONS, OTHER, UNKNOWN, canonical_region
@@ -174,8 +195,135 @@ def mirrored_path(src: str | Path, root: Path | None, out_dir: Path, suffix: str
     return dst
 
 
-def write_body_part(src: str | Path, dst: str | Path, term: str) -> Path:
-    """Write a copy of DICOM `src` to `dst` with BodyPartExamined set to `term`.
+# -- re-tagging ------------------------------------------------------------------------------
+FILL_EMPTY, MISMATCH_MARGIN, ALL = "fill_empty", "mismatch_margin", "all"
+BODY_PART_MODES = (FILL_EMPTY, MISMATCH_MARGIN, ALL)
+DEFAULT_MISMATCH_MARGIN = 0.5
+# BodyPartExamined values that name no region: empty, placeholders scanners and protocols send,
+# and whole-limb or whole-body terms (CID 4031 EXTREMITY, LOW_EXM, UP_EXM, WHOLEBODY) that a
+# region refines. Compared upper-case with everything but letters and digits removed.
+GENERIC_BODY_PARTS = frozenset(
+    {
+        "", "OTHER", "UNKNOWN", "NONE", "NA", "NULL", "DEFAULT", "ANY",
+        "XR", "CR", "DX", "XRAY", "RADIOGRAPH", "BODY", "WHOLEBODY", "SKELETON", "BONE",
+        "BONES", "EXTREMITY", "EXTREMITIES", "LIMB", "LIMBS", "LOWEXM", "UPEXM",
+        "LOWERLIMB", "UPPERLIMB", "LOWEREXTREMITY", "UPPEREXTREMITY", "MSK",
+        "MUSCULOSKELETAL",
+    }
+)  # fmt: skip
+
+
+def generic_body_part(value: str | None) -> bool:
+    """Whether a BodyPartExamined value names no region (`GENERIC_BODY_PARTS`)."""
+    return re.sub(r"[^A-Z0-9]", "", str(value or "").upper()) in GENERIC_BODY_PARTS
+
+
+def body_part_mode(mode: str | None, margin: float | None = None) -> tuple[str, float]:
+    """(mode, margin) from `dicom.write_body_part_mode` and `dicom.mismatch_margin`; the mode
+    may carry the margin itself: `mismatch_margin:0.3` (or quoted `mismatch_margin=0.3`)."""
+    text = str(mode if mode is not None else FILL_EMPTY).strip().lower()
+    name, _, value = text.replace("=", ":").partition(":")
+    name = name.strip()
+    if name not in BODY_PART_MODES or (value and name != MISMATCH_MARGIN):
+        raise ValueError(
+            f"dicom.write_body_part_mode={mode!r}: choose fill_empty (write where "
+            "BodyPartExamined is empty or generic), mismatch_margin (also overwrite a "
+            "disagreeing header when the prediction beats it by dicom.mismatch_margin; "
+            "or mismatch_margin:0.3) or all"
+        )
+    try:
+        x = float(value) if value else float(DEFAULT_MISMATCH_MARGIN if margin is None else margin)
+    except ValueError:
+        raise ValueError(f"write_body_part_mode={mode!r}: {value!r} is not a number") from None
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"dicom.mismatch_margin={x}: a probability difference in [0, 1]")
+    return name, x
+
+
+def body_part_decision(
+    header: Mapping[str, str],
+    predicted: str,
+    probabilities: Mapping[str, float],
+    mode: str = FILL_EMPTY,
+    margin: float = DEFAULT_MISMATCH_MARGIN,
+) -> tuple[bool, str]:
+    """(write the copy?, why) for a file whose header is `header`, predicted as `predicted`
+    with `probabilities` ({head: probability}); see the module docstring for the modes.
+    The reason starts with `written:` or `kept:` (the `body_part_status` column)."""
+    body = str(header.get("BodyPartExamined", "") or "").strip()
+    was = f"BodyPartExamined={body}" if body else "BodyPartExamined empty"
+    if mode == ALL:
+        return True, f"written: {was} (mode all)"
+    claimed, evidence, _ = header_evidence(header)
+    generic = generic_body_part(body)
+    if not generic and claimed is None:
+        return False, f"kept: {was} is not generic and names no region regionnet knows"
+    if claimed == predicted:
+        if generic:
+            return True, f"written: {was}, {evidence} agrees"
+        return False, f"kept: {was} agrees"
+    if claimed is None:  # generic tag, descriptions name nothing
+        return True, f"written: {was}"
+    against = f"{evidence} names {claimed}"
+    if mode == FILL_EMPTY:
+        return False, f"kept: {against} (fill_empty writes empty or generic tags only)"
+    if claimed not in probabilities:
+        return False, f"kept: {against}, which has no head to compare (mismatch_margin)"
+    p, q = float(probabilities[predicted]), float(probabilities[claimed])
+    beats = f"{predicted} {p:.3f} - {claimed} {q:.3f} = {p - q:.3f}"
+    if p - q >= margin:
+        return True, f"written: {against}; {beats} >= margin {margin:g}"
+    return False, f"kept: {against}; {beats} < margin {margin:g}"
+
+
+def derived_uid(uid: str, *salt: str) -> str:
+    """A UID for a copy of the instance `uid`: `2.25.<name-based UUID>` (UUID version 5) of
+    the source UID and `salt`, so the same copy made twice gets the same UID (a PACS
+    replaces it instead of holding it twice) and never the source's."""
+    name = "|".join(("regionnet", str(uid), *salt))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def _read_for_copy(src: Path) -> pydicom.Dataset:
+    """The whole data set of `src`; one without preamble and file meta (read with
+    `force=True`, as `regionnet.io` does) gets file meta with the transfer syntax it was
+    parsed with, so that its copy is a complete DICOM file."""
+    try:
+        return pydicom.dcmread(src)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(src, force=True)
+        implicit, little = ds.original_encoding
+        if "SOPInstanceUID" not in ds or little is None:
+            raise
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        if "TransferSyntaxUID" not in meta:
+            meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian
+                if implicit
+                else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+            )
+        if "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta = meta
+        ds.preamble = b"\0" * 128
+        return ds
+
+
+def write_body_part(
+    src: str | Path,
+    dst: str | Path,
+    term: str,
+    *,
+    new_series_uid: bool = False,
+    description: str = "",
+) -> Path:
+    """Write a copy of DICOM `src` to `dst` with BodyPartExamined set to `term`, as a new
+    instance: SOPInstanceUID (and the file meta's) `derived_uid(source SOP, term)`; with
+    `new_series_uid`, SeriesInstanceUID `derived_uid(source series)` (every copy of one
+    series in one new series); the source in `SourceImageSequence` (its SOP Class and
+    Instance UIDs, appended to any items already there) and `DerivationDescription` (what
+    changed, plus `description`). Study, patient and pixel data stay as they are.
 
     The input is only read; refusing `dst == src` keeps it that way even when an output
     folder is pointed at the input folder.
@@ -186,8 +334,25 @@ def write_body_part(src: str | Path, dst: str | Path, term: str) -> Path:
             f"dicom.write_body_part would overwrite the input {src}; choose an output folder "
             "outside the input folder"
         )
-    ds = pydicom.dcmread(src)
+    ds = _read_for_copy(src)
+    old = str(ds.get("BodyPartExamined", "") or "").strip()
+    sop, sop_class = str(ds.get("SOPInstanceUID", "") or ""), ds.get("SOPClassUID")
     ds.BodyPartExamined = term
+    ds.SOPInstanceUID = derived_uid(sop, "BodyPartExamined", term)
+    if new_series_uid:
+        ds.SeriesInstanceUID = derived_uid(str(ds.get("SeriesInstanceUID", "")), "series")
+    if sop:
+        item = pydicom.Dataset()
+        if sop_class:
+            item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop
+        ds.SourceImageSequence = [*ds.get("SourceImageSequence", []), item]
+    text = f"BodyPartExamined set to {term} (was {old or 'empty'}) from instance {sop or '?'}"
+    ds.DerivationDescription = " ".join(t for t in (text, description) if t)[:1024]
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     dst.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(dst)  # keeps the file's own transfer syntax and meta information
+    # the file's own transfer syntax; preamble, DICM and file meta (filled in where missing)
+    ds.save_as(dst, enforce_file_format=True)
     return dst

@@ -19,17 +19,33 @@ again (the old error rows are removed, the file rewritten atomically) and, with
 resume an existing output is overwritten. One run writes an output at a time: a second one on
 the same file stops at once (`regionnet.writer.output_lock`, a lock on `<output>.lock`).
 
+Every row carries the `model_id` of the model that made it (`model_id`: 12 hex digits of
+the SHA-256 of the weights, thresholds and preprocessing; the same for a checkpoint copied,
+renamed or rewritten by Lightning with other metadata). `resume` into an output holding rows
+of another model (or rows without a model id) stops with both ids, unless
+`resume_other_model=true`.
+
 Options: `audit=true` compares DICOM BodyPartExamined with the prediction;
-`dicom.write_body_part=DIR` writes corrected DICOM copies (inputs are never modified);
-`cam=true cam_dir=DIR` saves class activation maps; `threshold_override` replaces the
-checkpoint's thresholds; `precision=bf16-mixed`, `channels_last=true` for speed on GPUs;
-`dicomweb.store_sr=true` writes a DICOM SR per instance back to the PACS (`regionnet.sr`);
-`group_by=study` also writes one row per study (`regionnet.study_view`).
+`dicom.write_body_part=DIR` writes re-tagged DICOM copies as new instances (inputs are never
+modified; `dicom.write_body_part_mode` fill_empty/mismatch_margin/all decides which headers
+may change, see `regionnet.dicom_tags`; the `body_part_status` column says what happened);
+`cam=true cam_dir=DIR` saves labelled class activation maps (`CamMaker`), batch by batch
+inside the predict loop; `threshold_override` replaces the checkpoint's thresholds;
+`precision=bf16-mixed`, `channels_last=true` for speed on GPUs; `dicomweb.store_sr=true`
+writes a DICOM SR per instance back to the PACS (`regionnet.sr`); `group_by=study` also
+writes one row per study (`regionnet.study_view`).
+
+A folder input never lists this run's own output folders (`cam_dir`,
+`dicom.write_body_part`) when they lie inside it, so that maps and copies are not predicted
+by the next run (`exclude_outputs`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -45,7 +61,8 @@ from regionnet.data.dataset import RadiographDataset, collate, load_image
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
-from regionnet.dicom_tags import mirrored_path
+from regionnet.dicom_tags import body_part_mode, mirrored_path
+from regionnet.io import IMAGE_EXTENSIONS
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
 from regionnet.writer import (
@@ -103,8 +120,14 @@ def csv_inputs(csv_path: Path) -> list[str]:
     return [p if p.startswith("phantom://") else _absolute(base / p) for p in paths if p]
 
 
-def collect_inputs(input_path: str | Path) -> tuple[list[str], Path | None]:
-    """(radiograph paths, the folder whose layout output copies mirror) for `input`."""
+def collect_inputs(
+    input_path: str | Path, exclude: dict[str, Path | None] | None = None
+) -> tuple[list[str], Path | None]:
+    """(radiograph paths, the folder whose layout output copies mirror) for `input`.
+
+    `exclude` ({option name: folder}): this run's output folders; those inside a folder input
+    are left out of its listing (`exclude_outputs`). A CSV lists its files by hand: nothing
+    is left out of it."""
     path = Path(str(input_path)).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -113,6 +136,7 @@ def collect_inputs(input_path: str | Path) -> tuple[list[str], Path | None]:
         )
     if path.is_dir():
         paths, root = folder_inputs(path), path.absolute()
+        paths = exclude_outputs(paths, root, exclude or {})
     elif path.suffix.lower() == ".csv":
         paths, root = csv_inputs(path), path.absolute().parent
     else:
@@ -120,6 +144,137 @@ def collect_inputs(input_path: str | Path) -> tuple[list[str], Path | None]:
     if not paths:
         raise ValueError(f"input={str(input_path)!r} holds no radiographs ({SUPPORTED_FORMATS})")
     return paths, root
+
+
+def _normal(path: str | Path) -> Path:
+    return Path(os.path.normpath(Path(path).expanduser().absolute()))
+
+
+def exclude_outputs(paths: list[str], root: Path, folders: dict[str, Path | None]) -> list[str]:
+    """`paths` (listed under the input folder `root`) without the files inside this run's
+    output folders ({option: folder}, e.g. cam_dir, dicom.write_body_part) that lie inside
+    `root`, named by their path or through symlinks; one log line per folder. The input
+    folder itself as an output folder raises: every input would be left out."""
+    root_n, root_r = _normal(root), Path(os.path.realpath(root))
+    prefixes: list[tuple[str, Path]] = []
+    for option, folder in folders.items():
+        if folder is None:
+            continue
+        spelled, real = _normal(folder), Path(os.path.realpath(folder))
+        inside = {spelled} if spelled.is_relative_to(root_n) else set()
+        if real.is_relative_to(root_r):  # the same folder reached through a link
+            inside.add(root_n / real.relative_to(root_r))
+        if root_n in inside:
+            raise ValueError(
+                f"{option}={str(folder)!r} is the input folder; choose another folder (its "
+                "files would be predicted by the next run, and inputs are never modified)"
+            )
+        prefixes += [(option, d) for d in sorted(inside)]
+    if not prefixes:
+        return paths
+    left_out: Counter[tuple[str, Path]] = Counter()
+    kept = []
+    for p in paths:
+        hit = next(((o, d) for o, d in prefixes if Path(p).is_relative_to(d)), None)
+        if hit is None:
+            kept.append(p)
+        else:
+            left_out[hit] += 1
+    for option, folder in prefixes:
+        log.info(
+            "input: %s=%s is inside the input folder; its %d files (this run's output) are "
+            "not predicted",
+            option,
+            folder,
+            left_out[(option, folder)],
+        )
+    return kept
+
+
+# -- the model's id --------------------------------------------------------------------------
+# hyperparameters that change a prediction besides the weights (the input the model sees)
+MODEL_ID_HPARAMS = ("regions", "image_size", "in_chans", "mean", "std", "tta", "intensity")
+
+
+def model_id(model) -> str:
+    """12 hex digits of the SHA-256 of a loaded model's `state_dict` (every weight and buffer,
+    thresholds included, names sorted, each with dtype, shape and bytes) and of its
+    `MODEL_ID_HPARAMS`. It names the model, not the file: the same for a checkpoint copied,
+    renamed or rewritten by Lightning with other metadata (optimizer state, callbacks, paths),
+    different when weights, thresholds or preprocessing differ. Call it on the model as
+    loaded (float32 on the CPU), before precision or memory-format changes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    hparams = {k: model.hparams.get(k) for k in MODEL_ID_HPARAMS}
+    digest.update(json.dumps(hparams, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:12]
+
+
+# -- class activation maps ---------------------------------------------------------------------
+class CamMaker:
+    """Class activation maps of a predict run, made batch by batch inside the predict loop
+    (`PredictionWriter` calls `make` right after writing a batch's rows), so an interrupted
+    run keeps every map made so far.
+
+    A map goes to `<cam_dir>/<the input's layout>/<name>_<region>.png` (`path_for`; `name`
+    is the file name without an image suffix; phantom URIs are flattened): the Grad-CAM of
+    the deciding head (the most probable one for `unknown`) over the original radiograph,
+    with `regionnet.cam.label_overlay`'s strip below it (region, probability, colour bar).
+    The gradient is taken on the model's device, from the batch's images already there; the
+    original pixels are read again for the overlay. `only` ({path: (region, head index,
+    probability)}): rows of an earlier run (resume) whose map is missing; they go through the
+    loop for their map alone. `counts`: `cam_written`, `cam_failed` (also logged), and
+    `cam_resumed` (the maps among `cam_written` made for rows of an earlier run).
+    """
+
+    def __init__(self, cam_dir: Path, root: Path | None, phantom_size: int, only=None):
+        self.cam_dir = Path(cam_dir)
+        self.root = root
+        self.phantom_size = int(phantom_size)
+        self.only: dict[str, tuple[str, int, float]] = dict(only or {})
+        self.counts: Counter[str] = Counter()
+
+    def path_for(self, path: str, region: str) -> Path:
+        if path.startswith("phantom://"):
+            return self.cam_dir / f"{path[len('phantom://') :].replace('/', '_')}_{region}.png"
+        src = mirrored_path(path, self.root, self.cam_dir)
+        name = src.stem if src.suffix.lower() in IMAGE_EXTENSIONS else src.name  # 1.2.840.5
+        return src.with_name(f"{name}_{region}.png")
+
+    def failed(self, path: str, why: str) -> None:
+        log.warning("cam: no class activation map for %s: %s", path, why)
+        self.counts["cam_failed"] += 1
+
+    def make(self, model, paths: list[str], images, items) -> None:
+        """Maps for `items` [(path, region, head, probability)] of one batch; `images`: the
+        batch's model inputs (B, C, S, S), row i for `paths[i]`."""
+        from regionnet.cam import cam_overlay, label_overlay, save_png
+
+        index = {p: i for i, p in enumerate(paths)}
+        heads = list(model.regions)
+        for path, region, head, prob in items:
+            try:
+                pixels = load_image(path, self.phantom_size)
+                image = images[index[path]][None]
+                with torch.enable_grad():
+                    overlay = cam_overlay(model, image, head, pixels)
+                text = (
+                    f"{region} p={prob:.2f}"
+                    if region != UNKNOWN
+                    else f"unknown ({heads[head]} p={prob:.2f})"
+                )
+                dst = self.path_for(path, region)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                save_png(label_overlay(overlay, text), dst)
+            except Exception as e:  # a failed map must not cost the predictions
+                self.failed(path, f"{type(e).__name__}: {e}")
+                continue
+            self.counts["cam_written"] += 1
+            if path in self.only:
+                self.counts["cam_resumed"] += 1
 
 
 def _check_cam(cfg: DictConfig) -> Path | None:
@@ -131,34 +286,30 @@ def _check_cam(cfg: DictConfig) -> Path | None:
         import regionnet.cam  # noqa: F401
     except ImportError as e:
         raise ValueError(f"cam=true needs regionnet.cam, which cannot be imported ({e})") from e
-    return Path(cfg.cam_dir).expanduser()
+    return Path(str(cfg.cam_dir)).expanduser().absolute()
 
 
-def save_cams(model, items, cam_dir: Path, root: Path | None) -> int:
-    """Class activation maps `<cam_dir>/<layout>/<stem>_<region>.png` for (path, region,
-    head) items; gradients need the model in float32 outside inference mode, on the CPU."""
-    from regionnet.cam import cam_overlay, save_png
-
-    model = model.to("cpu").float().eval()
-    transform = eval_transform(model)
-    saved = 0
-    for path, region, head in items:
+def missing_maps(cams: CamMaker, rows: dict[str, dict], regions: list[str]) -> dict:
+    """{path: (region, head, probability)} of the ok rows of an earlier run (`rows`: path ->
+    row) whose map is not in `cam_dir`: the maps a resumed `cam=true` run makes."""
+    missing = {}
+    for path, row in rows.items():
+        region = str(row.get("region") or "")
+        if row.get("status") != "ok" or not region:
+            continue
         try:
-            pixels = load_image(path, int(model.hparams.image_size))
-            image = transform(torch.from_numpy(pixels)[None])[None]
-            with torch.enable_grad():
-                overlay = cam_overlay(model, image, head, pixels)
-            if path.startswith("phantom://"):
-                dst = cam_dir / f"{path[len('phantom://') :].replace('/', '_')}_{region}.png"
-            else:
-                src = mirrored_path(path, root, cam_dir)
-                dst = src.with_name(f"{Path(path).stem}_{region}.png")
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            save_png(overlay, dst)
-            saved += 1
-        except Exception as e:  # a failed map must not cost the predictions
-            log.warning("cam: no class activation map for %s: %s", path, e)
-    return saved
+            probs = [float(row[f"p_{r}"]) for r in regions]
+            if cams.path_for(path, region).is_file():
+                continue
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("cam: cannot tell whether %s has a map: %s", path, e)
+            continue
+        if region in regions:
+            head = regions.index(region)
+        else:  # unknown: the most probable head, as when the row was made
+            head = max(range(len(regions)), key=lambda k: probs[k])
+        missing[path] = (region, head, probs[head])
+    return missing
 
 
 def print_summary(summary: dict) -> None:
@@ -178,13 +329,24 @@ def print_summary(summary: dict) -> None:
     if summary.get("sr_stored") or summary.get("sr_failed"):
         table.add_row("SRs stored (STOW-RS)", str(summary["sr_stored"]))
         table.add_row("SRs not stored", str(summary["sr_failed"]))
+    if summary.get("body_part"):
+        for outcome in ("written", "kept", "skipped", "failed"):
+            n = summary[f"body_part_{outcome}"]
+            table.add_row(f"DICOM copies {outcome} (body_part_status)", str(n))
+    if summary.get("cam"):
+        table.add_row("class activation maps made", str(summary["cam_written"]))
+        if summary["cam_resumed"]:
+            table.add_row("  of them for rows of an earlier run", str(summary["cam_resumed"]))
+        table.add_row("class activation maps failed", str(summary["cam_failed"]))
     if summary.get("study_output"):
         table.add_row(f"studies ({summary['study_output']})", str(summary["studies"]))
     console = Console()
     console.print(table)
+    maps = f", {summary['cam_written']} maps included" if summary.get("cam") else ""
     console.print(
         f"{summary['ok']} ok ({summary['unknown']} unknown), {summary['errors']} errors; "
-        f"{summary['per_second']:.1f} radiographs/s ({summary['seconds']:.1f} s)"
+        f"{summary['per_second']:.1f} radiographs/s ({summary['seconds']:.1f} s{maps}); "
+        f"model {summary['model_id']}"
     )
 
 
@@ -205,64 +367,108 @@ def predict_trainer_config(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def predict(cfg: DictConfig) -> dict:
+def predict(cfg: DictConfig, callbacks=()) -> dict:
     """Predict the region of every radiograph in `cfg.input`; write `cfg.output`.
 
     Returns a summary: counts `ok`, `unknown`, `errors`, `regions` (radiographs per
     predicted region), `resumed`, `retried` (rows of `output` predicted again by
-    `resume=retry_errors`), `seconds` and `per_second` of the predict loop, `output`.
-    Raises `regionnet.writer.OutputLockedError` when another run is writing `output`.
+    `resume=retry_errors`); with `dicom.write_body_part`, `body_part_written`, `_kept`,
+    `_skipped`, `_failed` (the `body_part_status` outcomes); with `cam=true`, `cam_written`
+    (of which `cam_resumed` for rows of an earlier run) and `cam_failed`; `model_id`;
+    `seconds` of the predict loop (reading, the model, rows, copies and maps all included)
+    and `per_second` (radiographs through the loop, map-only ones of a resume included);
+    `output`. `callbacks`: more Lightning callbacks for the predict loop, after the writer.
+    Raises `regionnet.writer.OutputLockedError` when another run is writing `output`, and
+    `regionnet.writer.OtherModelError` when `resume` meets rows of another model.
     """
     output = Path(str(cfg.output)).expanduser()
     resume = resume_mode(cfg.get("resume"))
     with output_lock(output):
-        return _predict(cfg, output, resume)
+        return _predict(cfg, output, resume, list(callbacks))
 
 
-def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
+def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> dict:
     group_by = cfg.get("group_by")
     if group_by not in GROUP_BY:
         raise ValueError(f"group_by={group_by!r}: choose null or study")
     audit = bool(cfg.get("audit")) or group_by == "study"  # the study view needs the audit
     web_cfg = cfg.get("dicomweb") or {}
+    dicom_cfg = cfg.get("dicom") or {}
+    mode, margin = body_part_mode(
+        dicom_cfg.get("write_body_part_mode"), dicom_cfg.get("mismatch_margin")
+    )
+    body_part_dir = dicom_cfg.get("write_body_part") or None
     server = None
     if str(cfg.input) == "dicomweb":
         _check_dicomweb_options(cfg)
         from regionnet.dicomweb import dicomweb_inputs
 
         server, paths = dicomweb_inputs(web_cfg)
-        root = None
+        root, cam_dir = None, None
     else:
-        paths, root = collect_inputs(cfg.input)
-    store_sr = server is not None and bool(web_cfg.get("store_sr"))
-    body_part_dir = (cfg.get("dicom") or {}).get("write_body_part")
-    if body_part_dir:
-        body_part_dir = Path(str(body_part_dir)).expanduser().absolute()
-        if root is not None and body_part_dir == root:
+        body_part_dir = _normal(str(body_part_dir)) if body_part_dir else None
+        cam_dir = _check_cam(cfg)
+        outputs = {"dicom.write_body_part": body_part_dir, "cam_dir": cam_dir}
+        paths, root = collect_inputs(cfg.input, outputs)  # leaves out this run's outputs
+        if body_part_dir is not None and body_part_dir == _normal(root):
             raise ValueError(
                 f"dicom.write_body_part={str(body_part_dir)!r} is the input folder; choose "
                 "another folder (inputs are never modified)"
             )
-    cam_dir = _check_cam(cfg)
+    store_sr = server is not None and bool(web_cfg.get("store_sr"))
 
     model = load_checkpoint(cfg.ckpt_path)
+    mid = model_id(model)  # before any precision or memory-format change
     regions = list(model.regions)
     override = cfg.get("threshold_override")
     if isinstance(override, DictConfig | ListConfig):
         override = OmegaConf.to_container(override, resolve=True)
     thresholds = resolve_thresholds(model.thresholds.tolist(), regions, override)
-    log.info("heads %s, thresholds %s", regions, [round(t, 4) for t in thresholds])
+    log.info("model %s: heads %s, thresholds %s", mid, regions, [round(t, 4) for t in thresholds])
+    cams = CamMaker(cam_dir, root, int(model.hparams.image_size)) if cam_dir else None
 
     resumed, state = 0, ResumeState()
     if output.exists():
         if resume:
             redo = _redo(store_sr, set(paths)) if resume == RETRY_ERRORS else None
-            columns = prediction_columns(regions, audit, server is not None)
-            done = read_done(output, columns, redo, state)
+            columns = prediction_columns(
+                regions, audit, server is not None, body_part=body_part_dir is not None
+            )
+            done = read_done(
+                output,
+                columns,
+                redo,
+                state,
+                model_id=mid,
+                other_model=bool(cfg.get("resume_other_model")),
+                model_source=f"ckpt_path={cfg.ckpt_path}",
+                keep_rows=cams is not None,
+            )
+            others = {m: n for m, n in state.models.items() if m != mid}
+            if others:
+                log.warning(
+                    "resume_other_model=true: appending rows of model %s to %s, which holds "
+                    "rows of %s",
+                    mid,
+                    output,
+                    ", ".join(f"{m or 'no recorded model'} ({n})" for m, n in others.items()),
+                )
             resumed = sum(p in done for p in paths)
-            paths = [p for p in paths if p not in done]
+            if cams is not None:
+                inputs = set(paths)
+                rows = {p: r for p, r in state.rows.items() if p in inputs}
+                cams.only = missing_maps(cams, rows, regions)
+                state.rows = {}
+                if cams.only:
+                    log.info(
+                        "cam: %d rows already in %s have no map in %s; making them",
+                        len(cams.only),
+                        output,
+                        cam_dir,
+                    )
+            todo = [p for p in paths if p not in done]
             log.info(
-                "resume: %d of %d radiographs already in %s", resumed, resumed + len(paths), output
+                "resume: %d of %d radiographs already in %s", resumed, resumed + len(todo), output
             )
             if state.redone:
                 log.info("resume=retry_errors: %d rows of %s predicted again", state.redone, output)
@@ -274,6 +480,8 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
                     state.errors,
                     state.sr_missing,
                 )
+            # the rows to predict, and the rows of the earlier run that need a map only
+            paths = [p for p in paths if p not in done or (cams is not None and p in cams.only)]
         else:
             log.warning("overwriting %s (set resume=true to continue it instead)", output)
 
@@ -286,9 +494,13 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
         audit=audit,
         body_part_dir=body_part_dir,
         input_root=root,
-        collect_cam=cam_dir is not None,
+        body_part_mode=mode,
+        mismatch_margin=margin,
+        new_series_uid=bool(dicom_cfg.get("new_series_uid")),
+        cams=cams,
         uids=server is not None,
         sr_store=sr_store,
+        model_id=mid,
     )
     seconds = 0.0
     if paths:
@@ -321,11 +533,12 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
         trainer = L.Trainer(
             **trainer_cfg,
             logger=False,
-            callbacks=[writer],
+            callbacks=[writer, *callbacks],
             enable_checkpointing=False,
             enable_model_summary=False,
             default_root_dir=str(output.parent),
         )
+        # the clock covers the whole loop: reading, the model, writing rows, copies and maps
         start = time.perf_counter()
         trainer.predict(model, dataloaders=loader, return_predictions=False)
         seconds = time.perf_counter() - start
@@ -333,13 +546,11 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
         writer.write_rows([])  # an up-to-date resume still leaves a valid output file
         writer.teardown(None, None, "predict")
 
-    if cam_dir is not None:
-        n = save_cams(model, writer.cam_items, cam_dir, root)
-        log.info("cam: %d class activation maps in %s", n, cam_dir)
-
     counts: Counter[str] = writer.counts
     per_region = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("region:")}
     done = counts["ok"] + counts["error"]
+    cam_counts = cams.counts if cams is not None else Counter()
+    handled = done + len(cams.only) if cams is not None else done  # map-only rows went through
     summary = {
         "ok": counts["ok"],
         "unknown": per_region.get(UNKNOWN, 0),
@@ -347,11 +558,22 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str) -> dict:
         "regions": dict(sorted(per_region.items())),
         "resumed": resumed,
         "retried": state.redone,
+        "body_part": body_part_dir is not None,
         "body_part_written": counts["body_part_written"],
+        "body_part_kept": counts["body_part_kept"],
+        "body_part_skipped": counts["body_part_skipped"],
+        "body_part_failed": counts["body_part_failed"],
+        "cam": cams is not None,
+        "cam_written": cam_counts["cam_written"],
+        "cam_resumed": cam_counts["cam_resumed"],
+        "cam_failed": cam_counts["cam_failed"],
+        "model_id": mid,
         "seconds": seconds,
-        "per_second": done / seconds if seconds > 0 else 0.0,
+        "per_second": handled / seconds if seconds > 0 else 0.0,
         "output": str(output),
     }
+    if cams is not None:
+        log.info("cam: %d class activation maps in %s", cam_counts["cam_written"], cam_dir)
     if sr_store is not None:
         summary.update(
             sr_stored=sr_store.counts["sr_stored"], sr_failed=sr_store.counts["sr_failed"]

@@ -20,6 +20,13 @@ lines when the file name ends in `.jsonl`. Columns, in order:
 - with `input=dicomweb`, after `status`: `sr_status`: `stored` when the DICOM SR of the row
   was stored (`dicomweb.store_sr=true`), `failed: <why>` when it was not, empty when SRs are
   off and on error rows.
+- with `dicom.write_body_part=DIR`: `body_part_status`: what happened to the file's copy:
+  `written: <why>`, `kept: <why>` (the header was left alone, `dicom.write_body_part_mode`;
+  see `regionnet.dicom_tags.body_part_decision`), `skipped: <why>` (not DICOM, unknown
+  region) or `failed: <why>`; empty on error rows;
+- `model_id`, always last: the model that made the row (`regionnet.predict.model_id`: 12 hex
+  digits of the SHA-256 of its weights, thresholds and preprocessing), so that rows of two
+  models never mix unnoticed; `resume` refuses an output holding another model's rows.
 
 Hostile values. CSV files are opened in spreadsheets, which run a cell starting with `=`,
 `+`, `-`, `@`, TAB or CR as a formula (`=HYPERLINK(...)` in a DICOM UID). In CSV output such
@@ -58,8 +65,16 @@ from typing import Any
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from regionnet.decision import decide
-from regionnet.dicom_tags import AUDIT_COLUMNS, audit, mirrored_path, write_body_part
-from regionnet.io import is_dicom
+from regionnet.dicom_tags import (
+    AUDIT_COLUMNS,
+    DEFAULT_MISMATCH_MARGIN,
+    FILL_EMPTY,
+    audit,
+    body_part_decision,
+    mirrored_path,
+    write_body_part,
+)
+from regionnet.io import RadiographReadError, is_dicom, read_dicom_header
 from regionnet.regions import UNKNOWN, region_info
 
 log = logging.getLogger(__name__)
@@ -68,20 +83,24 @@ CODE_COLUMNS = ("snomed", "radlex", "dicom_body_part")
 UID_COLUMNS = ("study_uid", "series_uid", "sop_uid")
 DICOMWEB_SCHEME = "dicomweb://"
 SR_STORED = "stored"
+BODY_PART_COLUMN = "body_part_status"
+MODEL_ID_COLUMN = "model_id"
 # file names may hold any byte but '/' and NUL: write and read them back unchanged
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 
 def prediction_columns(
-    regions: Sequence[str], audit: bool = False, uids: bool = False
+    regions: Sequence[str], audit: bool = False, uids: bool = False, body_part: bool = False
 ) -> list[str]:
     """Output columns in order (see the module docstring); `uids` for `input=dicomweb`
-    (with the `sr_status` column)."""
+    (with the `sr_status` column), `body_part` for `dicom.write_body_part`."""
     cols = ["path", *(UID_COLUMNS if uids else ())]
     cols += [*(f"p_{r}" for r in regions), "region", "regions", "status"]
     cols += ["sr_status"] if uids else []
     cols += CODE_COLUMNS
-    return cols + [c for c in AUDIT_COLUMNS if c not in cols] if audit else cols
+    cols += [c for c in AUDIT_COLUMNS if c not in cols] if audit else []
+    cols += [BODY_PART_COLUMN] if body_part else []
+    return [*cols, MODEL_ID_COLUMN]
 
 
 def uri_uids(path: str) -> dict[str, str]:
@@ -166,12 +185,20 @@ def _csv_fields(record: bytes) -> list[str]:
 @dataclass
 class ResumeState:
     """What `read_done` found in an output: the paths done, and the rows it dropped to be
-    predicted again (`redone`), or kept though failed (`errors`, `sr_missing`)."""
+    predicted again (`redone`), or kept though failed (`errors`, `sr_missing`); `models`:
+    rows kept per `model_id` ('' for rows without one); `rows`: path -> row of the rows kept,
+    when `read_done(keep_rows=True)`."""
 
     done: set[str] = field(default_factory=set)
     redone: int = 0
     errors: int = 0
     sr_missing: int = 0
+    models: Counter = field(default_factory=Counter)
+    rows: dict[str, dict] = field(default_factory=dict)
+
+
+class OtherModelError(ValueError):
+    """`resume` into an output holding rows of another model."""
 
 
 def read_output_rows(
@@ -200,9 +227,16 @@ def read_output_rows(
         return None, []
     header = _csv_fields(records[0])
     if header != list(columns):
+        if MODEL_ID_COLUMN not in header and header == list(columns)[:-1]:
+            raise ValueError(
+                f"resume: {path} was written before regionnet recorded the model of each row "
+                f"(no {MODEL_ID_COLUMN} column), so resuming could mix two models' rows "
+                "unnoticed; write to a new output file instead"
+            )
         raise ValueError(
             f"resume: {path} has columns {header}, this run writes {list(columns)} "
-            "(another model, audit setting or input kind); write to a new output file instead"
+            "(another model, audit, dicom.write_body_part setting or input kind); write to a "
+            "new output file instead"
         )
     rows = []
     for r in records[1:]:
@@ -217,24 +251,46 @@ def read_done(
     columns: Sequence[str],
     redo: Callable[[dict], bool] | None = None,
     state: ResumeState | None = None,
+    *,
+    model_id: str | None = None,
+    other_model: bool = False,
+    model_source: str = "",
+    keep_rows: bool = False,
 ) -> set[str]:
     """Paths already in an output file (for `resume`).
 
     `redo(row)` true: the row is removed (the file is rewritten without it, atomically) and
     its path is not done: `resume=retry_errors` predicts it again. `state` (a
-    `ResumeState`) also gets the counts. See `read_output_rows` for cut records and
-    columns."""
+    `ResumeState`) also gets the counts (and the rows, with `keep_rows`). With `model_id`,
+    rows that stay and were made by another model (or carry no `model_id`) raise
+    `OtherModelError` naming both ids before anything is changed, unless `other_model`
+    (`resume_other_model=true`); `model_source` says where this run's model came from. See
+    `read_output_rows` for cut records and columns."""
     path = Path(path)
     state = state if state is not None else ResumeState()
     header, rows = read_output_rows(path, columns)
+    keep = [(raw, row) for raw, row in rows if redo is None or not redo(row)]
+    models = Counter(str(row.get(MODEL_ID_COLUMN) or "") for _, row in keep)
+    others = {m: n for m, n in models.items() if m != model_id}
+    if model_id is not None and others and not other_model:
+        found = ", ".join(f"{n} rows by {m or 'no recorded model'}" for m, n in others.items())
+        raise OtherModelError(
+            f"resume: {path} holds rows of another model ({found}); this run's model "
+            f"{model_id}{f' ({model_source})' if model_source else ''} would add its rows to "
+            "them and mix two models' predictions in one file. Write to a new output, or set "
+            f"resume_other_model=true to append anyway (the {MODEL_ID_COLUMN} column tells the "
+            "rows apart)"
+        )
+    state.models.update(models)
     if redo is not None:
-        keep = [(raw, row) for raw, row in rows if not redo(row)]
         state.redone = len(rows) - len(keep)
         if state.redone:
             _replace(path, [*([header] if header else []), *(raw for raw, _ in keep)])
-        rows = keep
+    rows = keep
     for _, row in rows:
         state.done.add(row["path"])
+        if keep_rows:
+            state.rows[row["path"]] = row
         if str(row.get("status", "")).startswith("error"):
             state.errors += 1
         elif row.get("sr_status") not in (None, "", SR_STORED):
@@ -312,12 +368,16 @@ class PredictionWriter(BasePredictionWriter):
 
     Optional side effects per readable DICOM: the audit columns (`audit`) and a copy with
     `BodyPartExamined` set to the predicted region (`body_part_dir`, mirroring the layout
-    under `input_root`). `cam_items` collects (path, region, head index) of readable
-    radiographs for class activation maps drawn after the loop. `uids` (input=dicomweb):
-    rows carry the UID columns, and the audit reads the headers the batch brings along
-    (`batch["headers"]`: path -> tags) instead of files. `sr_store` (a `regionnet.sr.SRStore`,
-    `dicomweb.store_sr=true`) stores each batch's SRs before its rows are written, so that
-    `sr_status` says what happened.
+    under `input_root`; `body_part_mode`, `mismatch_margin` and `new_series_uid` as in
+    `regionnet.dicom_tags`), whose outcome goes to the `body_part_status` column. `cams` (a
+    `regionnet.predict.CamMaker`): class activation maps of each batch's readable radiographs,
+    made right after the batch's rows are written, from the batch's images on the model's
+    device; paths in `cams.only` (rows of an earlier run whose map is missing) get a map and
+    no row. `uids` (input=dicomweb): rows carry the UID columns, and the audit reads the
+    headers the batch brings along (`batch["headers"]`: path -> tags) instead of files.
+    `sr_store` (a `regionnet.sr.SRStore`, `dicomweb.store_sr=true`) stores each batch's SRs
+    before its rows are written, so that `sr_status` says what happened. `model_id` fills the
+    `model_id` column.
     """
 
     def __init__(
@@ -330,9 +390,13 @@ class PredictionWriter(BasePredictionWriter):
         audit: bool = False,
         body_part_dir: str | Path | None = None,
         input_root: str | Path | None = None,
-        collect_cam: bool = False,
+        body_part_mode: str = FILL_EMPTY,
+        mismatch_margin: float = DEFAULT_MISMATCH_MARGIN,
+        new_series_uid: bool = False,
+        cams=None,
         uids: bool = False,
         sr_store=None,
+        model_id: str = "",
     ):
         super().__init__(write_interval="batch")
         self.output = Path(output)
@@ -342,13 +406,18 @@ class PredictionWriter(BasePredictionWriter):
         self.audit = audit
         self.body_part_dir = Path(body_part_dir) if body_part_dir else None
         self.input_root = Path(input_root) if input_root else None
-        self.collect_cam = collect_cam
+        self.body_part_mode = body_part_mode
+        self.mismatch_margin = float(mismatch_margin)
+        self.new_series_uid = new_series_uid
+        self.cams = cams
         self.uids = uids
         self.sr_store = sr_store
-        self.columns = prediction_columns(self.regions, audit, uids)
+        self.model_id = model_id
+        self.columns = prediction_columns(
+            self.regions, audit, uids, body_part=self.body_part_dir is not None
+        )
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
-        self.cam_items: list[tuple[str, str, int]] = []
         self._fh = None
         self._csv = None
 
@@ -396,58 +465,104 @@ class PredictionWriter(BasePredictionWriter):
             return {c: found.get(c) for c in AUDIT_COLUMNS if c not in UID_COLUMNS}
         return audit(path, region, self.regions)
 
-    def ok_row(self, path: str, probabilities: Sequence[float], header: dict | None = None) -> dict:
+    def ok_row(
+        self,
+        path: str,
+        probabilities: Sequence[float],
+        header: dict | None = None,
+        cam_items: list | None = None,
+    ) -> dict:
         region, above = decide(probabilities, self.thresholds, self.regions)
         row: dict[str, Any] = {"path": path, **(uri_uids(path) if self.uids else {})}
         row.update({f"p_{r}": round(float(p), 6) for r, p in zip(self.regions, probabilities)})
         row.update(region=region, regions=";".join(above), status="ok", **region_codes(region))
+        row[MODEL_ID_COLUMN] = self.model_id
         if self.audit:
             row.update(self._audit(path, region, header))
         self.counts["ok"] += 1
         self.counts[f"region:{region}"] += 1
-        if self.collect_cam:
+        if cam_items is not None:
             # unknown: show what the most probable head looked at
-            head = max(range(len(self.regions)), key=lambda k: probabilities[k])
-            self.cam_items.append((path, region, head))
-        if self.body_part_dir is not None and region != UNKNOWN:
-            self._copy_with_body_part(path, region)
+            head = self.regions.index(region) if region in self.regions else None
+            if head is None:
+                head = max(range(len(self.regions)), key=lambda k: probabilities[k])
+            cam_items.append((path, region, head, float(probabilities[head])))
+        if self.body_part_dir is not None:
+            row[BODY_PART_COLUMN] = self._copy_with_body_part(path, region, probabilities)
         return row
 
     def error_row(self, path: str, reason: str, header: dict | None = None) -> dict:
         row: dict[str, Any] = dict.fromkeys(self.columns)
         row.update(path=path, region="", regions="", status=f"error: {' '.join(reason.split())}")
         row.update(region_codes(""), **(uri_uids(path) if self.uids else {}))
+        row[MODEL_ID_COLUMN] = self.model_id
         if self.audit:
             row.update(self._audit(path, "", header))
+        if self.body_part_dir is not None:
+            row[BODY_PART_COLUMN] = ""
         self.counts["error"] += 1
         return {k: row[k] for k in self.columns}
 
-    def _copy_with_body_part(self, path: str, region: str) -> None:
+    def _copy_with_body_part(self, path: str, region: str, probabilities: Sequence[float]) -> str:
+        """Write the re-tagged copy of `path` when `body_part_mode` allows; the
+        `body_part_status` value, also counted (`body_part_<written|kept|skipped|failed>`)."""
+        status = self._body_part(path, region, probabilities)
+        self.counts[f"body_part_{status.split(':', 1)[0]}"] += 1
+        return status
+
+    def _body_part(self, path: str, region: str, probabilities: Sequence[float]) -> str:
         term = region_codes(region)["dicom_body_part"]
-        if not term or path.startswith("phantom://") or not is_dicom(path):
-            return
+        if region == UNKNOWN:
+            return "skipped: region unknown"
+        if not term:
+            return f"skipped: {region} has no BodyPartExamined term"
+        if path.startswith("phantom://") or not is_dicom(path):
+            return "skipped: not a DICOM file"
+        try:
+            header = read_dicom_header(path)
+        except RadiographReadError as e:
+            log.warning("dicom.write_body_part: cannot read the header of %s: %s", path, e)
+            return f"failed: cannot read the header ({e.reason})"
+        probs = dict(zip(self.regions, (float(p) for p in probabilities)))
+        write, why = body_part_decision(
+            header, region, probs, self.body_part_mode, self.mismatch_margin
+        )
+        if not write:
+            return why
         dst = None
         try:  # a path escaping body_part_dir is refused by mirrored_path
             dst = mirrored_path(path, self.input_root, self.body_part_dir)
-            write_body_part(path, dst, term)
-            self.counts["body_part_written"] += 1
+            note = f"by regionnet model {self.model_id}" if self.model_id else "by regionnet"
+            write_body_part(path, dst, term, new_series_uid=self.new_series_uid, description=note)
         except Exception as e:  # one unwritable copy must not stop the run
             log.warning("dicom.write_body_part: no copy of %s (%s): %s", path, dst, e)
-            self.counts["body_part_failed"] += 1
+            return f"failed: {' '.join(str(e).split())}"
+        return why
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         probs = prediction["probs"].float().tolist()
         headers = batch.get("headers", {}) if isinstance(batch, dict) else {}
-        rows = [
-            self.ok_row(p, pr, headers.get(p))
-            for p, pr in zip(prediction["path"], probs, strict=True)
-        ]
+        only = self.cams.only if self.cams is not None else {}
+        cam_items = [] if self.cams is not None else None
+        rows = []
+        for p, pr in zip(prediction["path"], probs, strict=True):
+            if p in only:  # a row of an earlier run that has no map yet: the map only
+                cam_items.append((p, *only[p]))
+                continue
+            rows.append(self.ok_row(p, pr, headers.get(p), cam_items))
         if self.sr_store is not None:  # stored before the rows are written: sr_status is true
             datasets = batch.get("datasets", {}) if isinstance(batch, dict) else {}
             stored = self.sr_store.store(prediction["path"], probs, datasets)
             for row in rows:
                 row["sr_status"] = stored.get(row["path"], "")
-        rows += [self.error_row(p, why, headers.get(p)) for p, why in prediction["errors"]]
+        errors = [(p, why) for p, why in prediction["errors"] if p not in only]
+        rows += [self.error_row(p, why, headers.get(p)) for p, why in errors]
         self.write_rows(rows)
+        if self.cams is not None:  # after the rows: an interruption here keeps them
+            for p, why in prediction["errors"]:
+                if p in only:
+                    self.cams.failed(p, why)
+            images = batch.get("image") if isinstance(batch, dict) else None
+            self.cams.make(pl_module, prediction["path"], images, cam_items)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from dicom_factory import make_dicom
 from phantom_model import phantom_checkpoint  # noqa: F401  (session fixture)
 from PIL import Image
@@ -29,9 +33,9 @@ from regionnet.config import compose_config
 from regionnet.data.phantom import render_phantom
 from regionnet.decision import decide, resolve_thresholds
 from regionnet.dicom_tags import header_region, mirrored_path, mismatch, text_region
-from regionnet.predict import collect_inputs, predict
+from regionnet.predict import collect_inputs, model_id, predict
 from regionnet.regions import REGIONS, UNKNOWN, region_info
-from regionnet.writer import prediction_columns, read_done
+from regionnet.writer import OtherModelError, prediction_columns, read_done
 
 SIZE = 96  # pixels of the test files; the model resizes them to its 32 px
 CHESTS = tuple(f"chest_{i}.png" for i in range(5))  # out-of-set anatomy
@@ -144,7 +148,11 @@ def row(run, rel: str) -> pd.Series:
 # ------------------------------------------------------------------------ the mixed folder
 def test_one_row_per_file_with_its_status(mixed_run):
     df, root, expected = mixed_run["df"], mixed_run["root"], mixed_run["expected"]
-    assert list(df.reset_index().columns) == prediction_columns(REGIONS, audit=True)
+    columns = prediction_columns(REGIONS, audit=True, body_part=True)
+    assert list(df.reset_index().columns) == columns
+    assert columns[-2:] == ["body_part_status", "model_id"]  # added at the end
+    assert set(df["model_id"]) == {mixed_run["summary"]["model_id"]}  # error rows too
+    assert len(mixed_run["summary"]["model_id"]) == 12
     assert sorted(df.index) == sorted(str(root / rel) for rel in expected)  # no readme.txt
     for rel, status in expected.items():
         got = row(mixed_run, rel)["status"]
@@ -200,21 +208,38 @@ def test_audit_flags_a_knee_header_over_hand_pixels(mixed_run):
 
 
 def test_write_body_part_copies_dicoms_and_keeps_inputs(mixed_run):
+    """fill_empty (the default): empty headers get the prediction, the KNEE header stays."""
     root, fixed = mixed_run["root"], mixed_run["out"] / "fixed"
     for f, digest in mixed_run["before"].items():
         assert sha256(f) == digest, f"input {f} was modified"
-    for rel in ("sub/shoulder_m1.dcm", "sub/IM0001", "hand_says_knee.dcm"):
+    for rel in ("sub/shoulder_m1.dcm", "sub/IM0001"):  # BodyPartExamined empty or missing
         r, copy = row(mixed_run, rel), fixed / rel
         if r["region"] == UNKNOWN:
-            assert not copy.exists()
+            assert not copy.exists() and r["body_part_status"].startswith("skipped:")
             continue
-        ds = pydicom.dcmread(copy)
+        assert r["body_part_status"].startswith("written:"), r["body_part_status"]
+        ds, source = pydicom.dcmread(copy), pydicom.dcmread(root / rel)
         assert ds.BodyPartExamined == region_info(r["region"]).dicom
-        assert ds.SOPInstanceUID == pydicom.dcmread(root / rel).SOPInstanceUID
+        assert ds.SOPInstanceUID != source.SOPInstanceUID  # a new instance
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        (ref,) = ds.SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert ref.ReferencedSOPClassUID == source.SOPClassUID
+        assert ds.SeriesInstanceUID == source.SeriesInstanceUID  # new_series_uid=false
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+    knee = row(mixed_run, "hand_says_knee.dcm")
+    if knee["region"] not in ("knee", UNKNOWN):
+        assert knee["body_part_status"].startswith("kept: BodyPartExamined=KNEE names knee")
+        assert not (fixed / "hand_says_knee.dcm").exists()
+    assert row(mixed_run, "hand.png")["body_part_status"] == "skipped: not a DICOM file"
+    assert row(mixed_run, "no_pixels.dcm")["body_part_status"] == ""  # an error row
     written = sorted(p.relative_to(fixed).as_posix() for p in fixed.rglob("*") if p.is_file())
     assert all(p.endswith(".dcm") or p.endswith("IM0001") for p in written)  # no PNG copies
     assert "no_pixels.dcm" not in written
-    assert mixed_run["summary"]["body_part_written"] == len(written)
+    s, df = mixed_run["summary"], mixed_run["df"]
+    assert s["body_part_written"] == len(written)
+    for outcome in ("written", "kept", "skipped", "failed"):
+        assert s[f"body_part_{outcome}"] == df["body_part_status"].str.startswith(outcome).sum()
 
 
 # ---------------------------------------------------------------------------- other runs
@@ -293,7 +318,7 @@ def test_console_script_runs_with_workers_and_exits_0(
 
 
 def test_cam_maps_for_readable_radiographs(phantom_checkpoint, tmp_path):  # noqa: F811
-    import regionnet.cam  # noqa: F401 - a broken module must fail here, not skip
+    from regionnet.cam import strip_height  # a broken module must fail here, not skip
 
     (tmp_path / "in").mkdir()
     Image.fromarray(phantom_u8("knee", 7301)).save(tmp_path / "in" / "knee.png")
@@ -306,7 +331,8 @@ def test_cam_maps_for_readable_radiographs(phantom_checkpoint, tmp_path):  # noq
     cams = sorted(p.name for p in (tmp_path / "cams").iterdir())
     assert cams == [f"knee_{region}.png"]
     overlay = np.asarray(Image.open(tmp_path / "cams" / cams[0]))
-    assert overlay.shape == (SIZE, SIZE, 3) and overlay.dtype == np.uint8
+    # the overlay keeps the radiograph's size; the label strip is added below it
+    assert overlay.shape == (SIZE + strip_height(SIZE), SIZE, 3) and overlay.dtype == np.uint8
 
 
 @pytest.mark.shared_data
@@ -394,3 +420,186 @@ def test_read_done_checks_columns_and_mirrored_paths_keep_layout(tmp_path):
     assert mirrored_path(root / "a" / "b.dcm", root, tmp_path / "o") == tmp_path / "o/a/b.dcm"
     outside = mirrored_path("/elsewhere/c.dcm", root, tmp_path / "o")
     assert outside == tmp_path / "o" / "elsewhere" / "c.dcm"
+
+
+# ------------------------------------------------- class activation maps batch by batch
+class StopAfter(L.Callback):
+    """Raises after the writer has finished batch `n` (an interruption mid-run)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *args):
+        if batch_idx == self.n:
+            raise RuntimeError("interrupted")
+
+
+def cam_folder(root: Path, n: int = 10) -> Path:
+    root.mkdir()
+    for i in range(n):
+        region = REGIONS[i % len(REGIONS)]
+        Image.fromarray(phantom_u8(region, 7400 + i)).save(root / f"{i:02d}_{region}.png")
+    return root
+
+
+def test_an_interrupted_cam_run_keeps_its_maps_and_resume_makes_the_rest(
+    phantom_checkpoint,  # noqa: F811
+    tmp_path,
+):
+    folder, cams, out = cam_folder(tmp_path / "in"), tmp_path / "cams", tmp_path / "p.csv"
+    args = (phantom_checkpoint, folder, out, "cam=true", f"cam_dir={cams}")
+    with pytest.raises(RuntimeError, match="interrupted"):  # after batch 0 (4 files)
+        predict(predict_config(*args), callbacks=[StopAfter(0)])
+    first = read_output(out)
+    maps = sorted(cams.iterdir())
+    assert len(first) == 4 and len(maps) == 4  # the maps of the finished batch are kept
+    for path, region in zip(first["path"], first["region"]):
+        assert (cams / f"{Path(path).stem}_{region}.png").is_file()
+    maps[0].unlink()  # as if interrupted between a batch's rows and its maps
+    summary = predict(predict_config(*args, "resume=true"))
+    assert (summary["resumed"], summary["ok"]) == (4, 6)
+    assert (summary["cam_written"], summary["cam_resumed"], summary["cam_failed"]) == (7, 1, 0)
+    df = read_output(out)
+    assert len(df) == 10 and df["path"].is_unique  # map-only files got no second row
+    names = sorted(p.name for p in cams.iterdir())
+    assert names == sorted(f"{Path(p).stem}_{r}.png" for p, r in zip(df["path"], df["region"]))
+    again = predict(predict_config(*args, "resume=true"))
+    assert (again["resumed"], again["ok"], again["cam_written"]) == (10, 0, 0)
+
+
+def test_cam_overlays_are_labelled_and_their_time_is_in_the_rate(
+    phantom_checkpoint,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    import regionnet.predict as predict_module
+    from regionnet.cam import strip_height
+
+    folder = cam_folder(tmp_path / "in", 6)
+    make = predict_module.CamMaker.make
+
+    def slow_make(self, *args):  # 0.5 s of map making per batch
+        time.sleep(0.5)
+        return make(self, *args)
+
+    monkeypatch.setattr(predict_module.CamMaker, "make", slow_make)
+    summary = predict(predict_config(phantom_checkpoint, folder, tmp_path / "p.csv", "cam=true",
+                                     f"cam_dir={tmp_path / 'cams'}"))  # fmt: skip
+    assert summary["seconds"] >= 1.0  # two batches of 4: the map time is inside the loop
+    assert summary["per_second"] == pytest.approx(6 / summary["seconds"])
+    df = read_output(tmp_path / "p.csv").set_index("path")
+    for path, r in df.iterrows():  # the strip is black with white text and the colour bar
+        png = np.asarray(Image.open(tmp_path / "cams" / f"{Path(path).stem}_{r['region']}.png"))
+        assert png.shape == (SIZE + strip_height(SIZE), SIZE, 3)
+        strip = png[SIZE:]
+        assert strip.max() == 255 and (strip == 0).all(axis=2).mean() > 0.3
+        bar = strip[strip.shape[0] // 2, SIZE * 2 // 3 :]  # jet: blue at 0, red at 1
+        assert (bar[:, 2] > bar[:, 0] + 100).any() and (bar[:, 0] > bar[:, 2] + 100).any()
+
+
+def test_uid_named_dicoms_keep_distinct_map_names(tmp_path):
+    from regionnet.predict import CamMaker
+
+    cams = CamMaker(tmp_path / "cams", tmp_path, 32)
+    a = cams.path_for(str(tmp_path / "1.2.840.5.320"), "knee")
+    b = cams.path_for(str(tmp_path / "1.2.840.5.321"), "knee")
+    assert (a.name, b.name) == ("1.2.840.5.320_knee.png", "1.2.840.5.321_knee.png")
+    assert cams.path_for(str(tmp_path / "sub" / "x.dcm"), "hand") == (
+        tmp_path / "cams" / "sub" / "x_hand.png"
+    )
+
+
+# --------------------------------------------------------------------- the model's id
+def rewritten_checkpoint(src: Path, dst: Path, change_weights: bool) -> Path:
+    """`src` saved again with other metadata (as Lightning does); `change_weights`: one
+    weight nudged, i.e. another model."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt.update(epoch=99, global_step=1234, callbacks={}, extra_note="rewritten")
+    if change_weights:
+        name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+        ckpt["state_dict"][name] = ckpt["state_dict"][name] + 0.01
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_model_id_names_the_model_not_the_file(phantom_checkpoint, tmp_path):  # noqa: F811
+    mid = model_id(load_checkpoint(phantom_checkpoint))
+    assert len(mid) == 12 and int(mid, 16) >= 0
+    same = rewritten_checkpoint(phantom_checkpoint, tmp_path / "same.ckpt", False)
+    assert sha256(same) != sha256(phantom_checkpoint)
+    assert model_id(load_checkpoint(same)) == mid
+    other = rewritten_checkpoint(phantom_checkpoint, tmp_path / "other.ckpt", True)
+    assert model_id(load_checkpoint(other)) != mid
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_resume_with_another_model_is_refused_unless_asked(
+    phantom_checkpoint,  # noqa: F811
+    mixed_folder,
+    tmp_path,
+    suffix,
+):
+    root, _ = mixed_folder
+    out = tmp_path / f"p{suffix}"
+    first = predict(predict_config(phantom_checkpoint, root / "hand.png", out))
+    other = rewritten_checkpoint(phantom_checkpoint, tmp_path / "other.ckpt", True)
+    other_id = model_id(load_checkpoint(other))
+    before = out.read_bytes()
+    with pytest.raises(OtherModelError) as err:
+        predict(predict_config(other, root / "knee.png", out, "resume=true"))
+    for words in (first["model_id"], other_id, "resume_other_model=true", str(other)):
+        assert words in str(err.value)
+    assert out.read_bytes() == before  # nothing changed
+    # the same model from a rewritten file resumes
+    same = rewritten_checkpoint(phantom_checkpoint, tmp_path / "same.ckpt", False)
+    predict(predict_config(same, root / "knee.png", out, "resume=true"))
+    mixed = predict(predict_config(other, root / "elbow16.png", out, "resume=true",
+                                   "resume_other_model=true"))  # fmt: skip
+    assert mixed["ok"] == 1
+    ids = read_output(out)["model_id"].tolist()
+    assert ids == [first["model_id"], first["model_id"], other_id]
+
+
+def test_an_output_without_model_ids_is_not_resumed(phantom_checkpoint, mixed_folder, tmp_path):  # noqa: F811
+    root, _ = mixed_folder
+    out = tmp_path / "old.csv"
+    predict(predict_config(phantom_checkpoint, root / "hand.png", out))
+    old = read_output(out).drop(columns=["model_id"])  # as written before model ids
+    old.to_csv(out, index=False)
+    with pytest.raises(ValueError, match="before regionnet recorded the model"):
+        predict(predict_config(phantom_checkpoint, root / "knee.png", out, "resume=true"))
+    jsonl = tmp_path / "old.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in old.to_dict("records")))
+    with pytest.raises(OtherModelError, match="no recorded model"):
+        predict(predict_config(phantom_checkpoint, root / "knee.png", jsonl, "resume=true"))
+
+
+# ------------------------------------------------ output folders inside the input folder
+def test_output_folders_inside_the_input_are_not_predicted(
+    phantom_checkpoint,  # noqa: F811
+    tmp_path,
+    caplog,
+):
+    caplog.set_level(logging.INFO, logger="regionnet.predict")
+    folder = cam_folder(tmp_path / "in", 3)
+    make_dicom(folder / "empty.dcm", phantom_u16("hand", 7501), BodyPartExamined="")
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    outs = ("cam=true", f"cam_dir={folder / 'cam'}",
+            f"dicom.write_body_part={tmp_path / 'link' / 'tagged'}",  # the same, via a link
+            "threshold_override=0.0")  # fmt: skip
+    for _ in range(2):  # the second run finds the first run's maps and copies in the input
+        summary = predict(predict_config(phantom_checkpoint, folder, tmp_path / "p.csv", *outs))
+        assert summary["ok"] == 4 and summary["cam_written"] == 4
+        assert summary["body_part_written"] == 1
+    assert len(list((folder / "cam").iterdir())) == 4
+    assert (folder / "tagged" / "empty.dcm").is_file()
+    assert not list((folder / "cam").glob("cam")) and not (folder / "tagged" / "tagged").exists()
+    assert sorted(read_output(tmp_path / "p.csv")["path"]) == sorted(
+        str(p) for p in folder.iterdir() if p.is_file()
+    )
+    said = [r.getMessage() for r in caplog.records if "inside the input folder" in r.message]
+    assert any("cam_dir" in m and "4 files" in m for m in said), said
+    assert any("dicom.write_body_part" in m and "1 files" in m for m in said), said
+    with pytest.raises(ValueError, match="is the input folder"):
+        predict(predict_config(phantom_checkpoint, folder, tmp_path / "q.csv", "cam=true",
+                               f"cam_dir={folder}"))  # fmt: skip
