@@ -6,7 +6,9 @@ The module starts its own Orthanc with the DICOMweb plugin (Debian packages `ort
 run time, no DICOM port, remote access off (loopback only), HTTP basic auth on with a random
 password. It uploads generated DX/CR instances with STOW-RS (MONOCHROME1 and 2, one without
 pixel data, one out-of-set chest, an OT study that must not be queried), predicts through
-QIDO-RS/WADO-RS with SRs stored back, and stops the server. Where Orthanc or its plugin is
+QIDO-RS/WADO-RS with SRs stored back, and stops the server. Bearer auth goes through a small
+local proxy that checks the token and forwards with basic auth (Orthanc has no bearer tokens of
+its own); `dicomweb.sr_url` stores SRs into a second Orthanc. Where Orthanc or its plugin is
 missing, the server tests skip; the tests of the parts run anyway.
 """
 
@@ -25,7 +27,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +116,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    if ORTHANC is None or not PLUGINS:
-        pytest.skip("Orthanc or its DICOMweb plugin is not installed")
-    tmp = tmp_path_factory.mktemp("orthanc")
-    user, password = "regionnet-test", secrets.token_urlsafe(16)
+@contextlib.contextmanager
+def running_orthanc(tmp: Path, user: str, password: str) -> Iterator[Orthanc]:
+    """Start an Orthanc with the DICOMweb plugin in `tmp` (throw-away storage, loopback only,
+    basic auth for `user`); stop it on exit."""
     port = free_port()
     config = {
         "Name": "regionnet-test",
@@ -162,8 +165,88 @@ def orthanc(tmp_path_factory):
         log.close()
 
 
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if ORTHANC is None or not PLUGINS:
+        pytest.skip("Orthanc or its DICOMweb plugin is not installed")
+    tmp = tmp_path_factory.mktemp("orthanc")
+    with running_orthanc(tmp, "regionnet-test", secrets.token_urlsafe(16)) as server:
+        yield server
+
+
 def _tail(tmp: Path) -> str:
     return (tmp / "orthanc.log").read_text(errors="replace")[-3000:]
+
+
+class BearerProxy:
+    """A bearer-token front door to an Orthanc, as a site's API gateway or auth proxy in front
+    of a PACS is (Orthanc itself has only basic auth): a request needs `Authorization: Bearer
+    <token>`, else it gets 401 with `WWW-Authenticate: Bearer`; an accepted one is forwarded to
+    Orthanc with Orthanc's basic credentials. `seen` records (method, path, token accepted,
+    auth scheme sent) per request."""
+
+    def __init__(self, target: Orthanc, token: str):
+        self.target, self.token = target, token
+        self.seen: list[tuple[str, str, bool, str]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as dicomweb-client's session expects
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                parts = []  # dicomweb-client sends large STOW-RS bodies chunked
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return b"".join(parts)
+
+            def reply(self, status: int, headers: dict, body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def forward(self) -> None:
+                body = self.body()
+                sent = self.headers.get("Authorization", "")
+                ok = secrets.compare_digest(sent.encode(), f"Bearer {proxy.token}".encode())
+                proxy.seen.append((self.command, self.path, ok, sent.split(" ")[0]))
+                if not ok:
+                    challenge = {"WWW-Authenticate": 'Bearer realm="dicom-web"'}
+                    self.reply(401, challenge, b"a valid bearer token is required")
+                    return
+                hop = {"host", "authorization", "content-length", "transfer-encoding",
+                       "connection", "keep-alive", "accept-encoding", "cache-control"}  # fmt: skip
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
+                answer = requests.request(
+                    self.command, target.root + self.path, data=body, headers=headers,
+                    auth=(target.user, target.password), timeout=60,
+                )  # fmt: skip
+                drop = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+                out = {k: v for k, v in answer.headers.items() if k.lower() not in drop}
+                self.reply(answer.status_code, out, answer.content)
+
+            do_GET = do_POST = do_PUT = do_DELETE = forward
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.dicomweb = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
 
 
 # -------------------------------------------------------------------------------- data
@@ -490,6 +573,160 @@ def test_qido_filters_patient_dates_modalities_and_study(orthanc, pacs):
     assert inst["knee.dcm"].SOPInstanceUID in in_2024 and not in_2024 & study_b
     assert sops(study_uid=inst["chest.dcm"].StudyInstanceUID) == study_b
     assert sops(modalities=["OT"]) == {inst["secondary.dcm"].SOPInstanceUID}
+
+
+TOKEN_ENV = "REGIONNET_TEST_DICOMWEB_TOKEN"
+
+
+@pytest.fixture
+def bearer(orthanc):
+    """A `BearerProxy` in front of the module's Orthanc, with a fresh random token."""
+    proxy = BearerProxy(orthanc, secrets.token_urlsafe(24))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def bearer_config(ckpt, output: Path, url: str, *overrides: str):
+    return web_config(ckpt, output, url, "dicomweb.auth.type=bearer",
+                      f"dicomweb.auth.token_env={TOKEN_ENV}", *overrides)  # fmt: skip
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[str]]:
+    """Every log line at DEBUG (dicomweb-client logs each request with its headers)."""
+    handler, root = LogLines(), logging.getLogger()
+    level, client_log = root.level, logging.getLogger("dicomweb_client")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    client_log.setLevel(logging.DEBUG)
+    try:
+        yield handler.lines
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        client_log.setLevel(logging.NOTSET)
+
+
+def classified_sops(orthanc: Orthanc) -> set[str]:
+    return {r.sop_uid for r in find_instances(orthanc.client(), {"modalities": ["CR", "DX"]})}
+
+
+@needs_orthanc
+def test_bearer_token_from_token_env_authorises_every_request(
+    phantom_checkpoint,  # noqa: F811
+    orthanc,
+    pacs,
+    bearer,
+    tmp_path,
+    monkeypatch,
+):
+    """dicomweb.auth.type=bearer: QIDO-RS, WADO-RS and the SRs' STOW-RS all carry
+    `Authorization: Bearer <the value of token_env>`, through a bearer-checking proxy to the
+    real Orthanc; the token is never logged or written."""
+    expected, before = classified_sops(orthanc), orthanc.file_hashes()
+    monkeypatch.setenv(TOKEN_ENV, bearer.token)
+    for name in (USER_ENV, PASSWORD_ENV):  # no basic credentials to fall back on
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "preds.csv"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with (
+        captured_logs() as logs,
+        contextlib.redirect_stdout(stdout),
+        contextlib.redirect_stderr(stderr),
+    ):
+        summary = predict(bearer_config(phantom_checkpoint, out, bearer.dicomweb,
+                                        "dicomweb.store_sr=true"))  # fmt: skip
+    df = read_output(out).set_index("sop_uid")
+    assert set(df.index) == expected
+    no_pixels = pacs["instances"]["no_pixels.dcm"].SOPInstanceUID
+    ok = df[df["status"] == "ok"]
+    assert set(df.index) - set(ok.index) == {no_pixels}, df["status"].to_dict()
+    assert (summary["sr_stored"], summary["sr_failed"]) == (len(ok), 0)
+    assert set(ok["sr_status"]) == {"stored"}
+    # every request reached the proxy with the token; reads and the SRs' writes
+    assert bearer.seen and all(accepted for _, _, accepted, _ in bearer.seen), bearer.seen
+    methods = {(m, "/studies" in p) for m, p, _, _ in bearer.seen}
+    assert ("GET", True) in methods and ("POST", True) in methods
+    # the SRs went through the proxy into Orthanc; the sources are unchanged
+    after = orthanc.file_hashes()
+    added = {sop for sop in after if sop not in before}
+    assert all(after[sop] == before[sop] for sop in before)
+    assert len(added) == len(ok) and {after[sop][0] for sop in added} == {"SR"}
+    texts = ["\n".join(logs), stdout.getvalue(), stderr.getvalue()]
+    texts += [f.read_text(errors="replace") for f in tmp_path.rglob("*") if f.is_file()]
+    assert "GET: " in texts[0] and "POST: " in texts[0]  # the request log was captured
+    assert not any(bearer.token in text for text in texts)
+    for sop in added:  # leave the server as the other tests expect it
+        orthanc.delete_instance(sop)
+
+
+@needs_orthanc
+def test_a_wrong_bearer_token_is_a_clear_401_without_the_token(
+    phantom_checkpoint,  # noqa: F811
+    orthanc,
+    bearer,
+    tmp_path,
+    monkeypatch,
+):
+    wrong = "not-" + secrets.token_urlsafe(16)
+    monkeypatch.setenv(TOKEN_ENV, wrong)
+    out = tmp_path / "preds.csv"
+    with pytest.raises(DicomWebError, match="HTTP 401") as err:
+        predict(bearer_config(phantom_checkpoint, out, bearer.dicomweb))
+    assert TOKEN_ENV in str(err.value) and bearer.dicomweb in str(err.value)
+    assert wrong not in str(err.value) and not out.exists()
+    assert bearer.seen and not any(accepted for _, _, accepted, _ in bearer.seen)
+    assert {scheme for *_, scheme in bearer.seen} == {"Bearer"}
+    # the right token straight to Orthanc (basic auth only) is refused too: only the proxy
+    # turns it into access, so the proxy run above really went through the token
+    monkeypatch.setenv(TOKEN_ENV, bearer.token)
+    with pytest.raises(DicomWebError, match="HTTP 401"):
+        predict(bearer_config(phantom_checkpoint, out, orthanc.dicomweb))
+
+
+@pytest.fixture(scope="module")
+def sr_orthanc(orthanc, tmp_path_factory):
+    """A second Orthanc (same credentials: dicomweb.sr_url shares dicomweb.auth) for SRs."""
+    tmp = tmp_path_factory.mktemp("orthanc_sr")
+    with running_orthanc(tmp, orthanc.user, orthanc.password) as server:
+        yield server
+
+
+@needs_orthanc
+def test_srs_go_to_sr_url_and_not_to_the_source_server(
+    phantom_checkpoint,  # noqa: F811
+    orthanc,
+    sr_orthanc,
+    pacs,
+    tmp_path,
+):
+    before = orthanc.file_hashes()
+    assert sr_orthanc.file_hashes() == {}
+    out = tmp_path / "preds.csv"
+    with credentials(orthanc):
+        summary = predict(web_config(phantom_checkpoint, out, orthanc.dicomweb,
+                                     "dicomweb.store_sr=true",
+                                     f"dicomweb.sr_url={sr_orthanc.dicomweb}"))  # fmt: skip
+    df = read_output(out).set_index("sop_uid")
+    ok = df[df["status"] == "ok"]
+    assert len(ok) >= 5 and set(ok["sr_status"]) == {"stored"}
+    assert (summary["sr_stored"], summary["sr_failed"]) == (len(ok), 0)
+    assert orthanc.file_hashes() == before  # nothing stored on the source server
+    stored = sr_orthanc.file_hashes()
+    assert len(stored) == len(ok) and {m for m, _ in stored.values()} == {"SR"}
+    srs = _stored_srs(sr_orthanc, sorted(set(ok["study_uid"])))
+    assert sorted(ds.SOPInstanceUID for ds in srs) == sorted(stored)
+    sources = set()
+    for ds in srs:
+        (group,) = hsr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+        (source,) = group.source_images
+        src = source.referenced_sop_instance_uid
+        sources.add(src)
+        # in the source's study, on the other server
+        assert ds.StudyInstanceUID == ok.loc[src, "study_uid"]
+    assert sources == set(ok.index)
 
 
 def test_server_down_names_the_url(phantom_checkpoint, tmp_path, monkeypatch):  # noqa: F811
