@@ -4,13 +4,47 @@ and print the AUROC table. Nothing here imports a task module, so tasks import i
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def lightning_logs_once() -> None:
+    """Route Lightning's log lines through the root logger's handlers only.
+
+    Importing `lightning` gives its `lightning` logger a console handler of its own (and, when
+    the root logger has none yet, `lightning.pytorch`/`lightning.fabric` one each with
+    propagation off). Under Hydra's job logging, which puts a console and a file handler on the
+    root, every Lightning INFO line then printed twice ("INFO: GPU available..." and
+    "[...][lightning...][INFO] - GPU available..."), or never reached `<task>.log`. With root
+    handlers present this removes those console handlers and lets the records propagate: once
+    on the console, once in the log file, in Hydra's format. Without root handlers (a plain
+    Python session, the tests) nothing changes."""
+    if not logging.getLogger().handlers:
+        return
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # not file handlers a user configured
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+class LightningLogsOnce(Callback):
+    """Hydra callback (conf/hydra/default.yaml): `lightning_logs_once` when a job starts, after
+    Hydra configured logging and before the task runs (in every job of a multirun)."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        lightning_logs_once()
 
 
 def build_datamodule(cfg: DictConfig):
