@@ -65,3 +65,38 @@ def test_brief_training_on_real_radiographs(shared_data, tmp_path, fast):
     assert split.groupby("patient_id")["split"].nunique().max() == 1
     pelvis = split[split["region"] == "pelvis"]["split"].value_counts()
     assert pelvis.get("train", 0) >= 3  # six pelvis films: the stratified split keeps most to train
+
+
+@pytest.mark.slow
+def test_imagenet_model_reaches_a_floor_on_real_films(shared_data, tmp_path, fast):
+    """A learning floor on real films: the default ImageNet-pretrained backbone, fine-tuned
+    briefly on 180 films (hand, knee and other anatomy from four sources), separates the
+    patient-disjoint test films with knee and hand AUROC >= 0.95. A model that does not learn
+    scores near 0.5; measured about 0.99 and 1.00."""
+    manifest = pd.read_csv(shared_data / "radiographs" / "manifest.csv")
+    manifest["path"] = [str(shared_data / "radiographs" / p) for p in manifest["path"]]
+    other = manifest["region"].isin(["elbow", "shoulder", "wrist", "spine", "chest"])
+    picks = [
+        manifest[manifest["region"] == "knee"].sample(60, random_state=0),
+        manifest[manifest["region"] == "hand"].sample(60, random_state=0),
+        manifest[other].sample(60, random_state=0),
+    ]
+    subset = tmp_path / "subset.csv"
+    pd.concat(picks)[["path", "region", "patient_id", "source"]].to_csv(subset, index=False)
+    overrides = [o for o in fast if not o.startswith("data.phantom")]
+    cfg = compose_config(
+        "train",
+        [
+            *overrides,
+            "data=csv",
+            f"data.csv={subset}",
+            "data.regions=[hand,knee]",
+            "model.pretrained=true",  # tf_efficientnet_lite0's ImageNet weights, installed
+            "data.image_size=96",
+            "trainer.max_epochs=2",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    metrics = train(cfg)
+    assert metrics["test/auroc/knee"] >= 0.95, metrics
+    assert metrics["test/auroc/hand"] >= 0.95, metrics
