@@ -159,7 +159,7 @@ def private_table(dataframe):
 def _private_settings(log_paths: bool) -> dict:
     """wandb.Settings that keep paths off W&B: no console log (it holds the paths of skipped
     radiographs), no metadata (command line, program path, working directory, git remote),
-    no code. Only the fields this wandb version knows."""
+    no host name, no code. Only the fields this wandb version knows."""
     if log_paths:
         return {}
     import wandb
@@ -170,6 +170,7 @@ def _private_settings(log_paths: bool) -> dict:
         "disable_git": True,
         "disable_code": True,
         "save_code": False,
+        "host": "<redacted>",  # the run record's machine name
     }
     fields = getattr(wandb.Settings, "model_fields", None)
     if fields is None:  # wandb < 0.19, before pydantic settings: the meta switch was private

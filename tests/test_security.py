@@ -220,6 +220,7 @@ def test_default_wandb_logger_is_offline_and_private(tmp_path, monkeypatch):
     assert logger._wandb_init["mode"] == "offline" and not logger.log_paths
     settings = logger._wandb_init["settings"]
     assert settings.console == "off" and settings.x_disable_meta and settings.disable_git
+    assert settings.host == "<redacted>"
     # WANDB_MODE may make it stricter, never looser than the config
     monkeypatch.setenv("WANDB_MODE", "offline")
     online = compose_config("train", [f"paths.output_dir={tmp_path}", "logger.wandb.mode=online"])
