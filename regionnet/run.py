@@ -101,7 +101,7 @@ def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "ex
     from rich.table import Table
 
     shown = [s for s in stages if any(k.startswith(f"{s}/") for k in metrics)]
-    table = Table(title="AUROC per region head (one-vs-rest; n+ = positives)")
+    table = Table(title="AUROC per region head (n+ = positives)")
     table.add_column("region")
     for s in shown:
         table.add_column(s, justify="right")
