@@ -42,8 +42,6 @@ by the next run (`exclude_outputs`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -63,6 +61,7 @@ from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import body_part_mode, mirrored_path
 from regionnet.io import IMAGE_EXTENSIONS
+from regionnet.model.identity import model_id
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
 from regionnet.writer import (
@@ -193,26 +192,6 @@ def exclude_outputs(paths: list[str], root: Path, folders: dict[str, Path | None
 
 # -- the model's id --------------------------------------------------------------------------
 # hyperparameters that change a prediction besides the weights (the input the model sees)
-MODEL_ID_HPARAMS = ("regions", "image_size", "in_chans", "mean", "std", "tta", "intensity")
-
-
-def model_id(model) -> str:
-    """12 hex digits of the SHA-256 of a loaded model's `state_dict` (every weight and buffer,
-    thresholds included, names sorted, each with dtype, shape and bytes) and of its
-    `MODEL_ID_HPARAMS`. It names the model, not the file: the same for a checkpoint copied,
-    renamed or rewritten by Lightning with other metadata (optimizer state, callbacks, paths),
-    different when weights, thresholds or preprocessing differ. Call it on the model as
-    loaded (float32 on the CPU), before precision or memory-format changes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    hparams = {k: model.hparams.get(k) for k in MODEL_ID_HPARAMS}
-    digest.update(json.dumps(hparams, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:12]
-
-
 # -- class activation maps ---------------------------------------------------------------------
 class CamMaker:
     """Class activation maps of a predict run, made batch by batch inside the predict loop

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
 from regionnet.loggers import finish_wandb
-from regionnet.model.module import check_resumable
+from regionnet.model.checkpoint import check_resumable
 from regionnet.run import instantiate_list, numbers, prepare_run, speed_up
 from regionnet.ssl.data import UnlabeledDataModule
 from regionnet.ssl.module import SelfSupervised

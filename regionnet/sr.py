@@ -28,7 +28,6 @@ missing SRs (and only those).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from pydicom.uid import generate_uid
 
 from regionnet.decision import decide
 from regionnet.dicomweb import DicomWebError, Server, reporting
+from regionnet.model.identity import model_id
 from regionnet.regions import UNKNOWN, region_info
 from regionnet.writer import SR_STORED
 
@@ -66,19 +66,16 @@ class ModelInfo:
 
 
 def model_info(model, ckpt_path: str | Path, thresholds: Sequence[float]) -> ModelInfo:
-    """Name `regionnet/<backbone>`; version `<regionnet version> sha256:<12 hex digits of the
-    checkpoint>`, so an SR names the exact weights."""
+    """Name `regionnet/<backbone>`; version `<regionnet version> model:<model_id>`, the same id
+    as the prediction rows' `model_id` (`regionnet.model.identity.model_id`: the weights,
+    thresholds and preprocessing), so an SR names the exact model."""
     try:
         package = version("regionnet")
     except PackageNotFoundError:
         package = "unknown"
-    digest = hashlib.sha256()
-    with Path(ckpt_path).expanduser().open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
     return ModelInfo(
         name=f"regionnet/{model.hparams.backbone}",
-        version=f"{package} sha256:{digest.hexdigest()[:12]}",
+        version=f"{package} model:{model_id(model)}",
         thresholds=tuple(float(t) for t in thresholds),
     )
 

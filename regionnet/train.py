@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
 from regionnet.loggers import finish_wandb, loggable_config, wandb_summary
-from regionnet.model.module import check_resumable, inference_checkpoint, load_plain
+from regionnet.model.checkpoint import check_resumable, inference_checkpoint, load_plain
 from regionnet.model_card import write_model_card
 from regionnet.run import (
     build_datamodule,

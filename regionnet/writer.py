@@ -24,7 +24,7 @@ lines when the file name ends in `.jsonl`. Columns, in order:
   `written: <why>`, `kept: <why>` (the header was left alone, `dicom.write_body_part_mode`;
   see `regionnet.dicom_tags.body_part_decision`), `skipped: <why>` (not DICOM, unknown
   region) or `failed: <why>`; empty on error rows;
-- `model_id`, always last: the model that made the row (`regionnet.predict.model_id`: 12 hex
+- `model_id`, always last: the model that made the row (`regionnet.model.identity.model_id`: 12 hex
   digits of the SHA-256 of its weights, thresholds and preprocessing), so that rows of two
   models never mix unnoticed; `resume` refuses an output holding another model's rows.
 

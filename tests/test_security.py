@@ -17,7 +17,8 @@ from PIL import Image
 
 from regionnet.config import compose_config
 from regionnet.data.phantom import render_phantom
-from regionnet.model.module import UnsafeCheckpointError, load_regionnet
+from regionnet.model.checkpoint import UnsafeCheckpointError
+from regionnet.model.module import load_regionnet
 from regionnet.train import train
 
 TINY = [*FAST, "model.backbone=test_resnet"]

@@ -102,7 +102,7 @@ def build_backbone(
                 "state dict of this architecture, or drop it to start from random weights"
             )
         if path.suffix != ".safetensors":  # a pickle: tensors and plain values only, never code
-            from regionnet.model.module import load_plain
+            from regionnet.model.checkpoint import load_plain
 
             load_plain(path, "model.weights_file")
         try:

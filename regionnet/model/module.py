@@ -33,6 +33,7 @@ from torchmetrics import MaxMetric
 
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
+from regionnet.model.checkpoint import refuse_file
 from regionnet.model.metrics import RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
 from regionnet.model.thresholds import calibrate, parse_method
@@ -371,78 +372,6 @@ class RegionNet(L.LightningModule):
                 "monitor": "val/auroc_mean",
             },
         }
-
-
-# What a checkpoint may hold: tensors and plain values, read with torch's allow-list loader.
-UNSAFE_FILE = (
-    "is not a regionnet checkpoint or holds objects other than tensors and plain values; "
-    "regionnet never unpickles code: retrain or re-save it with regionnet"
-)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint or weights file that the allow-list loader refused, or could not read."""
-
-
-def refuse_file(path: str | Path, key: str = "ckpt_path", error: BaseException | None = None):
-    """The error for a file torch's `weights_only` loader refused: it names the file and never
-    repeats torch's advice to load with `weights_only=False` (that would run the file's code)."""
-    why = ""
-    if error is not None and not isinstance(error, pickle.UnpicklingError):
-        text = str(error).splitlines()[0] if str(error) else ""
-        if text and "weights_only" not in str(error):
-            why = f" ({type(error).__name__}: {text})"
-    return UnsafeCheckpointError(f"{key}={str(path)!r} {UNSAFE_FILE}{why}")
-
-
-def load_plain(path: str | Path, key: str = "ckpt_path") -> dict:
-    """`torch.load` with `weights_only=True` (explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot
-    turn it off) on the CPU; a refused or unreadable file raises `UnsafeCheckpointError`."""
-    try:
-        return torch.load(Path(str(path)).expanduser(), map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError):
-        raise
-    except Exception as e:
-        raise refuse_file(path, key, e) from None
-
-
-def check_resumable(ckpt_path) -> None:
-    """A file to resume from must be a full training checkpoint (`last.ckpt`), read with
-    `weights_only=True`; best.ckpt keeps only what inference needs."""
-    if ckpt_path is None or not Path(str(ckpt_path)).expanduser().is_file():
-        return  # none, or Lightning's own names ("last", "hpc", ...), which it resolves
-    checkpoint = load_plain(ckpt_path, "ckpt_path")
-    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
-        raise ValueError(
-            f"ckpt_path={str(ckpt_path)!r} holds only what inference needs (a best.ckpt): "
-            "resume from the run's checkpoints/last.ckpt"
-        )
-
-
-def inference_checkpoint(checkpoint: dict) -> dict:
-    """What inference needs of a training checkpoint: the weights (the averaged ones under
-    weight averaging), the hyperparameters and the versions. No optimizer, loop or callback
-    state, no data module hyperparameters: those name the data root and the run directory.
-    `weights_file` keeps its file name only (`weights_source` has its sha256)."""
-    kept = {k: checkpoint[k] for k in INFERENCE_KEYS if k in checkpoint}
-    hparams = dict(kept.get("hyper_parameters") or {})
-    if hparams.get("weights_file"):
-        hparams["weights_file"] = Path(str(hparams["weights_file"])).name
-    kept["hyper_parameters"] = hparams
-    kept["regionnet"] = {"kind": "inference", "version": _package_version()}
-    return kept
-
-
-INFERENCE_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lightning_version")
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("regionnet")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") -> RegionNet:
