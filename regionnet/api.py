@@ -7,7 +7,8 @@
 
 Inputs are file paths (DICOM, PNG, JPEG, TIFF; read by `regionnet.io.read_radiograph`, as in
 training) or arrays: float (H, W) in [0, 1] with bone bright (MONOCHROME2), or integer arrays
-(uint8 is divided by 255, deeper types are min-max scaled, like 16-bit PNGs). The decision
+(uint8 is divided by 255, deeper integers by the full scale of their bit depth, like 16-bit
+PNGs: `regionnet.io`'s one intensity rule). The decision
 rule and the preprocessing are the ones `regionnet-predict` uses, so both give the same
 probabilities for the same file.
 """

@@ -224,7 +224,12 @@ def evaluate(cfg: DictConfig) -> dict:
         tables.append(predictions_table(stage, records, probs, regions, thresholds))
         blocks[stage] = confusion_block(records["region"], tables[-1]["region"], regions)
         curves[stage] = {
-            r: RocCurve(*roc_points(labels[:, k], probs[:, k]), a, _ci(values, stage, r))
+            r: RocCurve(
+                *roc_points(labels[:, k], probs[:, k]),
+                a,
+                _ci(values, stage, r),
+                int(values[f"{stage}/positives/{r}"]),
+            )
             for k, r in enumerate(regions)
             if (a := values.get(f"{stage}/auroc/{r}")) is not None
         }

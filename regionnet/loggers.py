@@ -171,6 +171,7 @@ def _private_settings(log_paths: bool) -> dict:
         "disable_code": True,
         "save_code": False,
         "host": "<redacted>",  # the run record's machine name
+        "quiet": True,  # no 30-line run summary after regionnet's own AUROC table
     }
     fields = getattr(wandb.Settings, "model_fields", None)
     if fields is None:  # wandb < 0.19, before pydantic settings: the meta switch was private

@@ -63,7 +63,7 @@ def test_arrays_match_the_files_they_came_from(predictor, files):
     root = files["root"]
     from_files = predictor.predict([root / "hand.png", root / "knee16.png"])
     hand, knee16 = files["hand.png"], files["knee16.png"]
-    # uint8 is /255 like an 8-bit PNG, uint16 min-max like a 16-bit PNG, floats as given
+    # uint8 is /255 like an 8-bit PNG, uint16 by its bit depth like a 16-bit PNG, floats as given
     from_arrays = predictor.predict([hand, knee16, hand / 255.0, torch.from_numpy(hand / 255.0)])
     for a, b in zip(from_arrays, [*from_files, from_files[0], from_files[0]]):
         assert a.path is None and b.path is not None
@@ -109,9 +109,13 @@ def test_predict_one_regions_thresholds_and_override(predictor, files, phantom_c
 
 def test_array_normalisation_rules():
     assert array_pixels(np.array([[0, 255]], np.uint8)).tolist() == [[0.0, 1.0]]
-    assert array_pixels(np.array([[100, 300, 500]], np.uint16)).tolist() == [[0.0, 0.5, 1.0]]
+    # deeper integers by their bit depth (the smallest of 8, 10, 12, ... holding the values, as
+    # for a 16-bit PNG), never by their own min-max: 500 needs 10 bits
+    got = array_pixels(np.array([[100, 300, 500]], np.uint16))
+    np.testing.assert_allclose(got, [[100 / 1023, 300 / 1023, 500 / 1023]], rtol=1e-6)
     assert array_pixels(np.ones((1, 4, 4), np.float32)).shape == (4, 4)  # channel first
-    assert array_pixels(np.full((3, 3), 7, np.int16)).max() == 0.0  # constant: black, not NaN
+    # a constant image keeps its value (7 of 8 bits), not NaN
+    assert array_pixels(np.full((3, 3), 7, np.int16)).max() == pytest.approx(7 / 255)
     with pytest.raises(ValueError, match="NaN"):
         array_pixels(np.full((2, 2), np.nan))
 
