@@ -70,13 +70,13 @@ def main() -> None:
 
     from regionnet.cam import cam_for_file, save_png
     from regionnet.data.phantom import PHANTOM_REGIONS, parse_phantom_uri, phantom_uri
-    from regionnet.export import load_checkpoint
+    from regionnet.model.module import load_regionnet
 
     out = args.out or ROOT / "docs" / "images"
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or Path(tmp) / "run"
         ckpt = Path(args.ckpt) if args.ckpt else train_phantom_model(run_dir, args.train)
-        model, norm = load_checkpoint(ckpt)
+        model = load_regionnet(ckpt)
     images = args.images or [
         phantom_uri(r, args.seed) for r in model.regions if r in PHANTOM_REGIONS
     ]
@@ -86,7 +86,7 @@ def main() -> None:
             head = name if name in model.regions else None
         else:  # the most probable head, file named after the radiograph
             name, head = Path(image).stem, None
-        overlay, region, prob = cam_for_file(model, image, region=head, **norm)
+        overlay, region, prob = cam_for_file(model, image, region=head)
         path = save_png(overlay, out / f"cam_{name}.png")
         print(f"{image}: {region} head p={prob:.2f} -> {path}")
 
