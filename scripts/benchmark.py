@@ -3,8 +3,9 @@
     python scripts/benchmark.py            # the full run (the transfer section trains at the
                                            # experiment configs' size and epochs unless
                                            # --transfer-image-size/-epochs/-augment-factor)
-    python scripts/benchmark.py --quick    # a smoke test of every section (15 min on 2 busy
-                                           # CPU cores; the transfer part about 3)
+    python scripts/benchmark.py --quick    # a smoke test of every section, about a minute on
+                                           # 2 CPU cores: 32 px, ~90 films, a few batches, short
+                                           # timings, one thread; no meaningful number
     python scripts/benchmark.py --skip backbones scaling --out /tmp/bench
 
 Writes `<out>/results.json` and `<out>/RESULTS.md` (and `<out>/scaling.png`,
@@ -45,7 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test of every section (minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test of every section (about a minute)"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to skip")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")

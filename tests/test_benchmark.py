@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from regionnet.bench import BenchSettings, FineTune
-from regionnet.bench.protocol import protocol_overrides
+from regionnet.bench.protocol import QUICK_FULLRES, protocol_overrides, quick_data
 from regionnet.bench.speed import images_per_second
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +21,39 @@ def test_settings_travel_in_one_object(tmp_path):
     s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true", skip=frozenset({"ssl"}))
     assert not s.runs("ssl") and s.runs("transfer") and s.artifacts == tmp_path / "out/artifacts"
     q = s.quick_sized()
-    assert q.quick and q.accuracy == FineTune(48, 1, 1) and q.transfer == FineTune(48, 1, 1)
-    assert (q.pretrain_size, q.pretrain_epochs, q.backbone_size) == (48, 1, 48)
+    assert q.quick and q.accuracy == FineTune(32, 1, 1) and q.transfer == FineTune(32, 1, 1)
+    assert (q.pretrain_size, q.pretrain_epochs, q.backbone_size) == (32, 1, 32)
     # None leaves the value to the experiment config
-    assert not any(o.startswith("data.image_size=") for o in protocol_overrides(s, s.transfer))
+    full = protocol_overrides(s, s.transfer)
+    assert not any(o.startswith(("data.image_size=", "data.csv=", "test=")) for o in full)
     overrides = protocol_overrides(q, q.accuracy)
-    assert {"data.image_size=48", "trainer.max_epochs=1", "trainer.precision=32-true"} <= set(
+    assert {"data.image_size=32", "trainer.max_epochs=1", "trainer.precision=32-true"} <= set(
         overrides
     )
+    # quick: the small manifest, a few batches, no test after fitting (evaluate tests)
+    assert f"data.csv={q.quick_manifest}" in overrides and "test=false" in overrides
     assert "trainer.limit_train_batches=4" in overrides
+
+
+def test_quick_data_keeps_a_few_patients_per_source_and_region(tmp_path):
+    data = tmp_path / "data"
+    (data / "radiographs").mkdir(parents=True)
+    rows = [
+        {"path": f"{src}/{region}/{pid}_{k}.png", "region": region, "source": src,
+         "patient_id": f"{src}-{region}-{pid}"}
+        for src, region in (("a", "knee"), ("a", "hand"), ("b", "hand"))
+        for pid in range(8)
+        for k in range(2)
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(data / "radiographs" / "manifest.csv", index=False)
+    s = BenchSettings(data, tmp_path / "out", "32-true").quick_sized()
+    manifest, external = quick_data(s, patients=3)
+    assert manifest == s.quick_manifest and external is None  # no external/ folder here
+    df = pd.read_csv(manifest)
+    assert df.groupby(["source", "region"])["patient_id"].nunique().tolist() == [3, 3, 3]
+    assert len(df) == 3 * 3 * 2  # every film of a kept patient
+    assert all(Path(p).is_absolute() for p in df["path"])
+    assert quick_data(s, patients=3)[0].read_text() == manifest.read_text()  # seeded
 
 
 class _Tiny(torch.nn.Module):
@@ -53,8 +78,8 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "scripts/benchmark.py", "--quick", "--out", str(out),
            "--data-dir", str(shared_data)]  # fmt: skip
-    # took 14.9 min on 2 CPU cores shared with a full test run: leave room
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    # about 1.5 min on 2 quiet CPU cores; the timeout only guards against a hang
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
     # the checkpoints this run trained are named at the end, and exist
     logged = res.stdout[res.stdout.index("checkpoints trained in this run") :]
@@ -70,7 +95,11 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     acc = results["accuracy"]["yi2019"]
     assert Path(acc["checkpoint"]).is_file()
     assert set(acc["breakdown"]["within_fracture_source"]) == {"shoulder", "elbow"}
-    assert acc["fullres"]["images"] == len(list((shared_data / "fullres").rglob("*.png")))
+    # quick: the first files of each full-resolution folder (hand, chest)
+    assert acc["fullres"]["images"] == 2 * QUICK_FULLRES
+    assert set(acc["fullres"]["accuracy_by_anatomy"]) == {"hand", "chest"}
+    # quick: every fine-tune on the small manifest (named relative to the output folder)
+    assert "data.csv=<out>/artifacts/quick/quick_manifest.csv" in acc["overrides"]
     speed = results["speed"]
     assert speed["shared_vs_separate"]["ratio"] > 1.5  # five backbones cost more than one
     assert speed["predict"]["files"] > 0 and speed["predict"]["end_to_end_per_s"] > 0
@@ -90,6 +119,7 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
         assert any(o.startswith("data.split_file=") for o in tr["rows"][row]["overrides"])
         assert Path(tr["rows"][row]["checkpoint"]).is_file()
     assert tr["rows"]["imagenet"]["external"]["images"] > 0
+    assert set(tr["hand_across_sources"]) == {"hand_rsna_to_dha"}  # quick: one way
     for h in tr["hand_across_sources"].values():  # test hands come from the other source only
         assert {k for k in h["hands"] if k.endswith("/test")} == {f"{h['test_source']}/test"}
     assert tr["cam_errors"] and all(c["bytes"] < 100_000 for c in tr["cam_errors"])

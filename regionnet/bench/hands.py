@@ -44,10 +44,11 @@ def hand_across_sources(
     eval_overrides: list[str],
 ) -> dict:
     """Train `overrides` on one hand source of `manifest_csv` (split as `split_csv`, see
-    `hand_loso_manifest`), test hand AUROC on the other, both ways."""
+    `hand_loso_manifest`), test hand AUROC on the other, both ways (`--quick`: one way)."""
     root = settings.artifacts / "transfer"
     out = {}
-    for a, b in (("rsna", "dha"), ("dha", "rsna")):
+    ways = (("rsna", "dha"), ("dha", "rsna"))
+    for a, b in ways[:1] if settings.quick else ways:
         name = f"hand_{a}_to_{b}"
         run = root / name
         shutil.rmtree(run, ignore_errors=True)
@@ -61,7 +62,7 @@ def hand_across_sources(
             [*train_overrides, f"paths.output_dir={run}"], ValidationTimeline()
         )
         ckpt = run / "checkpoints" / "best.ckpt"
-        ev, eval_seconds = timed_evaluate(ckpt, run / "eval", eval_overrides)
+        ev, eval_seconds = timed_evaluate(ckpt, run / "eval", eval_overrides, settings.num_workers)
         out[name] = {
             "train_source": HAND_SOURCES[a],
             "test_source": HAND_SOURCES[b],

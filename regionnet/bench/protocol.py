@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pandas as pd
 
 from regionnet.bench.settings import BenchSettings, FineTune, log
@@ -25,6 +26,7 @@ from regionnet.reporting import auroc, bootstrap_auroc_ci
 from regionnet.train import train
 
 FRACTURE_SOURCE = "bonefracture_veda_osteoai"
+QUICK_FULLRES = 2  # --quick: full-resolution files per folder (hand, chest)
 
 
 class ValidationTimeline(L.Callback):
@@ -57,11 +59,19 @@ def timed_train(overrides: list[str], timeline: ValidationTimeline) -> tuple[dic
     return metrics, time.perf_counter() - start
 
 
-def timed_evaluate(ckpt: Path, out: Path, overrides: Sequence[str] = ()) -> tuple[dict, float]:
+def timed_evaluate(
+    ckpt: Path, out: Path, overrides: Sequence[str] = (), num_workers: int = 2
+) -> tuple[dict, float]:
     """`regionnet-eval` of a checkpoint into `out`: its results and wall seconds."""
     cfg = compose_config(
         "eval",
-        [f"ckpt_path={ckpt}", f"paths.output_dir={out}", "logger=csv", "num_workers=2", *overrides],
+        [
+            f"ckpt_path={ckpt}",
+            f"paths.output_dir={out}",
+            "logger=csv",
+            f"num_workers={num_workers}",
+            *overrides,
+        ],
     )
     start = time.perf_counter()
     result = evaluate(cfg)
@@ -78,9 +88,39 @@ def read_manifest(data_dir: Path) -> pd.DataFrame:
     return df.rename(columns={"region": "anatomy"})
 
 
+def quick_data(
+    settings: BenchSettings, patients: int = 5, external: int = 12
+) -> tuple[Path, Path | None]:
+    """`--quick`: the small manifests every fine-tune uses (`settings.quick_manifest`, and
+    `settings.quick_external` when the data has external films): up to `patients` seeded
+    patients per (source, region) with all their films (about 90 films), and the first
+    `external` external films; absolute paths. Every code path runs, in a fraction of the
+    time. Writing them again gives the same files."""
+    data_dir = settings.data_dir
+    raw = pd.read_csv(data_dir / "radiographs" / "manifest.csv")
+    raw["path"] = [str((data_dir / "radiographs").resolve() / p) for p in raw["path"]]
+    rng = np.random.default_rng(0)
+    keep = set()
+    for _, group in raw.groupby(["source", "region"]):
+        ids = sorted(group["patient_id"].astype(str).unique())
+        keep.update(rng.permutation(ids)[:patients])
+    manifest = settings.quick_manifest
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    raw[raw["patient_id"].astype(str).isin(keep)].to_csv(manifest, index=False)
+    ext_csv = data_dir / "external" / "manifest.csv"
+    if not ext_csv.is_file():
+        return manifest, None
+    ext = pd.read_csv(ext_csv).head(external)
+    ext["path"] = [str(ext_csv.resolve().parent / p) for p in ext["path"]]
+    ext.to_csv(settings.quick_external, index=False)
+    return manifest, settings.quick_external
+
+
 def protocol_overrides(settings: BenchSettings, fine_tune: FineTune) -> list[str]:
     """regionnet-train overrides every benchmark fine-tune on the shared data shares. A
-    `None` size, epoch count or augment factor is left to the experiment config."""
+    `None` size, epoch count or augment factor is left to the experiment config. With
+    `--quick`: the small manifest of `quick_data` (written before the sections run), a few
+    batches, and no test after fitting (the benchmark's evaluation tests the checkpoint)."""
     base = [
         "data=shared",
         f"paths.data_dir={settings.data_dir}",
@@ -94,9 +134,18 @@ def protocol_overrides(settings: BenchSettings, fine_tune: FineTune) -> list[str
     ):
         if value is not None:
             base.append(f"{key}={value}")
-    base += ["data.num_workers=2", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    base += [
+        f"data.num_workers={settings.num_workers}",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
     if settings.quick:
-        base += ["trainer.limit_train_batches=4", "trainer.limit_val_batches=2"]
+        base += [
+            f"data.csv={settings.quick_manifest}",
+            "trainer.limit_train_batches=4",
+            "trainer.limit_val_batches=2",
+            "test=false",
+        ]
     return base
 
 
@@ -148,15 +197,16 @@ def operating_point(eval_dir: Path, thresholds: dict) -> dict:
     }
 
 
-def fullres_check(ckpt: Path, data_dir: Path) -> dict:
-    """Predictions on the full-resolution originals: hands must be `hand`, chests `unknown`."""
+def fullres_check(ckpt: Path, data_dir: Path, per_folder: int | None = None) -> dict:
+    """Predictions on the full-resolution originals: hands must be `hand`, chests `unknown`
+    (the first `per_folder` files of each folder; `None`: all)."""
     from regionnet.api import load_model
 
     model = load_model(ckpt)
     expect = {"hand": "hand", "chest": UNKNOWN}
     rows = []
     for folder, want in expect.items():
-        paths = sorted((data_dir / "fullres" / folder).glob("*.png"))
+        paths = sorted((data_dir / "fullres" / folder).glob("*.png"))[:per_folder]
         for pred in model.predict([str(p) for p in paths]):
             rows.append({"anatomy": folder, "expected": want, "predicted": pred.region})
     df = pd.DataFrame(rows)
@@ -217,7 +267,9 @@ def one_protocol(
     metrics, seconds = timed_train([*overrides, f"paths.output_dir={run}"], timeline)
     ckpt = run / "checkpoints" / "best.ckpt"
     log(f"accuracy[{name}]: evaluating {ckpt}")
-    result, eval_seconds = timed_evaluate(ckpt, run / "eval", eval_overrides)
+    if settings.quick:  # a smoke test: fewer bootstrap resamples
+        eval_overrides = ["bootstrap.resamples=100", *eval_overrides]
+    result, eval_seconds = timed_evaluate(ckpt, run / "eval", eval_overrides, settings.num_workers)
     reach = next((p["seconds"] for p in timeline.points if p["val/auroc_mean"] >= 0.99), None)
     return {
         "checkpoint": str(ckpt),
@@ -236,5 +288,7 @@ def one_protocol(
             or k in ("thresholds", "threshold_method", "regions")
         },
         "breakdown": breakdown(run / "eval", manifest),
-        "fullres": fullres_check(ckpt, settings.data_dir),
+        "fullres": fullres_check(
+            ckpt, settings.data_dir, QUICK_FULLRES if settings.quick else None
+        ),
     }

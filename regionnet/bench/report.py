@@ -164,7 +164,8 @@ def _scaling(sc: dict) -> list[str]:
         "",
         "![scaling](scaling.png)",
         "",
-        "| batch (224 px) | radiographs/s | peak RSS MiB | of which inference MiB |",
+        f"| batch ({sc.get('size_for_batches', 224)} px) | radiographs/s | peak RSS MiB "
+        "| of which inference MiB |",
         "| ---: | ---: | ---: | ---: |",
     ]
     lines += [
@@ -173,7 +174,8 @@ def _scaling(sc: dict) -> list[str]:
     ]
     lines += [
         "",
-        "| size px (batch 8) | radiographs/s | peak RSS MiB | of which inference MiB |",
+        f"| size px (batch {sc.get('batch_for_sizes', 8)}) | radiographs/s | peak RSS MiB "
+        "| of which inference MiB |",
         "| ---: | ---: | ---: | ---: |",
     ]
     lines += [

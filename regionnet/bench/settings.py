@@ -9,6 +9,8 @@ from pathlib import Path
 # the repository of an editable install (regionnet/bench/settings.py -> the repository root)
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer")
+#: input size (px) of every training with `--quick`: a smoke test, no meaningful number
+QUICK_SIZE = 32
 
 
 def log(msg: str) -> None:
@@ -66,16 +68,19 @@ class BenchSettings:
     command: str = "python scripts/benchmark.py"
 
     def quick_sized(self) -> BenchSettings:
-        """These settings at the `--quick` sizes (48 px, one epoch)."""
+        """These settings at the `--quick` sizes (QUICK_SIZE px, one epoch). The sections
+        shrink the rest themselves when `quick`: a few patients per source and region
+        (`regionnet.bench.protocol.quick_data`), a few batches, a handful of full-resolution
+        files, short timings at small sizes."""
         return replace(
             self,
             quick=True,
-            accuracy=replace(self.accuracy, image_size=48, epochs=1),
-            backbone_size=48,
+            accuracy=replace(self.accuracy, image_size=QUICK_SIZE, epochs=1),
+            backbone_size=QUICK_SIZE,
             backbone_epochs=1,
-            pretrain_size=48,
+            pretrain_size=QUICK_SIZE,
             pretrain_epochs=1,
-            transfer=FineTune(48, 1, 1),
+            transfer=FineTune(QUICK_SIZE, 1, 1),
         )
 
     def runs(self, section: str) -> bool:
@@ -89,3 +94,20 @@ class BenchSettings:
     def artifacts(self) -> Path:
         """Trained checkpoints and per-section JSON (git-ignored)."""
         return self.out_dir / "artifacts"
+
+    @property
+    def num_workers(self) -> int:
+        """Data loader workers of every training, evaluation and prediction; `--quick`: none
+        (in-process: a few dozen films do not pay for starting workers)."""
+        return 0 if self.quick else 2
+
+    @property
+    def quick_manifest(self) -> Path:
+        """`--quick`: the small manifest every fine-tune trains on (written by
+        `regionnet.bench.protocol.quick_data`)."""
+        return self.artifacts / "quick" / "quick_manifest.csv"
+
+    @property
+    def quick_external(self) -> Path:
+        """`--quick`: the first external films, as a CSV (absent without external data)."""
+        return self.artifacts / "quick" / "quick_external.csv"

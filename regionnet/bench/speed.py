@@ -23,14 +23,18 @@ from regionnet.regions import REGIONS
 
 STUDY_RATE = 33.0  # radiographs/s reported by Yi et al. 2019 (five ResNet-18s, a GPU)
 WARMUP = 3  # untimed runs first: allocator, kernels, oneDNN primitives
+QUICK_PREDICT_FILES = 16  # --quick: files of the end-to-end regionnet-predict
 
 
 def build(shared: bool = True, backbone: str = "resnet18") -> torch.nn.Module:
-    """A five-head RegionNet with random weights, in eval mode: one shared backbone, or the
-    study's design (one backbone per region)."""
-    from regionnet.model.module import RegionNet
+    """A five-head RegionNet network with random weights, in eval mode: one shared backbone,
+    or the study's design (one backbone per region). The plain `RegionClassifier` that the
+    Lightning module, export and the Python API run, without importing Lightning (each cost
+    curve point starts a fresh process)."""
+    from regionnet.model.net import build_region_classifier
 
-    return RegionNet(regions=list(REGIONS), backbone=backbone, shared_backbone=shared).eval()
+    net, _ = build_region_classifier(list(REGIONS), backbone, shared_backbone=shared)
+    return net.eval()
 
 
 def _forward(model: torch.nn.Module):
@@ -89,9 +93,9 @@ def matmul_gflops(n: int = 2048, min_run_time: float = 2.0, dtype=torch.float32)
 def speed_section(settings: BenchSettings) -> dict:
     """Shared vs five backbones, precision/layout grid, batch and image sizes, roofline."""
     quick = settings.quick
-    t = 0.6 if quick else 3.0  # seconds of timed runs per figure
+    t = 0.05 if quick else 3.0  # seconds of timed runs per figure
     shared, separate = build(True), build(False)
-    size, batch = (128, 8) if quick else (224, 16)
+    size, batch = (64, 4) if quick else (224, 16)
     out: dict = {"threads": torch.get_num_threads(), "image_size": size, "batch": batch}
 
     log(f"speed: shared vs separate backbones at {size} px, batch {batch}, fp32")
@@ -110,14 +114,14 @@ def speed_section(settings: BenchSettings) -> dict:
     out["precision_layout"] = grid
 
     log("speed: batch sizes and image sizes")
-    batches = (1, 8) if quick else (1, 8, 32)
+    batches = (1, 4) if quick else (1, 8, 32)
     out["batch_sizes"] = {b: images_per_second(shared, b, size, min_run_time=t) for b in batches}
-    sizes = (128, 224) if quick else (128, 224, 320, 384)
+    sizes = (32, 64) if quick else (128, 224, 320, 384)
     out["image_sizes"] = {z: images_per_second(shared, batch, z, min_run_time=t) for z in sizes}
 
     log("speed: achieved GFLOP/s vs matmul roofline")
     gf = gflops_per_image(shared, size)
-    roof = matmul_gflops(1024 if quick else 2048, min_run_time=t)
+    roof = matmul_gflops(256 if quick else 2048, min_run_time=t)
     out["roofline"] = {
         "gflop_per_image": gf,
         "achieved_gflops": gf * s,
@@ -128,14 +132,21 @@ def speed_section(settings: BenchSettings) -> dict:
 
 
 def predict_throughput(settings: BenchSettings, ckpt: Path) -> dict:
-    """End-to-end regionnet-predict on a folder of real files (one source with `--quick`) vs
-    model-only at the same size and batch."""
+    """End-to-end regionnet-predict on the folder of real files (with `--quick`, a CSV of
+    the first QUICK_PREDICT_FILES files of the quick manifest) vs model-only at the same size
+    and batch."""
     from regionnet.api import load_model
     from regionnet.config import compose_config
     from regionnet.predict import predict
 
-    folder = settings.data_dir / "radiographs" / ("kneeoa_rohan145" if settings.quick else "")
     out = settings.artifacts
+    folder = settings.data_dir / "radiographs"
+    if settings.quick:
+        import pandas as pd
+
+        folder = out / "quick" / "predict_input.csv"
+        paths = pd.read_csv(settings.quick_manifest, usecols=["path"]).head(QUICK_PREDICT_FILES)
+        paths.to_csv(folder, index=False)
     predictor = load_model(ckpt)
     size = predictor.image_size
     cfg = compose_config(
@@ -146,13 +157,13 @@ def predict_throughput(settings: BenchSettings, ckpt: Path) -> dict:
             f"output={out / 'predict_bench.csv'}",
             f"paths.output_dir={out}",
             "batch_size=32",
-            "num_workers=2",
+            f"num_workers={settings.num_workers}",
             "accelerator=cpu",
         ],
     )
     summary = predict(cfg)
     model_only = images_per_second(
-        predictor.model, 32, size, min_run_time=1.5 if settings.quick else 2.5
+        predictor.model, 32, size, min_run_time=0.05 if settings.quick else 2.5
     )
     return {
         "input": str(folder),
@@ -203,18 +214,26 @@ def cost_point(batch: int, size: int, min_run_time: float) -> dict:
 
 
 def scaling_section(settings: BenchSettings) -> dict:
-    """Cost curves: throughput and peak memory as batch size and image size grow."""
+    """Cost curves: throughput and peak memory as batch size and image size grow (`--quick`:
+    two small points each, the one they share measured once)."""
     quick = settings.quick
-    t = 0.4 if quick else 1.5
-    batches = (1, 4, 16) if quick else (1, 4, 16, 64)
-    sizes = (128, 224) if quick else (128, 224, 320, 384)
-    out = {"by_batch": {}, "by_size": {}, "batch_for_sizes": 8, "size_for_batches": 224}
+    t = 0.05 if quick else 1.5
+    batches = (1, 4) if quick else (1, 4, 16, 64)
+    sizes = (32, 64) if quick else (128, 224, 320, 384)
+    at_size, at_batch = (64, 4) if quick else (224, 8)
+    out = {"by_batch": {}, "by_size": {}, "batch_for_sizes": at_batch, "size_for_batches": at_size}
+    points: dict[tuple[int, int], dict] = {}
+
+    def point(batch: int, size: int) -> dict:
+        if (batch, size) not in points:
+            log(f"scaling: batch {batch} at {size} px")
+            points[batch, size] = cost_point(batch, size, t)
+        return points[batch, size]
+
     for b in batches:
-        log(f"scaling: batch {b} at 224 px")
-        out["by_batch"][b] = cost_point(b, 224, t)
+        out["by_batch"][b] = point(b, at_size)
     for z in sizes:
-        log(f"scaling: {z} px at batch 8")
-        out["by_size"][z] = cost_point(8, z, t)
+        out["by_size"][z] = point(at_batch, z)
     return out
 
 
@@ -222,9 +241,10 @@ def plot_scaling(scaling: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4))
+    at_size, at_batch = scaling.get("size_for_batches", 224), scaling.get("batch_for_sizes", 8)
     for ax, key, xlabel in (
-        (fig.add_subplot(1, 2, 1), "by_batch", "batch size (224 px)"),
-        (fig.add_subplot(1, 2, 2), "by_size", "image size, px (batch 8)"),
+        (fig.add_subplot(1, 2, 1), "by_batch", f"batch size ({at_size} px)"),
+        (fig.add_subplot(1, 2, 2), "by_size", f"image size, px (batch {at_batch})"),
     ):
         xs = [int(x) for x in scaling[key]]
         ax.plot(xs, [scaling[key][k]["rate"] for k in scaling[key]], "o-", color="tab:blue")

@@ -48,8 +48,14 @@ def ssl_section(settings: BenchSettings) -> dict:
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
     ]
-    if s.quick:
-        overrides += ["data.max_images=256", "data.batch_size=32", "trainer.limit_train_batches=2"]
+    if s.quick:  # the labelled part from the quick manifest the fine-tunes use
+        overrides += [
+            f"data.labelled.csv={s.quick_manifest}",
+            f"data.num_workers={s.num_workers}",
+            "data.max_images=64",
+            "data.batch_size=16",
+            "trainer.limit_train_batches=2",
+        ]
     log(f"ssl: pretraining ({' '.join(overrides)})")
     t0 = time.perf_counter()
     pre = pretrain(compose_config("pretrain", overrides))

@@ -16,8 +16,9 @@ set (never trained on), in-set sensitivity at the operating thresholds, and cali
 `regionnet.bench.calibration`). Once per run: Grad-CAM overlays of the best row's worst test
 errors (`regionnet.bench.cam_errors`), hand across sources (`regionnet.bench.hands`), and
 model-only inference speed of the new default backbone against ResNet-18. `--quick` trains each
-row for a few batches of 48 px images on a few patients per source and region (and 24 external
-films): every code path, no meaningful number.
+row for a few batches of 32 px images on a few patients per source and region (and 12 external
+films; `regionnet.bench.protocol.quick_data`), and the hand part one way only: every code path,
+no meaningful number.
 """
 
 from __future__ import annotations
@@ -124,30 +125,6 @@ def row_targets(row: dict) -> list[dict]:
     return out
 
 
-# -- quick smoke runs ----------------------------------------------------------------------
-def quick_subset(data_dir: Path, folder: Path, patients: int = 5, external: int = 24):
-    """Small manifests for `--quick`: up to `patients` seeded patients per (source, region),
-    all their films, and the first `external` external films; written with absolute paths.
-    Every code path runs, in a fraction of the time."""
-    raw = pd.read_csv(data_dir / "radiographs" / "manifest.csv")
-    raw["path"] = [str((data_dir / "radiographs").resolve() / p) for p in raw["path"]]
-    rng = np.random.default_rng(0)
-    keep = set()
-    for _, group in raw.groupby(["source", "region"]):
-        ids = sorted(group["patient_id"].astype(str).unique())
-        keep.update(rng.permutation(ids)[:patients])
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / "quick_manifest.csv"
-    raw[raw["patient_id"].astype(str).isin(keep)].to_csv(manifest, index=False)
-    ext_csv = data_dir / "external" / "manifest.csv"
-    if not ext_csv.is_file():
-        return manifest, None
-    ext = pd.read_csv(ext_csv).head(external)
-    ext["path"] = [str(ext_csv.resolve().parent / p) for p in ext["path"]]
-    ext.to_csv(folder / "quick_external.csv", index=False)
-    return manifest, folder / "quick_external.csv"
-
-
 # -- inference speed -----------------------------------------------------------------------
 def inference_speed(sizes: list[int], quick: bool) -> dict:
     """Model-only inference radiographs/s (fp32, no grad) of the new default backbone and
@@ -159,7 +136,7 @@ def inference_speed(sizes: list[int], quick: bool) -> dict:
         model = build(True, backbone)
         out["rows"][backbone] = {
             str(size): {
-                "per_s": images_per_second(model, batch, size, min_run_time=0.4 if quick else 3.0),
+                "per_s": images_per_second(model, batch, size, min_run_time=0.05 if quick else 3.0),
                 "gflop_per_image": gflops_per_image(model, size),
             }
             for size in sizes
@@ -181,12 +158,12 @@ def transfer_section(settings: BenchSettings) -> dict:
         "test=false",  # evaluate() tests the best checkpoint, with bootstrap CIs
         "skip_if_done=false",  # wall time is measured: always train
     ]
-    evals = []
-    if s.quick:
-        manifest_csv, external = quick_subset(s.data_dir, root)
-        base.append(f"data.csv={manifest_csv}")
+    evals = []  # evaluations of the hand trainings (one_protocol adds the quick one itself)
+    if s.quick:  # protocol_overrides trains on this manifest
+        manifest_csv = s.quick_manifest
+        external = s.quick_external if external else None
         evals.append("bootstrap.resamples=100")
-    row_evals = [*evals, f"data.external_test={external}"] if external else evals
+    row_evals = [f"data.external_test={external}"] if external else []
     used = pd.read_csv(manifest_csv)
     rows = row_overrides(s, base)
     # the first row's config, composable without a run directory, for the settings log
@@ -253,7 +230,8 @@ def transfer_section(settings: BenchSettings) -> dict:
     hands = manifest[manifest["anatomy"] == "hand"]["source"].unique()
     if set(HAND_SOURCES.values()) <= set(hands):
         out["hand_across_sources"] = hand_across_sources(s, rows[BEST], manifest_csv, split, evals)
-    sizes = sorted({224, int(best["settings"]["image_size"])})
+    # --quick: the rows' size only (timing at 224 px is no smoke test)
+    sizes = sorted({int(best["settings"]["image_size"])} | (set() if s.quick else {224}))
     log(f"transfer: inference speed {SPEED_BACKBONES} at {sizes} px")
     out["inference_speed"] = inference_speed(sizes, s.quick)
     out["wall_seconds"] = time.perf_counter() - start
