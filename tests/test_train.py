@@ -222,7 +222,9 @@ def test_weights_file_loads_imagenet_style_weights_into_a_gray_backbone(tmp_path
     assert conv.shape[1] == 1
     # timm adapts the first conv to one channel by summing the RGB filters
     assert torch.allclose(conv, rgb.conv1.weight.sum(1, keepdim=True), atol=1e-6)
-    assert torch.equal(model.net.backbones["shared"].layer4[1].conv2.weight, rgb.layer4[1].conv2.weight)
+    assert torch.equal(
+        model.net.backbones["shared"].layer4[1].conv2.weight, rgb.layer4[1].conv2.weight
+    )
 
 
 def test_pretrained_offline_fails_fast_with_a_clear_message(tmp_path, monkeypatch):
