@@ -484,7 +484,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     seconds = 0.0
     if paths:
         if cfg.get("channels_last"):
-            model.hparams.channels_last = True  # forward() converts each batch
+            model.net.channels_last = True  # forward_features converts each batch
             model = model.to(memory_format=torch.channels_last)
         batch_size, collate_fn = int(cfg.batch_size), collate
         if server is not None:
