@@ -248,6 +248,7 @@ def test_backbone_sweep_gathers_one_row_per_backbone_in_one_wandb_group(tmp_path
         "model.optimizer.lr=0.001",
         *TINY,
         "model.backbone=test_resnet,test_efficientnet",  # after TINY's: the last one counts
+        "data.image_size=32",  # a command-line value replaces the sweep's 224,320 list
         *CPU,
         "logger=wandb",
         "tags=[scale-test]",
