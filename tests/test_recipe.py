@@ -248,10 +248,15 @@ def recipe_run(tmp_path_factory):
 
 def test_best_checkpoint_holds_the_averaged_weights_and_the_chosen_thresholds(recipe_run):
     out, _ = recipe_run
-    ckpt = torch.load(out / "checkpoints/best.ckpt", weights_only=False)
-    assert ckpt["hyper_parameters"]["tta"] is True
-    averaged, trained = ckpt["state_dict"], ckpt["current_model_state"]
-    assert int(ckpt["averaging_state"]["n_averaged"]) > 1
+    best = torch.load(out / "checkpoints/best.ckpt", weights_only=True)
+    assert best["hyper_parameters"]["tta"] is True
+    # best.ckpt keeps only what inference needs: the averaged weights, not the trained ones
+    assert "current_model_state" not in best and "averaging_state" not in best
+    assert not torch.equal(best["state_dict"]["thresholds"], torch.full((5,), 0.5))
+    # last.ckpt keeps both for resuming
+    last = torch.load(out / "checkpoints/last.ckpt", weights_only=True)
+    averaged, trained = last["state_dict"], last["current_model_state"]
+    assert int(last["averaging_state"]["n_averaged"]) > 1
     assert any(not torch.equal(averaged[k], trained[k]) for k in trained if "weight" in k)
     # thresholds are chosen on validation, not averaged with the initial 0.5
     assert torch.equal(averaged["thresholds"], trained["thresholds"])

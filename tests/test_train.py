@@ -297,6 +297,7 @@ def test_folder_of_dicom_and_png_trains_and_skips_a_corrupt_file(tmp_path, fast)
                     (pixels * 4000).astype(np.uint16),
                     photometric="MONOCHROME2",
                     BodyPartExamined=region.upper(),
+                    PatientID=f"{region}{i}",  # folder sources split DICOMs by PatientID
                 )
             else:
                 Image.fromarray((pixels * 255).astype(np.uint8)).save(root / folder / f"{i}.png")
