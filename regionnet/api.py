@@ -37,6 +37,9 @@ class Prediction:
     `region` is a head's region or `unknown` (no head passed its threshold), None for an
     input that could not be read; `regions` lists every head above its threshold; `status`
     is `ok` or `error: <why>` (the same text as the CLI's `status` column) and `error` the why.
+    `findings`: finding name -> probability of the model's finding heads (`model.findings`)
+    whose region is the predicted `region`, e.g. `{"knee_oa": 0.83}` for a knee film; empty
+    for other regions, `unknown`, errors and models without finding heads.
     """
 
     probabilities: dict[str, float]
@@ -45,6 +48,7 @@ class Prediction:
     path: str | None = None
     status: str = "ok"
     error: str | None = None
+    findings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -101,6 +105,9 @@ class RegionPredictor:
         self.regions: tuple[str, ...] = tuple(model.regions)
         self._thresholds = resolve_thresholds(model.thresholds.tolist(), self.regions, thresholds)
         self.transform = eval_transform(model)
+        names = list(getattr(model, "findings", []))
+        # finding name -> its region (the only region whose films it is meaningful for)
+        self.finding_regions = {f: model.hparams.findings[f]["region"] for f in names}
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -148,10 +155,24 @@ class RegionPredictor:
                 tensors.append(self.transform(torch.from_numpy(pixels)[None]))
             if not tensors:
                 continue
-            probs = self.probabilities(torch.stack(tensors)).tolist()
-            for (k, path), p in zip(good, probs):
+            batch = torch.stack(tensors)
+            if self.finding_regions:
+                with torch.inference_mode():
+                    probs, found = self.model.inference_all(batch.to(self.device))
+                probs, found = probs.float().cpu().tolist(), found.float().cpu().tolist()
+            else:
+                probs = self.probabilities(batch).tolist()
+                found = [[] for _ in probs]
+            for (k, path), p, fp in zip(good, probs, found, strict=True):
                 region, above = decide(p, self._thresholds, self.regions)
-                out[k] = Prediction(dict(zip(self.regions, p)), region, above, path)
+                findings = {
+                    f: q
+                    for (f, own), q in zip(self.finding_regions.items(), fp, strict=True)
+                    if own == region
+                }
+                out[k] = Prediction(
+                    dict(zip(self.regions, p)), region, above, path, findings=findings
+                )
         return out  # type: ignore[return-value]
 
     def predict_one(self, x: Input) -> Prediction:

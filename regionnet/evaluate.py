@@ -9,6 +9,10 @@ Writes into `paths.output_dir`: `metrics.json` (per stage and head: AUROC with a
 bootstrap CI, accuracy/sensitivity/specificity at the threshold, top-1 accuracy, the share of
 `other` films called `unknown`, confusion counts), `roc.png`, `confusion.png`,
 `predictions.csv` (one row per readable image) and `errors.csv` (unreadable files, skipped).
+With finding heads (`model.findings`), `metrics.json` also holds per stage and finding, over
+the films that carry its label: `stage/auroc/<finding>` with `stage/auroc_ci/<finding>`,
+`sensitivity`/`specificity` at the checkpoint's `finding_thresholds`, `labelled` and
+`positives`; `predictions.csv` gets `p_<finding>` for every film.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.data.datamodule import RegionDataModule
-from regionnet.data.sources import label_columns
+from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.loggers import finish_wandb, loggable_config, private_table
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
     RocCurve,
+    auroc,
+    bootstrap_auroc_ci,
     decide_all,
     plot_confusion,
     plot_roc,
@@ -59,6 +65,7 @@ def data_config(cfg: DictConfig, model: RegionNet, run_dir: Path) -> DictConfig:
     user = cfg.get("data") or OmegaConf.create({})
     run_file = run_dir / "config.yaml"
     run_data = OmegaConf.load(run_file).get("data") if run_file.is_file() else None
+    findings = model.hparams.get("findings") or None
     if "_target_" in user:
         data = OmegaConf.create(OmegaConf.to_container(user, resolve=True))
     else:
@@ -87,6 +94,7 @@ def data_config(cfg: DictConfig, model: RegionNet, run_dir: Path) -> DictConfig:
     if data.get("image_size") not in (None, size):
         log.info("data.image_size=%s -> %d: the checkpoint's input size", data.image_size, size)
     data.regions, data.image_size = heads, size
+    data.findings = findings  # the checkpoint's finding heads decide the finding labels
     # normalisation belongs to the model: the checkpoint's, as `eval_transform(model)` uses
     h = model.hparams
     data.mean, data.std = float(h.get("mean", GRAY_MEAN)), float(h.get("std", GRAY_STD))
@@ -110,10 +118,15 @@ def stage_frames(dm: RegionDataModule, split: str) -> dict[str, pd.DataFrame]:
 
 
 def predict_frame(
-    trainer: L.Trainer, model: RegionNet, dm: RegionDataModule, frame: pd.DataFrame
-) -> tuple[pd.DataFrame, np.ndarray, list[tuple[str, str]]]:
+    trainer: L.Trainer,
+    model: RegionNet,
+    dm: RegionDataModule,
+    frame: pd.DataFrame,
+    with_findings: bool = False,
+) -> tuple:
     """Probabilities (N, R) for the readable records of `frame` (returned, in order) and the
-    (path, reason) of the unreadable ones, through Lightning's predict loop."""
+    (path, reason) of the unreadable ones, through Lightning's predict loop; `with_findings`:
+    the finding heads' probabilities (N, F) too, as a fourth item."""
     outputs = trainer.predict(model, dataloaders=dm._loader(frame, train=False)) or []
     paths = [p for o in outputs for p in o["path"]]
     errors = [tuple(e) for o in outputs for e in o["errors"]]
@@ -122,7 +135,45 @@ def predict_frame(
     readable = frame[~frame["path"].isin({p for p, _ in errors})].reset_index(drop=True)
     if readable["path"].tolist() != paths:
         raise RuntimeError("predictions came back out of order; evaluate with trainer.devices=1")
-    return readable, probs, errors
+    if not with_findings:
+        return readable, probs, errors
+    found = [o["finding_probs"] for o in outputs if "finding_probs" in o]
+    n_findings = len(getattr(model, "findings", []))
+    found = torch.cat(found).float().numpy() if found else np.empty((len(probs), n_findings))
+    return readable, probs, errors, found
+
+
+def finding_metrics(
+    stage: str, model: RegionNet, records: pd.DataFrame, probs: np.ndarray, unit: str, boot
+) -> dict:
+    """Per finding, over the records that carry its label (`finding_targets`): `labelled`,
+    `positives`, AUROC with its bootstrap CI (by patient when `unit` is patient), and
+    sensitivity/specificity at the checkpoint's finding threshold."""
+    names = list(getattr(model, "findings", []))
+    if not names:
+        return {}
+    targets = finding_targets(records, model.hparams.findings)
+    thresholds = model.finding_thresholds.tolist()
+    out: dict = {}
+    for k, f in enumerate(names):
+        m = ~np.isnan(targets[:, k])
+        y, p = targets[m, k].astype(int), probs[m, k]
+        out[f"{stage}/labelled/{f}"] = int(m.sum())
+        out[f"{stage}/positives/{f}"] = int(y.sum())
+        calls = p >= thresholds[k]
+        if y.any():
+            out[f"{stage}/sensitivity/{f}"] = float(calls[y == 1].mean())
+        if (y == 0).any():
+            out[f"{stage}/specificity/{f}"] = float((~calls[y == 0]).mean())
+        if (a := auroc(y, p)) is not None:
+            out[f"{stage}/auroc/{f}"] = a
+            groups = records["patient_id"].to_numpy()[m] if unit == "patient" else None
+            ci = bootstrap_auroc_ci(
+                y, p, groups, int(boot["resamples"]), int(boot["seed"]), float(boot["ci"])
+            )
+            if ci is not None:
+                out[f"{stage}/auroc_ci/{f}"] = list(ci)
+    return out
 
 
 def predictions_table(
@@ -205,7 +256,9 @@ def evaluate(cfg: DictConfig) -> dict:
         if frame.empty:
             log.warning("%s: no records to evaluate", stage)
             continue
-        records, probs, bad = predict_frame(trainer, model, dm, frame)
+        records, probs, bad, finding_probs = predict_frame(
+            trainer, model, dm, frame, with_findings=True
+        )
         errors += [{"path": p, "reason": why, "stage": stage} for p, why in bad]
         result[f"{stage}/unreadable"] = len(bad)
         if not len(records):
@@ -221,7 +274,10 @@ def evaluate(cfg: DictConfig) -> dict:
         )  # fmt: skip
         result.update(values)
         result.update(per_source_metrics(stage, records, probs, labels, regions, thresholds, boot))
+        result.update(finding_metrics(stage, model, records, finding_probs, unit, boot))
         tables.append(predictions_table(stage, records, probs, regions, thresholds))
+        for k, f in enumerate(model.findings):
+            tables[-1][f"p_{f}"] = finding_probs[:, k]
         blocks[stage] = confusion_block(records["region"], tables[-1]["region"], regions)
         curves[stage] = {
             r: RocCurve(

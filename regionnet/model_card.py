@@ -5,7 +5,8 @@ Keys follow the MONAI bundle `metadata.json` where one fits (`version`, `task`,
 `eval_metrics`, `intended_use`, `references`, `network_data_format` with `inputs`/`outputs`)
 plus regionnet's own (`regions` with DICOM terms and SNOMED CT codes, `thresholds`, `backbone`,
 `training_data`, `auroc_per_head`: each head's AUROC with its interval where known and its
-positives, n+, `known_limits`). Written next to the checkpoints at the end of training.
+positives, n+, `known_limits`, and with finding heads `findings`: each finding's declaration,
+threshold and metrics). Written next to the checkpoints at the end of training.
 """
 
 from __future__ import annotations
@@ -54,6 +55,30 @@ def write_model_card(
 
 def model_card(model, datamodule, metrics: Mapping[str, float]) -> dict:
     """The card as a plain dict (see the module docstring for its keys)."""
+    card = _card(model, datamodule, metrics)
+    if getattr(model, "findings", None):
+        card["findings"] = _findings(model, metrics)
+    return card
+
+
+def _findings(model, metrics: Mapping[str, float]) -> dict:
+    """Per finding head: its declaration, its threshold (chosen on validation) and its
+    metrics, over the films that carry its label."""
+    out = {}
+    for k, f in enumerate(model.findings):
+        spec = dict(model.hparams.findings[f])
+        out[f] = {
+            **spec,
+            "label": f"1 = {spec['from']} in {spec['positive']}, on {spec['region']} films only",
+            "threshold": float(model.finding_thresholds[k]),
+            "metrics": {
+                key: v for key, v in metrics.items() if key.endswith(f"/{f}") and "/" in key
+            },
+        }
+    return out
+
+
+def _card(model, datamodule, metrics: Mapping[str, float]) -> dict:
     h, d = model.hparams, datamodule.hparams
     regions = list(model.regions)
     size = int(d.image_size)

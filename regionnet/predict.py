@@ -329,6 +329,16 @@ def print_summary(summary: dict) -> None:
     )
 
 
+def finding_specs(model) -> dict[str, tuple[str, float]]:
+    """Finding name -> (its region, its threshold) of a checkpoint's finding heads."""
+    names = list(getattr(model, "findings", []))
+    if not names:
+        return {}
+    regions = [model.hparams.findings[f]["region"] for f in names]
+    thresholds = model.finding_thresholds.tolist()
+    return {f: (r, float(t)) for f, r, t in zip(names, regions, thresholds, strict=True)}
+
+
 def predict_trainer_config(cfg: DictConfig) -> dict:
     """The `trainer:` node (accelerator, precision, ...) for Lightning's predict loop; one
     device, because one process writes the output file in input order."""
@@ -405,13 +415,18 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     thresholds = resolve_thresholds(model.thresholds.tolist(), regions, override)
     log.info("model %s: heads %s, thresholds %s", mid, regions, [round(t, 4) for t in thresholds])
     cams = CamMaker(cam_dir, root, int(model.hparams.image_size)) if cam_dir else None
+    findings = finding_specs(model)
 
     resumed, state = 0, ResumeState()
     if output.exists():
         if resume:
             redo = _redo(store_sr, set(paths)) if resume == RETRY_ERRORS else None
             columns = prediction_columns(
-                regions, audit, server is not None, body_part=body_part_dir is not None
+                regions,
+                audit,
+                server is not None,
+                body_part=body_part_dir is not None,
+                findings=list(findings),
             )
             done = read_done(
                 output,
@@ -480,6 +495,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         uids=server is not None,
         sr_store=sr_store,
         model_id=mid,
+        findings=findings,
     )
     seconds = 0.0
     if paths:

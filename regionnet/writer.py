@@ -14,6 +14,9 @@ lines when the file name ends in `.jsonl`. Columns, in order:
 - `regions`: every head that passes its threshold, `;`-joined (empty if none);
 - `status`: `ok`, or `error: <why>` for a corrupt, empty, non-image or pixel-less file;
 - `snomed`, `radlex`, `dicom_body_part`: codes of the predicted region (empty for unknown);
+- with finding heads (`model.findings`), per finding in declaration order: `p_<finding>`, its
+  probability, and `<finding>`, 1 or 0 at the finding's threshold (chosen on validation);
+  both filled only where the predicted region is the finding's region, empty otherwise;
 - with `audit=true`: `header_region`, `mismatch`, `study_uid`, `series_uid`, `sop_uid`
   (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable; the UIDs
   are not repeated for `input=dicomweb`);
@@ -90,17 +93,36 @@ ENCODING, ERRORS = "utf-8", "surrogateescape"
 
 
 def prediction_columns(
-    regions: Sequence[str], audit: bool = False, uids: bool = False, body_part: bool = False
+    regions: Sequence[str],
+    audit: bool = False,
+    uids: bool = False,
+    body_part: bool = False,
+    findings: Sequence[str] = (),
 ) -> list[str]:
     """Output columns in order (see the module docstring); `uids` for `input=dicomweb`
-    (with the `sr_status` column), `body_part` for `dicom.write_body_part`."""
+    (with the `sr_status` column), `body_part` for `dicom.write_body_part`, `findings` the
+    finding heads' names."""
     cols = ["path", *(UID_COLUMNS if uids else ())]
     cols += [*(f"p_{r}" for r in regions), "region", "regions", "status"]
     cols += ["sr_status"] if uids else []
     cols += CODE_COLUMNS
+    cols += [c for f in findings for c in (f"p_{f}", f)]
     cols += [c for c in AUDIT_COLUMNS if c not in cols] if audit else []
     cols += [BODY_PART_COLUMN] if body_part else []
     return [*cols, MODEL_ID_COLUMN]
+
+
+def finding_values(
+    findings: dict[str, tuple[str, float]], region: str, probs: Sequence[float]
+) -> dict[str, Any]:
+    """`p_<finding>` (rounded probability) and `<finding>` (1/0 at its threshold) of the
+    findings whose region is the predicted `region`; None (an empty cell) for the others."""
+    out: dict[str, Any] = {}
+    for (name, (own, threshold)), p in zip(findings.items(), probs, strict=True):
+        here = own == region
+        out[f"p_{name}"] = round(float(p), 6) if here else None
+        out[name] = int(float(p) >= threshold) if here else None
+    return out
 
 
 def uri_uids(path: str) -> dict[str, str]:
@@ -377,7 +399,8 @@ class PredictionWriter(BasePredictionWriter):
     headers the batch brings along (`batch["headers"]`: path -> tags) instead of files.
     `sr_store` (a `regionnet.sr.SRStore`, `dicomweb.store_sr=true`) stores each batch's SRs
     before its rows are written, so that `sr_status` says what happened. `model_id` fills the
-    `model_id` column.
+    `model_id` column. `findings`: finding name -> (region, threshold) of the model's finding
+    heads; their columns come from the batch's `finding_probs`.
     """
 
     def __init__(
@@ -397,8 +420,10 @@ class PredictionWriter(BasePredictionWriter):
         uids: bool = False,
         sr_store=None,
         model_id: str = "",
+        findings: dict[str, tuple[str, float]] | None = None,
     ):
         super().__init__(write_interval="batch")
+        self.findings = dict(findings or {})
         self.output = Path(output)
         self.regions = list(regions)
         self.thresholds = [float(t) for t in thresholds]
@@ -414,7 +439,11 @@ class PredictionWriter(BasePredictionWriter):
         self.sr_store = sr_store
         self.model_id = model_id
         self.columns = prediction_columns(
-            self.regions, audit, uids, body_part=self.body_part_dir is not None
+            self.regions,
+            audit,
+            uids,
+            body_part=self.body_part_dir is not None,
+            findings=list(self.findings),
         )
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
@@ -471,11 +500,13 @@ class PredictionWriter(BasePredictionWriter):
         probabilities: Sequence[float],
         header: dict | None = None,
         cam_items: list | None = None,
+        finding_probs: Sequence[float] = (),
     ) -> dict:
         region, above = decide(probabilities, self.thresholds, self.regions)
         row: dict[str, Any] = {"path": path, **(uri_uids(path) if self.uids else {})}
         row.update({f"p_{r}": round(float(p), 6) for r, p in zip(self.regions, probabilities)})
         row.update(region=region, regions=";".join(above), status="ok", **region_codes(region))
+        row.update(finding_values(self.findings, region, finding_probs))
         row[MODEL_ID_COLUMN] = self.model_id
         if self.audit:
             row.update(self._audit(path, region, header))
@@ -543,15 +574,17 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ) -> None:
         probs = prediction["probs"].float().tolist()
+        found = prediction.get("finding_probs")
+        found = found.float().tolist() if found is not None else [()] * len(probs)
         headers = batch.get("headers", {}) if isinstance(batch, dict) else {}
         only = self.cams.only if self.cams is not None else {}
         cam_items = [] if self.cams is not None else None
         rows = []
-        for p, pr in zip(prediction["path"], probs, strict=True):
+        for p, pr, fp in zip(prediction["path"], probs, found, strict=True):
             if p in only:  # a row of an earlier run that has no map yet: the map only
                 cam_items.append((p, *only[p]))
                 continue
-            rows.append(self.ok_row(p, pr, headers.get(p), cam_items))
+            rows.append(self.ok_row(p, pr, headers.get(p), cam_items, fp))
         if self.sr_store is not None:  # stored before the rows are written: sr_status is true
             datasets = batch.get("datasets", {}) if isinstance(batch, dict) else {}
             stored = self.sr_store.store(prediction["path"], probs, datasets)

@@ -13,7 +13,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from regionnet.data.dataset import RadiographDataset, collate
-from regionnet.data.sources import SPLITS, label_columns, load_records, records_from_path
+from regionnet.data.sources import (
+    SPLITS,
+    label_columns,
+    load_records,
+    records_from_path,
+    validate_findings,
+)
 from regionnet.data.splits import (
     STUDY_FRACTIONS,
     assign_splits,
@@ -38,6 +44,9 @@ class RegionDataModule(L.LightningDataModule):
     `balanced_sampling` draws training images (with replacement, as many per epoch as the
     training set holds) so each class of the `region` column, `other` included, comes equally
     often; under DDP Lightning splits the draws between processes.
+    `findings` (the model's `model.findings`, passed as `data.findings`): batches then carry
+    `finding_labels` and `finding_mask` (B, F) from the records' columns (see
+    `regionnet.data.sources.finding_targets`).
     """
 
     def __init__(
@@ -65,10 +74,12 @@ class RegionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         balanced_sampling: bool = False,
+        findings: Mapping[str, Mapping] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.regions = validate_regions(regions or REGIONS)  # null in configs = REGIONS
+        self.findings = validate_findings(findings, self.regions)
         if batch_size < 1 or augment_factor < 1 or num_workers < 0:
             raise ValueError(
                 f"data.batch_size={batch_size}, data.augment_factor={augment_factor} must be >= 1 "
@@ -158,6 +169,7 @@ class RegionDataModule(L.LightningDataModule):
             transform,
             repeat=h.augment_factor if train else 1,
             phantom_size=h.image_size,
+            findings=self.findings,
         )
         sampler = None
         if train and h.balanced_sampling:

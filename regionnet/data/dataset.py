@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from regionnet.data.phantom import parse_phantom_uri, render_phantom
-from regionnet.data.sources import label_columns
+from regionnet.data.sources import finding_targets, label_columns
 from regionnet.io import RadiographReadError, read_radiograph
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,9 @@ class RadiographDataset(Dataset):
     """Radiographs from a record table (see `regionnet.data.sources`).
 
     A sample is a dict: `image` float32 (1, S, S) normalised, `labels` float32 (R,) with 1 for
-    the region shown and 0 for every other head (all 0 for `other`), `path`, `index`.
+    the region shown and 0 for every other head (all 0 for `other`), `path`, `index`; with
+    declared `findings` (validated, `regionnet.data.sources.validate_findings`) also
+    `finding_labels` float32 (F,) (0 where unlabelled) and `finding_mask` bool (F,) (labelled).
     A file that cannot be read gives `{"path", "index", "error"}` instead; `collate` drops it,
     so one bad file in a batch job costs that file only.
     """
@@ -41,6 +43,7 @@ class RadiographDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor],
         repeat: int = 1,
         phantom_size: int = 256,
+        findings: Mapping[str, Mapping] | None = None,
     ):
         self.paths = records["path"].tolist()
         cols = label_columns(regions)
@@ -49,6 +52,11 @@ class RadiographDataset(Dataset):
             records[cols].to_numpy(np.float32) if present else np.zeros((len(records), len(cols)))
         )
         self.labels = torch.as_tensor(labels, dtype=torch.float32)
+        self.finding_labels = self.finding_mask = None
+        if findings:
+            targets = torch.as_tensor(finding_targets(records, findings))
+            self.finding_mask = ~torch.isnan(targets)
+            self.finding_labels = torch.nan_to_num(targets, nan=0.0)
         self.transform = transform
         self.repeat = max(1, int(repeat))
         self.phantom_size = phantom_size
@@ -65,7 +73,11 @@ class RadiographDataset(Dataset):
             log.warning("skipping unreadable radiograph: %s", e)
             return {"path": path, "index": i, "error": str(e.reason)}
         image = self.transform(torch.from_numpy(pixels)[None])
-        return {"image": image, "labels": self.labels[i], "path": path, "index": i}
+        sample = {"image": image, "labels": self.labels[i], "path": path, "index": i}
+        if self.finding_labels is not None:
+            sample["finding_labels"] = self.finding_labels[i]
+            sample["finding_mask"] = self.finding_mask[i]
+        return sample
 
 
 def collate(samples: list[dict]) -> dict:
@@ -79,4 +91,7 @@ def collate(samples: list[dict]) -> dict:
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["labels"] = torch.stack([s["labels"] for s in good])
+        for key in ("finding_labels", "finding_mask"):
+            if key in good[0]:
+                batch[key] = torch.stack([s[key] for s in good])
     return batch

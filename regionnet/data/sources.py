@@ -10,9 +10,11 @@ region set or `other`), `patient_id` (splits never put one patient in two splits
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
@@ -221,3 +223,101 @@ def records_from_path(
     if path.suffix.lower() == ".csv":
         return csv_records(path, regions, aliases, unknown_as_other)
     return folder_records(path, regions, aliases, unknown_as_other)
+
+
+# -- findings (model.findings) ----------------------------------------------------------------
+FINDING_NAME = re.compile(r"[a-z][a-z0-9_]*")
+# prediction columns and region words a finding name would collide with
+RESERVED_NAMES = frozenset(
+    {"path", "region", "regions", "status", "snomed", "radlex", "dicom_body_part", "model_id",
+     "sr_status", "body_part_status", "study_uid", "series_uid", "sop_uid", "header_region",
+     "mismatch", OTHER, "unknown", "all", "mean"}
+)  # fmt: skip
+
+
+def _value(v) -> str:
+    """A manifest cell or a configured value as text: '' for empty/NaN, 2.0 -> '2'."""
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v).strip()
+
+
+def validate_findings(
+    findings: Mapping[str, Mapping] | None, regions: Sequence[str]
+) -> dict[str, dict]:
+    """`model.findings` checked and normalised: name -> {region, from, positive: [str],
+    negative: [str] or None}, in declaration order. Errors name the key and the fix."""
+    out: dict[str, dict] = {}
+    for name, spec in dict(findings or {}).items():
+        where = f"model.findings.{name}"
+        if not isinstance(name, str) or not FINDING_NAME.fullmatch(name):
+            raise ValueError(
+                f"{where}: a finding name is lower-case letters, digits and _, starting with a "
+                "letter (e.g. knee_oa); it names the p_<name> and <name> prediction columns"
+            )
+        if name in regions or name in RESERVED_NAMES:
+            raise ValueError(
+                f"{where}: {name!r} is a region or a prediction column name; choose another "
+                "(e.g. knee_oa)"
+            )
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}: give {{region: R, from: COLUMN, positive: [VALUES]}}")
+        unknown = sorted(set(spec) - {"region", "from", "positive", "negative"})
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; use region, from, positive, negative"
+            )
+        region = spec.get("region")
+        if region not in regions:
+            raise ValueError(
+                f"{where}.region={region!r}: choose one of the model's regions {list(regions)}"
+            )
+        column = spec.get("from")
+        if not isinstance(column, str) or not column:
+            raise ValueError(
+                f"{where}.from: name the record column holding the label (e.g. finding)"
+            )
+        positive = spec.get("positive")
+        if isinstance(positive, str | int | float):
+            positive = [positive]
+        positive = [_value(v) for v in positive or []]
+        if not positive or "" in positive:
+            raise ValueError(
+                f"{where}.positive: list the non-empty values that mean 1 (e.g. [KL2, KL3, KL4])"
+            )
+        negative = spec.get("negative")
+        if negative is not None:
+            if isinstance(negative, str | int | float):
+                negative = [negative]
+            negative = [_value(v) for v in negative]
+            if not negative or "" in negative or set(negative) & set(positive):
+                raise ValueError(
+                    f"{where}.negative: list non-empty values that mean 0, none of them positive "
+                    "(or leave it out: any other non-empty value is 0)"
+                )
+        out[name] = {"region": region, "from": column, "positive": positive, "negative": negative}
+    return out
+
+
+def finding_targets(records: pd.DataFrame, findings: Mapping[str, Mapping]) -> np.ndarray:
+    """(N, F) float32 targets of validated `findings` for `records`: 1 for a positive value, 0
+    for a negative one (any other non-empty value when no `negative` list is given), NaN where
+    there is no label: an empty cell, a value in neither list, a missing column, or a film whose
+    `region` is not the finding's (a knee finding says nothing about a hand film)."""
+    out = np.full((len(records), len(findings)), np.nan, dtype=np.float32)
+    for k, spec in enumerate(findings.values()):
+        if spec["from"] not in records:
+            continue
+        values = [_value(v) for v in records[spec["from"]].tolist()]
+        own = (records["region"].astype(str) == spec["region"]).to_numpy()
+        pos, neg = set(spec["positive"]), spec["negative"]
+        for i, v in enumerate(values):
+            if not own[i] or not v:
+                continue
+            if v in pos:
+                out[i, k] = 1.0
+            elif neg is None or v in neg:
+                out[i, k] = 0.0
+    return out

@@ -165,3 +165,91 @@ class RegionMetrics(nn.Module):
             m.reset()
         for m in (self.counts, self.top1, self.loss, self.other):
             m.reset()
+
+
+class FindingMetrics(nn.Module):
+    """Metric state of the finding heads for one stage: per finding AUROC, sensitivity and
+    specificity at its operating threshold, ROC points (for the threshold chosen on
+    validation), `labelled` films and `positives`, over the labelled films only. Named like
+    the regions' (`stage/auroc/<finding>`), kept apart from them: no finding enters
+    `stage/auroc_mean`, which selects checkpoints."""
+
+    def __init__(self, findings: Sequence[str]):
+        super().__init__()
+        self.findings = list(findings)
+        self.per_finding = nn.ModuleDict(
+            {
+                f: nn.ModuleDict(
+                    {
+                        "auroc": BinaryAUROC(),
+                        "sensitivity": BinaryRecall(),
+                        "specificity": BinarySpecificity(),
+                    }
+                )
+                for f in self.findings
+            }
+        )
+        self.roc = nn.ModuleDict({f: BinaryROC(thresholds=200) for f in self.findings})
+        self.counts = LabelCounts(len(self.findings))  # positives; images = labelled below
+        self.labelled = LabelCounts(len(self.findings))
+
+    def update(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        thresholds: torch.Tensor,
+    ) -> None:
+        """(B, F) probabilities, 0/1 labels, bool mask of labelled entries; thresholds (F,)."""
+        mask = mask.bool()
+        calls = (probs >= thresholds).float()
+        for k, f in enumerate(self.findings):
+            m = mask[:, k]
+            target = labels[m, k].int()
+            if len(target):  # torchmetrics states stay lists of tensors: an empty one is fine
+                self.per_finding[f]["auroc"].update(probs[m, k], target)
+                for name in ("sensitivity", "specificity"):
+                    self.per_finding[f][name].update(calls[m, k], target)
+                self.roc[f].update(probs[m, k], target)
+        self.counts.update(labels * mask)
+        self.labelled.update(mask.float())
+
+    def compute(self, stage: str) -> dict[str, float]:
+        """Plain floats keyed by logged name; AUROC only where a finding saw both classes."""
+        out: dict[str, float] = {}
+        pos = self.counts.compute()[0]
+        labelled = self.labelled.compute()[0]
+        for k, f in enumerate(self.findings):
+            n, p = labelled[k], pos[k]
+            out[f"{stage}/labelled/{f}"] = n
+            out[f"{stage}/positives/{f}"] = p
+            if 0 < p < n:
+                out[f"{stage}/auroc/{f}"] = float(self.per_finding[f]["auroc"].compute())
+            if p > 0:
+                out[f"{stage}/sensitivity/{f}"] = float(
+                    self.per_finding[f]["sensitivity"].compute()
+                )
+            if p < n:
+                out[f"{stage}/specificity/{f}"] = float(
+                    self.per_finding[f]["specificity"].compute()
+                )
+        return out
+
+    def roc_curves(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(fpr, tpr, thresholds) of the findings that saw both classes."""
+        pos = self.counts.compute()[0]
+        labelled = self.labelled.compute()[0]
+        return {
+            f: tuple(self.roc[f].compute())
+            for k, f in enumerate(self.findings)
+            if 0 < pos[k] < labelled[k]
+        }
+
+    def reset(self) -> None:
+        for group in self.per_finding.values():
+            for m in group.values():
+                m.reset()
+        for m in self.roc.values():
+            m.reset()
+        self.counts.reset()
+        self.labelled.reset()

@@ -15,6 +15,14 @@ training loss only), `other_weight` (loss weight of `other` films, labels all 0,
 training loss only), `tta` (validation, test, predict and the Python API average each
 radiograph's probabilities with those of its horizontal flip: left and right limbs are mirror
 images). Exports (`regionnet.export`) hold the plain forward, `predict_proba`, without the flip.
+
+Finding heads (`findings`, e.g. `{knee_oa: {region: knee, from: finding, positive: [KL2, KL3,
+KL4]}}`; see `regionnet.data.sources.validate_findings`): one binary head per finding on the
+features of its region's backbone, trained with the region heads on the same batches. The
+training loss is the region loss + `finding_weight` x a masked BCE (`masked_bce`: the mean over
+the labelled entries only, so a film without a label gives that head no gradient). Metrics
+`stage/auroc/<finding>` etc. (`FindingMetrics`), thresholds chosen on validation
+(`finding_thresholds`, a buffer in the checkpoint); they never enter `stage/auroc_mean`.
 """
 
 from __future__ import annotations
@@ -31,17 +39,32 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric
 
+from regionnet.data.sources import validate_findings
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
 from regionnet.model.checkpoint import refuse_file
-from regionnet.model.metrics import RegionMetrics
+from regionnet.model.metrics import FindingMetrics, RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
-from regionnet.model.thresholds import calibrate, parse_method
+from regionnet.model.thresholds import calibrate, choose_threshold, parse_method
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits averaged over the entries where `mask` is true (labelled films), (B, F)
+    each. Unlabelled entries give exactly zero loss and zero gradient (`torch.where`, not a
+    multiplication: a NaN logit or label there stays out too); no labelled entry at all gives
+    0, still attached to the graph."""
+    mask = mask.bool()
+    logits = logits.float()
+    safe_logits = torch.where(mask, logits, torch.zeros_like(logits))
+    targets = torch.where(mask, labels.float(), torch.zeros_like(logits))
+    loss = F.binary_cross_entropy_with_logits(safe_logits, targets, reduction="none")
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss.sum() / mask.sum().clamp(min=1)
 
 
 class RegionNet(L.LightningModule):
@@ -75,6 +98,9 @@ class RegionNet(L.LightningModule):
         weights_source: Mapping | None = None,
         backbone_lr_scale: float = 1.0,
         intensity: str = INTENSITY,
+        findings: Mapping[str, Mapping] | None = None,
+        finding_weight: float = 1.0,
+        finding_thresholds: Sequence[float] | None = None,
     ):
         super().__init__()
         regions = list(validate_regions(regions))
@@ -105,10 +131,18 @@ class RegionNet(L.LightningModule):
             )
         if pos_weight not in ("auto", None) and not isinstance(pos_weight, int | float):
             raise ValueError(f"model.pos_weight={pos_weight!r}: use auto, null or a number")
+        findings = validate_findings(findings, regions)
+        if not float(finding_weight) >= 0.0:
+            raise ValueError(
+                f"model.finding_weight={finding_weight!r}: use a weight >= 0 (the finding "
+                "heads' share of the training loss; 1 = as much as the region heads)"
+            )
         # Plain values only, so load_from_checkpoint works without Hydra.
         self.save_hyperparameters()
         self.hparams["regions"] = regions
+        self.hparams["findings"] = findings
         self.regions = regions
+        self.findings = list(findings)
         self.net: RegionClassifier
         self.net, source = build_region_classifier(
             regions,
@@ -121,6 +155,7 @@ class RegionNet(L.LightningModule):
             head_hidden,
             head_dropout,
             channels_last,
+            {f: spec["region"] for f, spec in findings.items()},
         )
         # Where the backbone's starting weights came from (package, version, sha256): built
         # now when weights were loaded, else kept from the checkpoint being restored.
@@ -135,6 +170,22 @@ class RegionNet(L.LightningModule):
         self.register_buffer("pos_weight", torch.ones(len(regions)))
         self.metrics = nn.ModuleDict(
             {s: RegionMetrics(regions) for s in ("val", "test", "external")}
+        )
+        # Finding heads: operating thresholds (chosen on validation) and metrics per stage.
+        f_thresholds = (
+            finding_thresholds if finding_thresholds is not None else [0.5] * len(findings)
+        )
+        if len(f_thresholds) != len(findings):
+            raise ValueError(
+                f"model.finding_thresholds needs {len(findings)} values, got {f_thresholds}"
+            )
+        f_thresholds = torch.tensor(list(f_thresholds), dtype=torch.float32)
+        if findings:
+            self.register_buffer("finding_thresholds", f_thresholds)
+        else:  # no buffer: the state dict, and so the model id, of a region-only model stay
+            self.finding_thresholds = f_thresholds
+        self.finding_metrics = nn.ModuleDict(
+            {s: FindingMetrics(self.findings) for s in ("val", "test", "external")}
         )
         self.val_auroc_best = MaxMetric()
 
@@ -157,6 +208,38 @@ class RegionNet(L.LightningModule):
         `tta` is set."""
         return self._infer(x)[1]
 
+    def inference_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region probabilities (B, R), finding probabilities (B, F)) as `inference_proba`
+        reports them (with `tta`), from one backbone pass (two with `tta`)."""
+        _, probs, _, finding_probs = self._infer_all(x)
+        return probs, finding_probs
+
+    def _infer_all(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(region logits, region probabilities, finding logits, finding probabilities); the
+        finding parts are (B, 0) without findings."""
+        if not self.findings:
+            logits, probs = self._infer(x)
+            return logits, probs, logits[:, :0], probs[:, :0]
+        logits, finding_logits = self._all_logits(x)
+        probs, finding_probs = torch.sigmoid(logits.float()), torch.sigmoid(finding_logits.float())
+        if self.hparams.get("tta", False):
+            flipped, flipped_findings = self._all_logits(torch.flip(x, dims=(-1,)))
+            probs = (probs + torch.sigmoid(flipped.float())) / 2
+            finding_probs = (finding_probs + torch.sigmoid(flipped_findings.float())) / 2
+        return logits, probs, finding_logits, finding_probs
+
+    def _all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region logits (B, R) and finding logits (B, F) from one backbone pass."""
+        features = self.net.forward_features(x)
+        heads = self.net.forward_head(features)
+        found = self.net.forward_findings(features)
+        logits = torch.stack([heads[r] for r in self.regions], dim=1)
+        if not self.findings:
+            return logits, logits[:, :0]
+        return logits, torch.stack([found[f] for f in self.findings], dim=1)
+
     def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(plain logits, inference probabilities); the one place test-time augmentation is."""
         logits = self.logits(x)
@@ -169,6 +252,13 @@ class RegionNet(L.LightningModule):
     # -- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        data_findings = list(getattr(dm, "findings", None) or {})
+        if stage == "fit" and dm is not None and data_findings != self.findings:
+            raise ValueError(
+                f"the data module's findings {data_findings} differ "
+                f"from the model's {self.findings}: give both the same declaration "
+                "(conf/data/base.yaml reads data.findings from model.findings)"
+            )
         if stage != "fit" or self.hparams.pos_weight is None or dm is None:
             return
         if list(dm.regions) != self.regions:
@@ -219,7 +309,16 @@ class RegionNet(L.LightningModule):
         self._warn_errors(batch)
         if "image" not in batch:
             return None
-        loss = self._loss(self.logits(batch["image"]), batch["labels"], train=True)
+        if self.findings:
+            logits, finding_logits = self._all_logits(batch["image"])
+            loss = self._loss(logits, batch["labels"], train=True)
+            finding_loss = masked_bce(
+                finding_logits, batch["finding_labels"], batch["finding_mask"]
+            )
+            self.log("train/finding_loss", finding_loss, on_epoch=True, batch_size=len(logits))
+            loss = loss + float(self.hparams.get("finding_weight", 1.0)) * finding_loss
+        else:
+            loss = self._loss(self.logits(batch["image"]), batch["labels"], train=True)
         self.log(
             "train/loss",
             loss,
@@ -233,14 +332,22 @@ class RegionNet(L.LightningModule):
     def on_train_start(self) -> None:
         # Sanity-check validation must not leak into the best-so-far tracker.
         self.metrics["val"].reset()
+        self.finding_metrics["val"].reset()
         self.val_auroc_best.reset()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._warn_errors(batch)
         if "image" not in batch:
             return
-        logits, probs = self._infer(batch["image"])
+        logits, probs, _, finding_probs = self._infer_all(batch["image"])
         labels = batch["labels"]
+        if self.findings and "finding_labels" in batch:
+            self.finding_metrics[stage].update(
+                finding_probs,
+                batch["finding_labels"],
+                batch["finding_mask"],
+                self.finding_thresholds,
+            )
         # the loss goes through torchmetrics too (`stage/loss`): Lightning's sync_dist mean
         # is wrong when processes see unequal image counts (it averages an integer count);
         # it is the plain forward's, with or without tta
@@ -263,6 +370,7 @@ class RegionNet(L.LightningModule):
         if not metrics.counts.update_count:
             return {}
         values = metrics.compute(stage)
+        values.update(self._end_findings(stage))
         self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
         curves = metrics.roc_curves()  # every rank computes (a sync); rank 0 logs
         other = metrics.other_probs()  # a sync too: every rank, whatever the method
@@ -270,6 +378,33 @@ class RegionNet(L.LightningModule):
             self._log_roc(stage, curves)
             if stage == "val":
                 self._calibrate(curves, values, other)
+        metrics.reset()
+        return values
+
+    def _end_findings(self, stage: str) -> dict[str, float]:
+        """The finding metrics of a stage; on validation (not the sanity check) each finding's
+        threshold is chosen on its ROC points (`threshold_method`; `rejection@X`, a rule for
+        region heads, gives Youden's)."""
+        if not self.findings:
+            return {}
+        metrics = self.finding_metrics[stage]
+        values = metrics.compute(stage)
+        curves = metrics.roc_curves()
+        if stage == "val" and not self.trainer.sanity_checking:
+            method = self.hparams.threshold_method
+            if parse_method(method)[0] == "rejection":
+                method = "youden"
+            chosen = self.finding_thresholds.tolist()
+            for k, f in enumerate(self.findings):
+                if f in curves:
+                    t = choose_threshold(*curves[f], method)
+                    chosen[k] = chosen[k] if t is None else t
+            self.finding_thresholds.copy_(torch.tensor(chosen, dtype=torch.float32))
+            log.info(
+                "finding thresholds (%s on validation): %s",
+                method,
+                dict(zip(self.findings, chosen, strict=True)),
+            )
         metrics.reset()
         return values
 
@@ -309,6 +444,14 @@ class RegionNet(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Probabilities per head for the readable images of a batch, plus its read errors:
         {"path": [...], "probs": (B, R) float tensor on CPU, "errors": [(path, reason)]}."""
+        if self.findings:
+            probs, finding_probs = (
+                tuple(p.cpu() for p in self.inference_all(batch["image"]))
+                if "image" in batch
+                else (torch.empty(0, len(self.regions)), torch.empty(0, len(self.findings)))
+            )
+            out = {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+            return {**out, "finding_probs": finding_probs}
         probs = (
             self.inference_proba(batch["image"]).cpu()
             if "image" in batch
@@ -323,8 +466,9 @@ class RegionNet(L.LightningModule):
         # It averages every buffer too, but thresholds and pos_weight are no weights: keep the
         # ones chosen on this validation pass (on the averaged weights) and the loss's.
         if "current_model_state" in checkpoint:
-            for name in ("thresholds", "pos_weight"):
-                checkpoint["state_dict"][name] = getattr(self, name).detach().clone()
+            for name in ("thresholds", "pos_weight", "finding_thresholds"):
+                if name in checkpoint["state_dict"]:
+                    checkpoint["state_dict"][name] = getattr(self, name).detach().clone()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for key in ("state_dict", "current_model_state"):  # checkpoints from before `net`
@@ -350,6 +494,7 @@ class RegionNet(L.LightningModule):
         # Fine-tuning: the pretrained backbone moves slower than the freshly initialised heads.
         scale = float(self.hparams.get("backbone_lr_scale", 1.0))
         heads = {id(p) for p in self.net.heads.parameters()}
+        heads |= {id(p) for p in self.net.finding_heads.parameters()}
         params = [p for p in self.parameters() if p.requires_grad]
         if scale == 1.0:
             optimizer = optimizer(params=params)

@@ -13,11 +13,16 @@ design); `false` gives each head its own (the reference study's five separate de
 The choice is made once, in `backbone_of`; everything else asks `backbone_for(head)` or walks
 `backbones`. A new head type (landmarks, findings, boxes) is a part with its own head modules
 that reads the same backbone's features; see docs/architecture.md.
+
+Finding heads (`finding_heads`, one per declared finding, `model.findings`): a binary head of
+the same kind on the pooled features of the backbone of the finding's region, e.g. `knee_oa`
+on the knee head's features. `forward_findings(features)` gives their logits; `forward`,
+`logits` and `predict_proba` (what an export holds) stay region-only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,9 +44,15 @@ class RegionClassifier(nn.Module):
         head_hidden: int = 0,
         head_dropout: float = 0.0,
         channels_last: bool = False,
+        findings: Mapping[str, str] | None = None,
     ):
         super().__init__()
         self.regions = list(regions)
+        # finding name -> the region whose backbone features it reads
+        self.finding_regions = dict(findings or {})
+        bad = {f: r for f, r in self.finding_regions.items() if r not in self.regions}
+        if bad:
+            raise ValueError(f"findings {bad} name regions outside the heads {self.regions}")
         missing = [r for r in self.regions if backbone_of.get(r) not in backbones]
         if missing:
             raise ValueError(f"heads {missing} have no backbone in {list(backbones)}")
@@ -50,6 +61,15 @@ class RegionClassifier(nn.Module):
         self.channels_last = channels_last
         width = feature_dim(next(iter(backbones.values())))
         self.heads = region_heads(self.regions, width, head_hidden, head_dropout)
+        # empty without findings: no parameters, so checkpoints without findings still load
+        self.finding_heads = region_heads(
+            list(self.finding_regions), width, head_hidden, head_dropout
+        )
+
+    @property
+    def findings(self) -> list[str]:
+        """Finding names in declaration order."""
+        return list(self.finding_regions)
 
     @property
     def shared(self) -> bool:
@@ -73,6 +93,13 @@ class RegionClassifier(nn.Module):
     def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logit (B,) per region from `forward_features`' output."""
         return {r: self.heads[r](features[r]).squeeze(1) for r in self.regions}
+
+    def forward_findings(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logit (B,) per finding from `forward_features`' output (its region's features)."""
+        return {
+            f: self.finding_heads[f](features[r]).squeeze(1)
+            for f, r in self.finding_regions.items()
+        }
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
@@ -98,8 +125,10 @@ def build_region_classifier(
     head_hidden: int = 0,
     head_dropout: float = 0.0,
     channels_last: bool = False,
+    findings: Mapping[str, str] | None = None,
 ) -> tuple[RegionClassifier, dict]:
-    """The network and where its backbone's starting weights came from (`build_backbone`)."""
+    """The network and where its backbone's starting weights came from (`build_backbone`).
+    `findings`: finding name -> region, one finding head each."""
     names = [SHARED] if shared_backbone else list(regions)
     built = {
         n: build_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)
@@ -108,7 +137,7 @@ def build_region_classifier(
     backbones = nn.ModuleDict({n: net for n, (net, _) in built.items()})
     backbone_of = {r: SHARED if shared_backbone else r for r in regions}
     model = RegionClassifier(
-        regions, backbones, backbone_of, head_hidden, head_dropout, channels_last
+        regions, backbones, backbone_of, head_hidden, head_dropout, channels_last, findings
     )
     return model, built[names[0]][1]
 
