@@ -303,7 +303,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if errors:
         log.warning("%d unreadable files skipped; listed in %s", len(errors), out / "errors.csv")
     _log(cfg, result, figures, predictions)
-    print_summary(result, regions, stages=tuple(blocks))
+    print_summary(result, regions, stages=tuple(blocks), findings=list(model.findings))
     log.info("evaluation of %s written to %s", cfg.ckpt_path, out)
     return result
 

@@ -94,9 +94,12 @@ def speed_up(model: torch.nn.Module, channels_last: bool = False, compile: bool 
             backbone.compile()
 
 
-def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "external")) -> None:
+def print_summary(
+    metrics: dict[str, float], regions, stages=("val", "test", "external"), findings=()
+) -> None:
     """A per-region AUROC table on the console: each head's AUROC with its interval (where
-    the metrics have `stage/auroc_ci/<r>`) and its positives (`stage/positives/<r>`, n+)."""
+    the metrics have `stage/auroc_ci/<r>`) and its positives (`stage/positives/<r>`, n+);
+    finding heads (`findings`) follow the regions, over their labelled films."""
     from rich.console import Console
     from rich.table import Table
 
@@ -107,7 +110,7 @@ def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "ex
         table.add_column(s, justify="right")
 
     def cell(stage: str, r: str) -> str:
-        if r not in regions:
+        if r not in regions and r not in findings:
             return f"{metrics[k]:.3f}" if (k := f"{stage}/{r}") in metrics else "n/a"
         a, ci = metrics.get(f"{stage}/auroc/{r}"), metrics.get(f"{stage}/auroc_ci/{r}")
         text = "n/a" if a is None else f"{a:.3f}"
@@ -117,7 +120,7 @@ def print_summary(metrics: dict[str, float], regions, stages=("val", "test", "ex
             text += f", n+={int(pos)}"
         return text
 
-    for r in [*regions, "auroc_mean", "top1_acc"]:
+    for r in [*regions, *findings, "auroc_mean", "top1_acc"]:
         table.add_row(r, *(cell(s, r) for s in shown))
     Console().print(table)
 

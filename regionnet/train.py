@@ -103,7 +103,7 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         # after the predictions: a run directory with metrics.json is finished (skip_if_done)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
-        print_summary(metrics, dm.regions)
+        print_summary(metrics, dm.regions, findings=list(getattr(model, "findings", [])))
         log.info("run directory: %s (best checkpoint: %s)", out, best)
     finish_wandb(loggers)
     return metrics

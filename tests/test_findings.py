@@ -371,3 +371,26 @@ def test_a_data_module_without_the_models_findings_is_refused():
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(findings={}, regions=REGIONS))
     with pytest.raises(ValueError, match="data.findings"):
         model.setup("fit")
+
+
+def test_finding_metrics_count_labelled_films_only(capsys):
+    from regionnet.model.metrics import FindingMetrics
+    from regionnet.run import print_summary
+
+    metrics = FindingMetrics(["knee_oa"])
+    thresholds = torch.tensor([0.5])
+    # a batch without any label (every process adds to the AUROC's list state), then one with
+    metrics.update(torch.tensor([[0.9], [0.1]]), torch.zeros(2, 1), torch.zeros(2, 1), thresholds)
+    probs = torch.tensor([[0.9], [0.2], [0.6], [0.4], [0.99]])
+    labels = torch.tensor([[1.0], [0.0], [0.0], [1.0], [0.0]])
+    mask = torch.tensor([[True], [True], [True], [True], [False]])
+    metrics.update(probs, labels, mask, thresholds)
+    out = metrics.compute("test")
+    assert out["test/labelled/knee_oa"] == 4 and out["test/positives/knee_oa"] == 2
+    assert out["test/auroc/knee_oa"] == pytest.approx(0.75)  # pairs: (0.9 > 0.2, 0.6), (0.4 > 0.2)
+    assert out["test/sensitivity/knee_oa"] == 0.5 and out["test/specificity/knee_oa"] == 0.5
+    assert not any("auroc_mean" in k for k in out)
+    print_summary(
+        {**out, "test/auroc/knee": 0.99}, ["knee"], stages=("test",), findings=["knee_oa"]
+    )
+    assert "knee_oa" in capsys.readouterr().out

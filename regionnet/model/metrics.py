@@ -206,8 +206,10 @@ class FindingMetrics(nn.Module):
         for k, f in enumerate(self.findings):
             m = mask[:, k]
             target = labels[m, k].int()
-            if len(target):  # torchmetrics states stay lists of tensors: an empty one is fine
-                self.per_finding[f]["auroc"].update(probs[m, k], target)
+            # AUROC keeps lists of tensors, gathered across processes: every process adds one
+            # per batch, empty where the batch has no label (the sum states need no such care)
+            self.per_finding[f]["auroc"].update(probs[m, k], target)
+            if len(target):  # torchmetrics' stat scores cannot take an empty batch
                 for name in ("sensitivity", "specificity"):
                     self.per_finding[f][name].update(calls[m, k], target)
                 self.roc[f].update(probs[m, k], target)
