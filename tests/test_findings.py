@@ -325,7 +325,8 @@ def test_predict_api_and_eval_carry_the_finding(finding_run, tmp_path):
 def test_knee_oa_head_on_real_kellgren_lawrence_grades(shared_data, tmp_path, fast):
     """Real films: knee_oa (KL2-4 positive, KL0-1 negative) on the default ImageNet lite0
     backbone, trained with the hand and knee heads on 150 knee films (patient-grouped split)
-    plus 60 hand and other films, 128 px, 3 epochs (about 5 minutes on 2 busy CPU cores).
+    plus 60 hand and other films, 128 px, 3 epochs (about 20 s on an idle 2-core CPU, 5
+    minutes on a busy one).
     Measured: test AUROC of knee_oa 0.726 on 36 graded test knees (24 positive; sensitivity
     0.96, specificity 0.33 at the validation threshold, chosen on 18 films), knee region head
     AUROC >= 0.99; a head that learns nothing scores near 0.5. With 36 films the AUROC's
