@@ -37,3 +37,24 @@ def test_debug_tiny_composes_for_train_and_pretrain(task, tmp_path):
     # a command-line value still wins over the preset
     cfg = compose_config(task, ["debug=tiny", "trainer.max_epochs=3", "logger=none"])
     assert cfg.trainer.max_epochs == 3 and not cfg.get("logger")
+
+
+def test_dict_valued_keys_take_a_dict_from_the_command_line(tmp_path):
+    """`data.aliases={wrist: hand}` (the form the config's comment gives) composes and maps a
+    wrist folder to the hand head; a `{}` default would refuse the new key as not in struct."""
+    from PIL import Image
+
+    from regionnet.run import build_datamodule
+
+    for folder in ("wrist", "knee"):
+        (tmp_path / folder).mkdir()
+        for i in range(10):
+            Image.new("L", (8, 8), 20 * i).save(tmp_path / folder / f"{i}.png")
+    cfg = compose_config(
+        "train",
+        ["data=folder", f"data.root={tmp_path}", "data.aliases={wrist: hand}"]
+        + [f"paths.output_dir={tmp_path / 'run'}"],
+    )
+    dm = build_datamodule(cfg)
+    dm.setup()
+    assert sorted(set(dm.records["region"])) == ["hand", "knee"]
