@@ -31,7 +31,9 @@ modified; `dicom.write_body_part_mode` fill_empty/mismatch_margin/all decides wh
 may change, see `regionnet.dicom_tags`; the `body_part_status` column says what happened);
 `cam=true cam_dir=DIR` saves labelled class activation maps (`CamMaker`), batch by batch
 inside the predict loop; `threshold_override` replaces the checkpoint's thresholds;
-`precision=bf16-mixed`, `channels_last=true` for speed on GPUs; `dicomweb.store_sr=true`
+`precision=bf16-mixed`, `channels_last=true` for speed on GPUs; `backend=onnxruntime` runs
+the checkpoint exported to ONNX through ONNX Runtime on the CPU, same rows within 1e-4
+(`regionnet.backends`; the `export` extra); `dicomweb.store_sr=true`
 writes a DICOM SR per instance back to the PACS (`regionnet.sr`); `group_by=study` also
 writes one row per study (`regionnet.study_view`).
 
@@ -55,6 +57,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from regionnet.api import load_checkpoint
+from regionnet.backends import OnnxRuntimeModule, backend_name, check_onnxruntime_options
 from regionnet.data.dataset import RadiographDataset, collate, load_image
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.transforms import eval_transform
@@ -325,7 +328,7 @@ def print_summary(summary: dict) -> None:
     console.print(
         f"{summary['ok']} ok ({summary['unknown']} unknown), {summary['errors']} errors; "
         f"{summary['per_second']:.1f} radiographs/s ({summary['seconds']:.1f} s{maps}); "
-        f"model {summary['model_id']}"
+        f"model {summary['model_id']} ({summary.get('backend', 'torch')})"
     )
 
 
@@ -406,8 +409,14 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             )
     store_sr = server is not None and bool(web_cfg.get("store_sr"))
 
+    backend = backend_name(cfg.get("backend"))
     model = load_checkpoint(cfg.ckpt_path)
     mid = model_id(model)  # before any precision or memory-format change
+    runner = model
+    if backend == "onnxruntime":  # the same model, exported: the same model_id
+        check_onnxruntime_options(cfg, model)
+        runner = OnnxRuntimeModule.from_regionnet(model)
+        log.info("backend=onnxruntime: model %s exported to ONNX, run on the CPU", mid)
     regions = list(model.regions)
     override = cfg.get("threshold_override")
     if isinstance(override, DictConfig | ListConfig):
@@ -499,7 +508,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     )
     seconds = 0.0
     if paths:
-        if cfg.get("channels_last"):
+        if cfg.get("channels_last") and backend == "torch":
             model.net.channels_last = True  # forward_features converts each batch
             model = model.to(memory_format=torch.channels_last)
         batch_size, collate_fn = int(cfg.batch_size), collate
@@ -517,6 +526,8 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 phantom_size=int(model.hparams.image_size),
             )
         trainer_cfg = predict_trainer_config(cfg)
+        if backend == "onnxruntime":  # ONNX Runtime's CPU provider: batches stay on the CPU
+            trainer_cfg.update(accelerator="cpu", precision="32-true")
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -535,7 +546,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         )
         # the clock covers the whole loop: reading, the model, writing rows, copies and maps
         start = time.perf_counter()
-        trainer.predict(model, dataloaders=loader, return_predictions=False)
+        trainer.predict(runner, dataloaders=loader, return_predictions=False)
         seconds = time.perf_counter() - start
     else:
         writer.write_rows([])  # an up-to-date resume still leaves a valid output file
@@ -563,6 +574,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         "cam_resumed": cam_counts["cam_resumed"],
         "cam_failed": cam_counts["cam_failed"],
         "model_id": mid,
+        "backend": backend,
         "seconds": seconds,
         "per_second": handled / seconds if seconds > 0 else 0.0,
         "output": str(output),
