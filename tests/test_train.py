@@ -328,3 +328,26 @@ def test_datamodule_repeats_training_images_augment_factor_times(tmp_path):
     dm.setup()
     assert len(dm.train_dataloader().dataset) == 3 * dm.train_size()
     assert len(dm.val_dataloader().dataset) == len(dm.split_frame("val"))
+
+
+def test_a_validation_split_without_both_classes_is_named(tmp_path, fast):
+    """Every validation film is a knee: no head has both classes, so val/auroc_mean (which
+    the best checkpoint follows) cannot exist; the error says so instead of Lightning's
+    'Early stopping conditioned on metric ... which is not available'."""
+    rows = []
+    for region in ("knee", "hand"):
+        (tmp_path / region).mkdir()
+        for i in range(10):
+            path = tmp_path / region / f"{i}.png"
+            Image.fromarray((render_phantom(region, i, 48) * 255).astype(np.uint8)).save(path)
+            split = "val" if region == "knee" and i < 3 else ("test" if i >= 8 else "train")
+            rows.append({"path": str(path), "region": region, "split": split})
+    manifest = tmp_path / "m.csv"
+    __import__("pandas").DataFrame(rows).to_csv(manifest, index=False)
+    cfg = compose_config(
+        "train",
+        [*_no_phantom(fast), "data=csv", f"data.csv={manifest}", "data.regions=[hand,knee]"]
+        + [f"paths.output_dir={tmp_path / 'run'}"],
+    )
+    with pytest.raises(ValueError, match="no head with both positive and negative films"):
+        train(cfg)

@@ -427,9 +427,27 @@ class RegionNet(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._end_stage("val")
+        if values and "val/auroc_mean" not in values and not self.trainer.sanity_checking:
+            self._no_val_auroc(values)
         if "val/auroc_mean" in values and not self.trainer.sanity_checking:
             self.val_auroc_best.update(torch.tensor(values["val/auroc_mean"]))
             self.log("val/auroc_mean_best", self.val_auroc_best.compute(), prog_bar=True)
+
+    def _no_val_auroc(self, values: dict[str, float]) -> None:
+        """A validation pass where no head saw both classes has no val/auroc_mean; where a
+        callback monitors it (best checkpoint, early stopping), say why and what to change
+        instead of Lightning's 'metric not available'."""
+        monitors = {getattr(cb, "monitor", None) for cb in self.trainer.callbacks}
+        if "val/auroc_mean" not in monitors:
+            return
+        raise ValueError(
+            f"the validation split ({int(values.get('val/images', 0))} readable films) has no "
+            "head with both positive and negative films, so val/auroc_mean, which the best "
+            "checkpoint and early stopping follow, cannot be computed. Give the validation split "
+            "films of at least two regions: more films or patients, a larger validation share "
+            "(data.split_fractions), or check the patient grouping (a DICOM folder groups its "
+            "films by PatientID)"
+        )
 
     def on_test_epoch_end(self) -> None:
         for stage in ("test", "external"):
