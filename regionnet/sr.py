@@ -7,7 +7,7 @@ Measurement Report holding one TID 1501 measurement group):
 - observation context: device observer `regionnet`, model name = `regionnet/<backbone>`;
 - procedure reported: SNOMED CT 168537006 "Plain radiography";
 - measurement group: tracking identifier, algorithm identification (name, version =
-  regionnet's version and the checkpoint's SHA-256 prefix, parameters = the thresholds), and
+  regionnet's version and the `model_id` of the prediction rows, parameters = the thresholds), and
   the source image (the classified instance's SOP Class and SOP Instance UIDs);
   - qualitative evaluation DCM 123014 "Target Region" = the predicted region as a SNOMED CT
     concept (`Region.snomed`), or SNOMED CT 261665006 "Unknown" when no head passes its
@@ -32,7 +32,6 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pydicom import Dataset
@@ -40,7 +39,7 @@ from pydicom.uid import generate_uid
 
 from regionnet.decision import decide
 from regionnet.dicomweb import DicomWebError, Server, reporting
-from regionnet.model.identity import model_id
+from regionnet.model.identity import model_id, package_version
 from regionnet.regions import UNKNOWN, region_info
 from regionnet.writer import SR_STORED
 
@@ -69,13 +68,9 @@ def model_info(model, ckpt_path: str | Path, thresholds: Sequence[float]) -> Mod
     """Name `regionnet/<backbone>`; version `<regionnet version> model:<model_id>`, the same id
     as the prediction rows' `model_id` (`regionnet.model.identity.model_id`: the weights,
     thresholds and preprocessing), so an SR names the exact model."""
-    try:
-        package = version("regionnet")
-    except PackageNotFoundError:
-        package = "unknown"
     return ModelInfo(
         name=f"regionnet/{model.hparams.backbone}",
-        version=f"{package} model:{model_id(model)}",
+        version=f"{package_version()} model:{model_id(model)}",
         thresholds=tuple(float(t) for t in thresholds),
     )
 

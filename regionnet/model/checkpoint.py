@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from regionnet.model.identity import package_version
+
 # What a checkpoint may hold: tensors and plain values, read with torch's allow-list loader.
 UNSAFE_FILE = (
     "is not a regionnet checkpoint or holds objects other than tensors and plain values; "
@@ -66,17 +68,8 @@ def inference_checkpoint(checkpoint: dict) -> dict:
     if hparams.get("weights_file"):
         hparams["weights_file"] = Path(str(hparams["weights_file"])).name
     kept["hyper_parameters"] = hparams
-    kept["regionnet"] = {"kind": "inference", "version": _package_version()}
+    kept["regionnet"] = {"kind": "inference", "version": package_version()}
     return kept
 
 
 INFERENCE_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lightning_version")
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("regionnet")
-    except PackageNotFoundError:
-        return "unknown"

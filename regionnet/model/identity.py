@@ -26,3 +26,13 @@ def model_id(model) -> str:
     hparams = {k: model.hparams.get(k) for k in MODEL_ID_HPARAMS}
     digest.update(json.dumps(hparams, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:12]
+
+
+def package_version() -> str:
+    """The installed regionnet version, "unknown" when run from a tree without metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("regionnet")
+    except PackageNotFoundError:
+        return "unknown"
