@@ -134,6 +134,8 @@ def cobb_angles(points, heights=None) -> np.ndarray:
     of the upper vertebra with any above it; if the pair's lower-endplate midpoints lie in the
     upper half of the image (sum of y < `heights`) TL is the largest angle of the lower vertebra
     with any below it, else the largest angle of MT's end vertebra with any above that.
+    (The Python port takes the upper-endplate midpoints in that test, a 1-based index carried
+    over unchanged; against the organisers' angles that gives SMAPE 0.30 % instead of 0.03 %.)
     `heights` (N,) are the image heights in the points' pixels. Pass them: on the 481
     `spine_aasce` ground-truth films this port then matches the organisers' angles to SMAPE
     0.03 % (MAE 0.015 deg, coordinate rounding). Without them the height is guessed as 1.1 x the
