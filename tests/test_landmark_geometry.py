@@ -85,7 +85,8 @@ def test_cobb_angles_batch_torch_and_missing_corner():
     a, b = spine(tilts_through(KNOTS), C_SHAPE), spine(np.zeros(17))
     b_missing = b.copy()
     b_missing[5, 0] = np.nan
-    out = cobb_angles(torch.tensor(np.stack([a, b, b_missing])), heights=[1000, 1000, 1000])
+    corners = torch.tensor(np.stack([a, b, b_missing]), requires_grad=True)  # as a model gives
+    out = cobb_angles(corners, heights=[1000, 1000, 1000])
     assert out.shape == (3, 3)
     assert out[0] == pytest.approx([35.0, 15.0, 8.0], abs=0.02)
     assert out[1] == pytest.approx([0, 0, 0], abs=1e-6)
@@ -131,6 +132,8 @@ def test_smape_is_the_challenge_definition():
 @pytest.mark.shared_data
 def test_cobb_rule_matches_the_organisers_angles_on_all_aasce_films(shared_data):
     root = shared_data / "landmarks"
+    if not (root / "landmarks.json").is_file():
+        pytest.skip(f"landmark annotations not found at {root}")
     points = json.loads((root / "landmarks.json").read_text())["points"]
     films = pd.read_csv(root / "manifest.csv").query("dataset == 'spine_aasce'")
     assert len(films) == 481

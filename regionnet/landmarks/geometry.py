@@ -4,7 +4,7 @@ Conventions: points are [x, y] (x to the right, y down); a spine is 17 vertebrae
 head to foot, each as 4 corners in the order top-left, top-right, bottom-left, bottom-right
 (`spine_aasce`, 68 points). A skeleton is "vertebrae" (points grouped 4 per vertebra as above)
 or "points" (unrelated points such as the 37 hand landmarks of `hand_dha`). Every function takes
-numpy arrays or torch tensors (through `np.asarray`) and returns numpy float64.
+numpy arrays or torch tensors (any device, detached) and returns numpy float64.
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ def check_skeleton(skeleton: str) -> str:
     return skeleton
 
 
+def _numpy(x) -> np.ndarray:
+    """float64 array from a list, numpy array or torch tensor (any device, with grad)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x, dtype=np.float64)
+
+
 def _films(points, per_film: int | None = None) -> np.ndarray:
     """(N, K, 2) float64 from one film (K, 2) or many (N, K, 2); K divisible by `per_film`."""
-    p = np.asarray(points, dtype=np.float64)
+    p = _numpy(points)
     if p.ndim == 2:
         p = p[None]
     if p.ndim != 3 or p.shape[-1] != 2:
@@ -149,7 +156,7 @@ def cobb_angles(points, heights=None) -> np.ndarray:
     guess = 1.1 * p[..., 1].max(1)
     if heights is None:
         heights = guess
-    heights = np.broadcast_to(np.asarray(heights, dtype=np.float64), (len(p),))
+    heights = np.broadcast_to(_numpy(heights), (len(p),))
     heights = np.where(np.isnan(heights), guess, heights)
     return np.array([_cobb_one(f, h) for f, h in zip(p, heights, strict=True)]).reshape(-1, 3)
 
@@ -158,7 +165,6 @@ def smape(pred, true) -> float:
     """The AASCE challenge's symmetric mean absolute percentage error in %: per film the sum
     over its three angles of |pred - true| over the sum of (pred + true), averaged over films,
     times 100. A film whose angles are all 0 in both counts 0."""
-    p = np.asarray(pred, dtype=np.float64).reshape(-1, 3)
-    t = np.asarray(true, dtype=np.float64).reshape(-1, 3)
+    p, t = _numpy(pred).reshape(-1, 3), _numpy(true).reshape(-1, 3)
     num, den = np.abs(p - t).sum(1), (p + t).sum(1)
     return float(np.mean(np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)) * 100)
