@@ -221,22 +221,22 @@ def test_points_pushed_off_the_image_are_not_visible(tmp_path):
     assert torch.equal(batch["visible"], on_input) and not on_input.all()
 
 
-def _landmark_folder(tmp_path, patients: int, films_each: int) -> tuple:
-    """A tiny landmark folder of `spine_aasce`-like films, several per patient."""
+def _landmark_folder(tmp_path, patients: int, films_each: int, dataset="spine_aasce") -> tuple:
+    """A tiny landmark folder of phantom films named as `dataset`, several per patient."""
     rows, points = [], {}
     names = landmark_names(17)
-    (tmp_path / "spine_aasce").mkdir(parents=True)
+    (tmp_path / dataset).mkdir(parents=True)
     for p in range(patients):
         for f in range(films_each):
-            rel = f"spine_aasce/p{p}_{f}.png"
+            rel = f"{dataset}/p{p}_{f}.png"
             pixels, corners = render_spine(p, f, (80, 40))
             Image.fromarray((pixels * 255).astype(np.uint8)).save(tmp_path / rel)
             points[rel] = corners.tolist()
-            rows.append({"path": rel, "dataset": "spine_aasce", "patient_id": f"pat{p}",
+            rows.append({"path": rel, "dataset": dataset, "patient_id": f"pat{p}",
                          "width": 40, "height": 80, "cobb_pt": 10.0, "cobb_mt": 20.0,
                          "cobb_tl": 5.0})  # fmt: skip
     pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
-    table = {"landmark_names": {"spine_aasce": names}, "points": points}
+    table = {"landmark_names": {dataset: names}, "points": points}
     (tmp_path / "landmarks.json").write_text(json.dumps(table))
     return tmp_path, rows
 
@@ -268,6 +268,16 @@ def test_a_corrupt_film_is_reported_and_skipped(tmp_path):
     assert torch.allclose(batch["cobb"], torch.tensor([[10.0, 20.0, 5.0]] * 3))
     only_bad = collate([LandmarkDataset(records, points, root, 32)[1]])
     assert "image" not in only_bad and len(only_bad["errors"]) == 1
+
+
+def test_hands_are_flipped_only_when_asked(tmp_path):
+    """Every hand_dha film is a left hand: a flip would make right hands (names unchanged)."""
+    root, _ = _landmark_folder(tmp_path / "lm", patients=3, films_each=1, dataset="hand_dha")
+    for extra, p in [({}, 0.0), ({"hflip_hands": True}, 1.0)]:
+        dm = LandmarkDataModule(root=str(root), dataset="hand_dha", augment={"hflip": 1, **extra})
+        assert dm.skeleton == "points" and dm.flip_pairs == []
+        aug = dm._augment()
+        assert aug.hflip == p and (p == 0 or aug.perm.tolist() == list(range(68)))
 
 
 def test_missing_root_or_files_name_the_path_and_the_fix(tmp_path):
@@ -310,8 +320,8 @@ def test_real_landmark_films_load(shared_data, dataset, k):
 @pytest.mark.shared_data
 def test_letterbox_of_a_real_film_puts_a_dot_where_coords_say(shared_data):
     """A dot added to a real 467 x 1024 spine film is found after `resize_pad(256)` at
-    `to_input` of its original position within 0.05 input px (one scale for both axes, 256 / 1024,
-    would put the dot at x = 285 0.46 px off: the width goes to int(116.75) = 116 px)."""
+    `to_input` of its original position within 0.05 input px. One scale for both axes
+    (256 / 1024) would be 0.46 px off at x = 285: the width goes to int(116.75) = 116 px."""
     path = shared_data / "landmarks" / "spine_aasce" / "sunhl_1th_02_Jan_2017_162_B_AP.jpg"
     if not path.is_file():
         pytest.skip(f"real radiographs not found at {path}")

@@ -7,6 +7,8 @@ images; see `../shared/data/README.md`):
   8-bit JPEG, height 973-1024 px, width 236-576 px; 68 landmarks = the top-left, top-right,
   bottom-left and bottom-right corners of T1..L5 (17 vertebrae), head to foot; three Cobb
   angles (proximal thoracic, main thoracic, thoracolumbar/lumbar) in degrees; 248 patients.
+  One annotated point lies off its film (`sunhl_1th_25_Jul_2016_49_A_AP.jpg`, L4_bottom_right
+  at y = 1049 of 1024, below the L5 corners: an annotation error), so it is never `visible`.
 - `hand_dha`: 109 pediatric left-hand PA films (Digital Hand Atlas), 1024 px high, 512-941 px
   wide; 37 landmarks (finger tips, joints, carpals; Payer et al. 2019); no Cobb angles.
 - `phantom`: synthetic spine-like films with exact corners (`regionnet.landmarks.phantom`),
