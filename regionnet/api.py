@@ -40,6 +40,11 @@ class Prediction:
     `findings`: finding name -> probability of the model's finding heads (`model.findings`)
     whose region is the predicted `region`, e.g. `{"knee_oa": 0.83}` for a knee film; empty
     for other regions, `unknown`, errors and models without finding heads.
+
+    A landmark model (`task=landmarks`) fills `landmarks`: a list of [x, y] in the input
+    image's pixels, in the data set's landmark order (`LandmarkPredictor.landmark_names`),
+    and, for spines, `angles`: {"pt", "mt", "tl"} Cobb angles in degrees (AASCE rule); its
+    `probabilities` are empty and `region` is None (it does not classify).
     """
 
     probabilities: dict[str, float]
@@ -49,6 +54,8 @@ class Prediction:
     status: str = "ok"
     error: str | None = None
     findings: dict[str, float] = field(default_factory=dict)
+    landmarks: list[list[float]] | None = None
+    angles: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -125,9 +132,7 @@ class RegionPredictor:
         )
 
     def _load(self, x: Input, k: int) -> tuple[str | None, np.ndarray]:
-        if isinstance(x, str | Path):
-            return str(x), load_image(str(x), phantom_size=self.image_size)
-        return None, array_pixels(x, name=f"input {k}")
+        return _read(x, k, self.image_size)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -180,14 +185,80 @@ class RegionPredictor:
         return self.predict([x])[0]
 
 
+class LandmarkPredictor:
+    """A trained landmark model (`task=landmarks`) with the API of `RegionPredictor`:
+    `predict(inputs)` gives one `Prediction` per input with `landmarks` and `angles`."""
+
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.landmark_names: tuple[str, ...] = tuple(model.landmark_names)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.hparams.image_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"LandmarkPredictor(landmarks={len(self.landmark_names)}, "
+            f"skeleton={self.model.skeleton!r}, backbone={self.model.hparams.backbone!r}, "
+            f"image_size={self.image_size}, refine={bool(self.model.hparams.refine)}, "
+            f"device={self.device})"
+        )
+
+    def predict(self, inputs: Input | Iterable[Input], batch_size: int = 16) -> list[Prediction]:
+        """One `Prediction` per input, in order; unreadable inputs give error predictions."""
+        from regionnet.landmarks.infer import predict_arrays
+
+        if isinstance(inputs, str | Path | np.ndarray | torch.Tensor):
+            inputs = [inputs]
+        inputs = list(inputs)
+        out: list[Prediction | None] = [None] * len(inputs)
+        size = max(1, int(batch_size))
+        for start in range(0, len(inputs), size):
+            good, pixels = [], []
+            for k in range(start, min(start + size, len(inputs))):
+                path = str(inputs[k]) if isinstance(inputs[k], str | Path) else None
+                try:
+                    path, image = _read(inputs[k], k, self.image_size)
+                except RadiographReadError as e:
+                    why = " ".join(e.reason.split())
+                    out[k] = Prediction({}, None, [], path, f"error: {why}", why)
+                    continue
+                good.append((k, path))
+                pixels.append(image)
+            for (k, path), found in zip(good, predict_arrays(self.model, pixels), strict=True):
+                out[k] = Prediction({}, None, [], path, **found)
+        return out  # type: ignore[return-value]
+
+    def predict_one(self, x: Input) -> Prediction:
+        """The prediction for one path or array."""
+        return self.predict([x])[0]
+
+
+def _read(x: Input, k: int, size: int) -> tuple[str | None, np.ndarray]:
+    """(path or None, float32 (H, W) pixels in [0, 1]) of a path or an in-memory image."""
+    if isinstance(x, str | Path):
+        return str(x), load_image(str(x), phantom_size=size)
+    return None, array_pixels(x, name=f"input {k}")
+
+
 def load_model(
     ckpt: str | Path,
     device: str | torch.device = "cpu",
     thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
-) -> RegionPredictor:
-    """A `RegionPredictor` from a checkpoint written by `regionnet-train`.
+) -> RegionPredictor | LandmarkPredictor:
+    """A `RegionPredictor` from a checkpoint written by `regionnet-train`, or a
+    `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`).
 
     `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
-    or a mapping region -> threshold).
+    or a mapping region -> threshold); landmark models have none.
     """
+    from regionnet.landmarks.infer import is_landmark_checkpoint, load_landmark_model
+
+    path = Path(str(ckpt)).expanduser()
+    if path.is_file() and is_landmark_checkpoint(path):
+        if thresholds is not None:
+            raise ValueError(f"{path.name} is a landmark model: it has no thresholds to override")
+        return LandmarkPredictor(load_landmark_model(path, device), device)
     return RegionPredictor(load_checkpoint(ckpt, device), device, thresholds)

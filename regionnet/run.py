@@ -56,12 +56,29 @@ def build_datamodule(cfg: DictConfig):
         raise (e.__cause__ or e) from None
 
 
-def build_model(cfg: DictConfig, regions):
+def build_model(cfg: DictConfig, data):
     """The model class named by `model._target_` with plain-value arguments (no Hydra
-    objects in the checkpoint's hyperparameters)."""
+    objects in the checkpoint's hyperparameters). `data`: the region list, or the data module,
+    whose label set the model's heads take (regions; or landmark names, skeleton and flip
+    pairs for a landmark model)."""
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    cls = get_class(kwargs.pop("_target_", "regionnet.model.module.RegionNet"))
-    return cls(regions=list(regions), **kwargs)
+    target = kwargs.pop("_target_", "regionnet.model.module.RegionNet")
+    cls = get_class(target)
+    landmarks = hasattr(data, "landmark_names")
+    if getattr(cls, "task", "regions") == "landmarks" and not landmarks:
+        raise ValueError(
+            f"model._target_={target} is a landmark model, but data={type(data).__name__} has "
+            "no landmarks: use task=landmarks (it sets data=landmarks and model=dsnt)"
+        )
+    if landmarks:
+        if getattr(cls, "task", "regions") != "landmarks":
+            raise ValueError(
+                f"data=landmarks gives landmark targets, but model._target_={target} has region "
+                "heads: use task=landmarks (it sets data=landmarks and model=dsnt)"
+            )
+        keys = ("landmark_names", "skeleton", "flip_pairs", "dataset")
+        return cls(**{k: getattr(data, k) for k in keys}, **kwargs)
+    return cls(regions=list(getattr(data, "regions", data)), **kwargs)
 
 
 def instantiate_list(group: DictConfig | None) -> list:
@@ -89,9 +106,20 @@ def speed_up(model: torch.nn.Module, channels_last: bool = False, compile: bool 
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
-        net = getattr(model, "net", None)  # RegionNet; the SSL module has one `backbone`
-        for backbone in net.unique_backbones() if net is not None else [model.backbone]:
+        for backbone in _backbones(model):
             backbone.compile()
+
+
+def _backbones(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every backbone of a model: RegionNet's (`net.unique_backbones`), a landmark model's
+    (`net.backbone`, and its step-2 `refiner.backbone`), the SSL module's (`backbone`)."""
+    net = getattr(model, "net", None)
+    if net is None:
+        return [model.backbone]
+    if hasattr(net, "unique_backbones"):
+        return list(net.unique_backbones())
+    refiner = getattr(model, "refiner", None)
+    return [net.backbone] + ([refiner.backbone] if refiner is not None else [])
 
 
 def print_summary(

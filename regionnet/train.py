@@ -1,4 +1,5 @@
-"""`train(cfg)`: fit a RegionNet, then validate and test its best checkpoint.
+"""`train(cfg)`: fit a model (region heads, or landmark heads with `task=landmarks`), then
+validate and test its best checkpoint.
 
 Writes into the run directory (`paths.output_dir`, Hydra's run dir): `config.yaml`,
 `split.csv`, `checkpoints/best.ckpt` and `last.ckpt`, `metrics.json` (final val/test/external
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
+from regionnet.landmarks import run as landmark_run
 from regionnet.loggers import finish_wandb, loggable_config, wandb_summary
 from regionnet.model.checkpoint import check_resumable, inference_checkpoint, load_plain
 from regionnet.model_card import write_model_card
@@ -55,11 +57,12 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
     out = prepare_run(cfg)
     dm = build_datamodule(cfg)
     dm.setup()
-    if dm.hparams.source == "phantom":
+    if "phantom" in (dm.hparams.get("source"), dm.hparams.get("dataset")):
         log.warning(
             "data=phantom: SYNTHETIC radiographs for trying regionnet, not clinical evidence"
         )
-    model = build_model(cfg, dm.regions)
+    model = build_model(cfg, dm)
+    landmarks = getattr(model, "task", "regions") == "landmarks"
     callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks or [])
     apply_sweep_group(cfg)
     loggers = instantiate_list(cfg.get("logger"))
@@ -85,25 +88,34 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         log.warning(
             "no best checkpoint (fast_dev_run or no checkpoint callback): using last weights"
         )
-    metrics = numbers(trainer.callback_metrics, ("val/auroc_mean_best", "train/images_per_s"))
+    best_keys = ("val/auroc_mean_best", "val/mre_pct_best", "train/images_per_s")
+    metrics = numbers(trainer.callback_metrics, best_keys)
     metrics["model/params"] = sum(p.numel() for p in model.parameters())
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
     metrics.update(numbers(trainer.callback_metrics, ("val/",)))
     if cfg.get("test", True):
         trainer.test(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
         metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
-    predictions = test_predictions(trainer, model, dm, best) if cfg.get("test", True) else None
+    predictions = None
+    if cfg.get("test", True):
+        tested = landmark_run.test_predictions if landmarks else test_predictions
+        predictions = tested(trainer, model, dm, best)
 
     if trainer.is_global_zero:
         if predictions is not None:
             predictions.to_csv(out / "test_predictions.csv", index=False)
-        wandb_summary(loggers, metrics, predictions, dm.regions)
+        wandb_summary(loggers, metrics, predictions, [] if landmarks else dm.regions)
         if best is not None:
             strip_for_inference(Path(best))
         # after the predictions: a run directory with metrics.json is finished (skip_if_done)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_model_card(getattr(ckpt, "dirpath", None) or out / "checkpoints", model, dm, metrics)
-        print_summary(metrics, dm.regions, findings=list(getattr(model, "findings", [])))
+        card_dir = getattr(ckpt, "dirpath", None) or out / "checkpoints"
+        if landmarks:
+            landmark_run.write_model_card(card_dir, model, dm, metrics)
+            landmark_run.print_summary(metrics)
+        else:
+            write_model_card(card_dir, model, dm, metrics)
+            print_summary(metrics, dm.regions, findings=list(getattr(model, "findings", [])))
         log.info("run directory: %s (best checkpoint: %s)", out, best)
     finish_wandb(loggers)
     return metrics

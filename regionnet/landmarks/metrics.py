@@ -33,6 +33,11 @@ from regionnet.landmarks.geometry import (
 PCK_PCT = (2, 5)
 
 
+# Cobb angles need the whole T1..L5 column (17 vertebrae x 4 corners); shorter synthetic
+# spines (phantoms with fewer vertebrae) get the point errors only
+COBB_POINTS = 68
+
+
 class LandmarkMetrics(Metric):
     """Predicted and true points of every film of a stage, gathered from all processes
     ("cat" list states), and the numbers computed from them on the whole stage at once.
@@ -99,7 +104,7 @@ class LandmarkMetrics(Metric):
             out = dict.fromkeys(("radial_px", "radial_pct", "err_x_pct", "err_y_pct"), empty)
             out |= {"reference_px": empty, "visible": vis}
             out |= {"mre_px": np.zeros(0), "mre_pct": np.zeros(0)}
-            if self.skeleton == "vertebrae":
+            if self.skeleton == "vertebrae" and pred.shape[1] == COBB_POINTS:
                 out |= {"cobb_pred": np.zeros((0, 3)), "cobb_true": np.zeros((0, 3))}
             return out
         truth = np.where(vis[..., None], true, np.nan)
@@ -120,7 +125,7 @@ class LandmarkMetrics(Metric):
             warnings.simplefilter("ignore", RuntimeWarning)
             out["mre_px"] = np.nanmean(radial, axis=1)
             out["mre_pct"] = np.nanmean(out["radial_pct"], axis=1)
-        if self.skeleton == "vertebrae":
+        if self.skeleton == "vertebrae" and pred.shape[1] == COBB_POINTS:
             out["cobb_pred"] = cobb_angles(pred, s["heights"]) if len(pred) else np.zeros((0, 3))
             label = s["cobb_true"]
             missing = np.isnan(label).any(1)

@@ -1,0 +1,123 @@
+"""Landmark inference on files and arrays: the reader dataset, the checkpoint loader and the
+per-film result, shared by `regionnet-predict` and the Python API.
+
+A film is read by the region task's reader (`regionnet.io`, `load_image`), letterboxed and
+normalised by the checkpoint's `eval_transform`, and its points come back in its own pixels
+through the letterbox's `scale`/`offset` (`regionnet.landmarks.coords`). Angles: the three
+Cobb angles (PT, MT, TL, degrees; AASCE rule, `geometry.cobb_angles`) of a `vertebrae` model.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from regionnet.data.dataset import load_image
+from regionnet.data.transforms import eval_transform
+from regionnet.io import RadiographReadError
+from regionnet.landmarks.coords import letterbox_params
+from regionnet.landmarks.geometry import cobb_angles
+from regionnet.landmarks.metrics import COBB_POINTS
+from regionnet.model.checkpoint import load_plain, refuse_file
+
+ANGLES = ("pt", "mt", "tl")
+
+
+def is_landmark_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint holds a landmark model (its hyperparameters name landmarks)."""
+    hparams = load_plain(path).get("hyper_parameters") or {}
+    return "landmark_names" in hparams
+
+
+def load_landmark_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
+    """A trained `LandmarkNet` in eval mode on `device`; read with `weights_only=True`."""
+    from regionnet.landmarks.module import LandmarkNet
+
+    path = Path(str(ckpt_path)).expanduser()
+    try:
+        model = LandmarkNet.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
+        )
+    except pickle.UnpicklingError as e:
+        raise refuse_file(path, "ckpt_path", e) from None
+    return model.to(device).eval()
+
+
+def angles_of(points: np.ndarray, skeleton: str, height: float | None = None) -> dict:
+    """{"pt", "mt", "tl"} Cobb angles in degrees of one spine's 68 corners (T1..L5); {} for
+    other point sets.
+    `height`: the film's height in the points' pixels (the AASCE rule's upper-half test)."""
+    if skeleton != "vertebrae" or len(points) != COBB_POINTS:
+        return {}
+    values = cobb_angles(np.asarray(points, dtype=np.float64)[None], height).reshape(-1)
+    return {a: round(float(v), 2) for a, v in zip(ANGLES, values, strict=True)}
+
+
+def prepare(pixels: np.ndarray, transform, size: int) -> dict:
+    """One film's network input and letterbox: {"image" (1, S, S), "scale" (2,), "offset" (2,),
+    "size" (2,) = original (width, height)}."""
+    h, w = pixels.shape
+    scale, ox, oy = letterbox_params(w, h, size)
+    return {
+        "image": transform(torch.from_numpy(np.ascontiguousarray(pixels))[None]),
+        "scale": torch.tensor(scale, dtype=torch.float32),
+        "offset": torch.tensor([ox, oy], dtype=torch.float32),
+        "size": torch.tensor([w, h], dtype=torch.long),
+    }
+
+
+class LandmarkReader(Dataset):
+    """Files for landmark prediction: each gives `prepare`'s dict plus "path", or
+    {"path", "error"} when it cannot be read (`collate` reports and drops it)."""
+
+    def __init__(self, paths: Sequence[str], model):
+        self.paths = list(paths)
+        self.transform = eval_transform(model)
+        self.size = int(model.hparams.image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.paths[i]
+        try:
+            pixels = load_image(path, phantom_size=self.size)
+        except RadiographReadError as e:
+            return {"path": path, "error": " ".join(e.reason.split())}
+        return {"path": path, **prepare(pixels, self.transform, self.size)}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack readable films; unreadable ones go to `errors` as (path, reason) pairs."""
+    good = [s for s in samples if "error" not in s]
+    batch = {
+        "path": [s["path"] for s in good],
+        "errors": [(s["path"], s["error"]) for s in samples if "error" in s],
+    }
+    if good:
+        for key in ("image", "scale", "offset", "size"):
+            batch[key] = torch.stack([s[key] for s in good])
+    return batch
+
+
+@torch.inference_mode()
+def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
+    """Per film {"landmarks": [[x, y], ...] in its pixels, "angles": {...}} for float (H, W)
+    arrays in [0, 1] (the API's path)."""
+    if not images:
+        return []
+    transform, size = eval_transform(model), int(model.hparams.image_size)
+    batch = collate([{"path": str(k), **prepare(p, transform, size)} for k, p in enumerate(images)])
+    device = next(model.parameters()).device
+    found = model.infer(batch["image"].to(device))["final"]
+    points = model.to_original(found, batch["scale"].to(device), batch["offset"].to(device))
+    out = []
+    for pts, (_, h) in zip(points.cpu().numpy(), batch["size"].tolist(), strict=True):
+        landmarks = [[float(x), float(y)] for x, y in pts]
+        out.append({"landmarks": landmarks, "angles": angles_of(pts, model.skeleton, h)})
+    return out

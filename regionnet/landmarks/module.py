@@ -1,0 +1,312 @@
+"""LandmarkNet: the Lightning module of the landmark head type (issue 17, Cina et al. 2021).
+
+It trains a `LandmarkNetwork` (timm backbone -> FPN -> one heatmap per landmark -> DSNT) and,
+with `refine=true`, a second one (`refiner`) on crops around each point group: step 1 finds
+every landmark on the whole film, step 2 places each vertebra's four corners again on a crop
+around them and maps them back (`roi_align` crops; `from_crops`). Step 2 trains on crops around
+the true points shifted and scaled by up to `refine_jitter` of the crop side (step 1's typical
+error), and runs on crops around step 1's points.
+
+Batches come from `regionnet.landmarks.data.LandmarkDataModule`: `points` are normalised input
+coordinates in [-1, 1] (align_corners=False), `points_px` the truth in the stored film's pixels,
+`scale`/`offset` the letterbox (x_in = x_orig * scale + offset). Metrics (`LandmarkMetrics`)
+are measured in original pixels: `stage/mre_px`, `stage/mre_pct`, `stage/err_{x,y}_{median,
+mean}_pct` (% of the vertebra's size, Cina's figures), `stage/pck@2`, `stage/pck@5`, and on
+spines `stage/cobb_mae/<pt|mt|tl>` and `stage/cobb_smape`; with `refine`, step 1 alone is
+logged under `stage/step1/...`. The best checkpoint follows `val/mre_pct` (lower is better).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MinMetric
+
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.io import INTENSITY
+from regionnet.landmarks.coords import from_normalised, to_original
+from regionnet.landmarks.metrics import LandmarkMetrics
+from regionnet.landmarks.model import (
+    build_landmark_network,
+    crop_groups,
+    dsnt_loss,
+    from_crops,
+    group_boxes,
+    landmark_groups,
+)
+from regionnet.model.optim import configure_optimizers
+
+log = logging.getLogger(__name__)
+
+SKELETONS = ("vertebrae", "points")
+MONITOR = "val/mre_pct"
+
+
+class LandmarkNet(L.LightningModule):
+    """Landmark localisation with DSNT, optionally in two steps (see the module docstring)."""
+
+    task = "landmarks"
+
+    def __init__(
+        self,
+        landmark_names: Sequence[str],
+        skeleton: str = "points",
+        flip_pairs: Sequence[Sequence[int]] | None = None,
+        dataset: str | None = None,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        in_chans: int = 1,
+        drop_path_rate: float = 0.0,
+        stride: int = 8,
+        head_width: int = 128,
+        sigma: float = 1.0,
+        js_weight: float = 1.0,
+        refine: bool = False,
+        refine_size: int = 64,
+        refine_margin: float = 0.3,
+        refine_min_side: float = 0.05,
+        refine_jitter: float = 0.15,
+        refine_weight: float = 1.0,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        scheduler_interval: str = "epoch",
+        backbone_lr_scale: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        image_size: int = 256,
+        mean: float = GRAY_MEAN,
+        std: float = GRAY_STD,
+        intensity: str = INTENSITY,
+        weights_source: Mapping | None = None,
+    ):
+        super().__init__()
+        names = [str(n) for n in landmark_names]
+        if not names:
+            raise ValueError("a landmark model needs landmark_names (from the data module)")
+        if skeleton not in SKELETONS:
+            raise ValueError(f"model.skeleton={skeleton!r}: use one of {SKELETONS}")
+        if intensity != INTENSITY:
+            raise ValueError(
+                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
+                f"{INTENSITY!r} rule only; use the regionnet version the checkpoint was "
+                "trained with"
+            )
+        for key, value, lo, hi in (
+            ("sigma", sigma, 0.0, 100.0),
+            ("refine_margin", refine_margin, 0.0, 5.0),
+            ("refine_min_side", refine_min_side, 0.0, 1.0),
+            ("refine_jitter", refine_jitter, 0.0, 1.0),
+        ):
+            if not lo <= float(value) <= hi:
+                raise ValueError(f"model.{key}={value!r}: use a value in [{lo}, {hi}]")
+        if int(refine_size) < 16:
+            raise ValueError(f"model.refine_size={refine_size}: use 16 px or more (e.g. 64)")
+        self.save_hyperparameters()
+        self.hparams["landmark_names"] = names
+        self.hparams["flip_pairs"] = [list(map(int, p)) for p in (flip_pairs or [])]
+        self.landmark_names = names
+        self.skeleton = skeleton
+        self.net, source = build_landmark_network(
+            backbone,
+            len(names),
+            pretrained,
+            weights_file,
+            in_chans,
+            drop_path_rate,
+            stride,
+            head_width,
+            channels_last,
+        )
+        if pretrained or weights_file or not weights_source:
+            weights_source = source
+        self.hparams["weights_source"] = dict(weights_source)
+        groups = landmark_groups(skeleton, len(names))
+        # derived from the skeleton, so not saved: old and new checkpoints agree on it
+        self.register_buffer("groups", torch.tensor(groups, dtype=torch.long), persistent=False)
+        self.refiner = None
+        if refine:
+            # step 2 starts from the same weights as step 1's backbone (never a download)
+            self.refiner, _ = build_landmark_network(
+                backbone,
+                len(groups[0]),
+                pretrained,
+                weights_file,
+                in_chans,
+                drop_path_rate,
+                stride,
+                head_width,
+                channels_last,
+            )
+        stages = ("val", "test")
+        self.metrics = nn.ModuleDict({s: LandmarkMetrics(skeleton) for s in stages})
+        self.step1_metrics = nn.ModuleDict({s: LandmarkMetrics(skeleton) for s in stages})
+        self.losses = nn.ModuleDict({s: MeanMetric() for s in stages})
+        self.val_best = MinMetric()
+
+    # -- inference ------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised input coordinates (B, K, 2) of every landmark: step 2's where `refine`."""
+        return self.infer(x)["final"]
+
+    def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"step1": (B, K, 2), "final": (B, K, 2)} normalised input coordinates; "final" is
+        step 2's where the model refines, else step 1's."""
+        step1, _ = self.net(x)
+        if self.refiner is None:
+            return {"step1": step1, "final": step1}
+        return {"step1": step1, "final": self.refine(x, step1.detach())}
+
+    def _min_side(self) -> float:
+        return float(self.hparams.refine_min_side) * self.image_size
+
+    def refine(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Step 2: crop around each group of `coords` (normalised), place its points again,
+        and return all points as normalised input coordinates (B, K, 2)."""
+        size = self.image_size
+        points = (coords.float() + 1) / 2 * size
+        margin = float(self.hparams.refine_margin)
+        boxes = group_boxes(points, self.groups, margin, self._min_side())
+        crops = crop_groups(x, boxes, int(self.hparams.refine_size))
+        local, _ = self.refiner(crops)
+        placed = from_crops(local.float(), boxes)  # (B, G, P, 2) input pixels
+        out = points.clone()
+        out[:, self.groups.reshape(-1)] = placed.reshape(len(x), -1, 2)
+        return out / size * 2 - 1
+
+    def to_original(self, coords: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+        """Normalised input coordinates (B, K, 2) -> pixels of the stored films (B, K, 2);
+        `scale` (B,) or (B, 2) per axis and `offset` (B, 2): the letterbox (`coords`)."""
+        points = from_normalised(coords.float(), self.image_size)
+        return to_original(points, scale.float(), offset.float())
+
+    # -- training -------------------------------------------------------------------------
+    def _loss(self, batch: dict, train: bool) -> torch.Tensor:
+        h = self.hparams
+        coords, heat = self.net(batch["image"])
+        loss = dsnt_loss(coords, heat, batch["points"], batch["visible"], h.sigma, h.js_weight)
+        if self.refiner is not None:
+            loss = loss + float(h.refine_weight) * self._refine_loss(batch, train)
+        return loss
+
+    def _refine_loss(self, batch: dict, train: bool) -> torch.Tensor:
+        """Step 2's DSNT loss on crops around the true groups, shifted and scaled at random by
+        up to `refine_jitter` of the crop side in training (fixed crops in validation)."""
+        h, size = self.hparams, self.image_size
+        truth = (batch["points"].float() + 1) / 2 * size
+        boxes = group_boxes(truth, self.groups, float(h.refine_margin), self._min_side())
+        if train and h.refine_jitter:
+            side = boxes[..., 2:] - boxes[..., :2]
+            j = float(h.refine_jitter)
+            shift = (torch.rand_like(side) * 2 - 1) * j * side
+            grow = 1 + (torch.rand_like(side[..., :1]) * 2 - 1) * j
+            centre = (boxes[..., :2] + boxes[..., 2:]) / 2 + shift
+            half = side * grow / 2
+            boxes = torch.cat([centre - half, centre + half], dim=-1)
+        crops = crop_groups(batch["image"], boxes, int(h.refine_size))
+        local, heat = self.refiner(crops)
+        lo, hi = boxes[..., None, :2], boxes[..., None, 2:]
+        target = ((truth[:, self.groups] - lo) / (hi - lo) * 2 - 1).flatten(0, 1)
+        visible = batch["visible"][:, self.groups].flatten(0, 1)
+        visible = visible & (target.abs() <= 1).all(-1)  # a point outside its crop: no target
+        return dsnt_loss(local, heat, target, visible, h.sigma, h.js_weight)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return None
+        loss = self._loss(batch, train=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=len(batch["image"]))  # fmt: skip
+        return loss
+
+    def _warn_errors(self, batch: dict) -> None:
+        for path, why in batch.get("errors", []):
+            log.warning("skipped unreadable radiograph %s: %s", path, why)
+
+    def on_train_start(self) -> None:
+        for m in (*self.metrics.values(), *self.step1_metrics.values(), *self.losses.values()):
+            m.reset()
+        self.val_best.reset()
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return
+        out = self.infer(batch["image"])
+        self.losses[stage].update(self._loss(batch, train=False), weight=len(batch["image"]))
+        cobb = batch.get("cobb")
+        heights = batch["size"][:, 1] if "size" in batch else None  # the Cobb rule's film height
+        for key, metrics in (("final", self.metrics), ("step1", self.step1_metrics)):
+            if key == "step1" and self.refiner is None:
+                continue
+            pred = self.to_original(out[key], batch["scale"], batch["offset"])
+            metrics[stage].update(pred, batch["points_px"], batch["visible"], cobb, heights)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        metrics = self.metrics[stage]
+        if not self.losses[stage].update_count:
+            return {}
+        values = dict(metrics.compute_all(stage))
+        values[f"{stage}/loss"] = float(self.losses[stage].compute())
+        if self.refiner is not None:
+            values.update(self.step1_metrics[stage].compute_all(f"{stage}/step1"))
+            self.step1_metrics[stage].reset()
+        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        metrics.reset()
+        self.losses[stage].reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._end_stage("val")
+        if MONITOR in values and not self.trainer.sanity_checking:
+            self.val_best.update(torch.tensor(values[MONITOR]))
+            self.log(f"{MONITOR}_best", self.val_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_stage("test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Landmarks of a batch's readable films in their own pixels: {"path": [...], "points":
+        (B, K, 2) CPU float tensor, "step1_points" (the same as "points" without `refine`),
+        "size" (B, 2) original width and height, "errors": [(path, reason)]}; labelled batches
+        also pass their truth on ("points_px", "visible", "cobb")."""
+        out = {"path": batch["path"], "errors": batch.get("errors", [])}
+        if "image" not in batch:
+            return {**out, "points": torch.empty(0, len(self.landmark_names), 2)}
+        found = self.infer(batch["image"])
+        for key, name in (("final", "points"), ("step1", "step1_points")):
+            out[name] = self.to_original(found[key], batch["scale"], batch["offset"]).cpu()
+        for key in ("size", "points_px", "visible", "cobb"):  # the truth, where a test has it
+            if key in batch:
+                out[key] = batch[key].cpu()
+        return out
+
+    def configure_optimizers(self):
+        h = self.hparams
+        heads = list(self.net.head.parameters())
+        if self.refiner is not None:
+            heads += list(self.refiner.head.parameters())
+        return configure_optimizers(
+            self,
+            heads,
+            h.optimizer,
+            h.scheduler,
+            h.scheduler_interval,
+            MONITOR,
+            h.backbone_lr_scale,
+        )

@@ -1,0 +1,162 @@
+"""`regionnet-predict` with a landmark checkpoint: one row per film, written batch by batch.
+
+    regionnet-predict ckpt_path=.../landmarks/best.ckpt input=spines/ output=points.csv
+
+Columns (CSV, or one JSON object per line for `.jsonl`): `path`; `status` (`ok` or
+`error: <why>`: an unreadable file gets its row and the run goes on); `landmarks`, a JSON list
+of [x, y] in the film's own pixels in the data set's landmark order (`landmark_names` in the
+checkpoint and the model card); for spine models `pt`, `mt`, `tl`, the Cobb angles in degrees
+from the predicted corners (AASCE rule); with `refine`, `step1_landmarks` (the points before
+step 2); and `model_id`, last. `cam_dir=DIR` draws each film with its points, the endplate
+lines and the angles into `DIR/<name>.landmarks.png`. Read by the region task's reader and
+run through Lightning's predict loop (`LandmarkNet.predict_step`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from regionnet.data.dataset import load_image
+from regionnet.landmarks.infer import ANGLES, LandmarkReader, angles_of, collate
+from regionnet.landmarks.metrics import COBB_POINTS
+from regionnet.landmarks.overlay import draw_landmarks
+from regionnet.landmarks.run import points_json
+from regionnet.model.identity import model_id
+from regionnet.writer import csv_safe, is_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def landmark_columns(model) -> list[str]:
+    """The output's columns, in order (see the module docstring)."""
+    cols = ["path", "status", "landmarks"]
+    if model.skeleton == "vertebrae" and len(model.landmark_names) == COBB_POINTS:
+        cols += list(ANGLES)
+    if model.hparams.get("refine"):
+        cols.append("step1_landmarks")
+    return [*cols, "model_id"]
+
+
+class LandmarkWriter(BasePredictionWriter):
+    """Rows of each predicted batch appended to `output` at once (nothing lost on a crash),
+    error rows for unreadable files, overlays into `cam_dir`."""
+
+    def __init__(self, output: Path, model, mid: str, cam_dir: Path | None = None):
+        super().__init__(write_interval="batch")
+        self.output, self.mid, self.cam_dir = output, mid, cam_dir
+        self.columns = landmark_columns(model)
+        self.skeleton = model.skeleton
+        self.size = int(model.hparams.image_size)
+        self.counts = {"ok": 0, "errors": 0, "overlays": 0, "overlay_failed": 0}
+        self.names: set[str] = set()  # overlay file names used (two folders, one file name)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.file = output.open("w", newline="", encoding="utf-8", errors="surrogateescape")
+        self.jsonl = is_jsonl(output)
+        self.csv = None
+        if not self.jsonl:
+            self.csv = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
+            self.csv.writeheader()
+
+    def _write(self, row: dict) -> None:
+        row["model_id"] = self.mid
+        if self.jsonl:
+            self.file.write(json.dumps(row) + "\n")
+        else:
+            cells = {k: csv_safe(v) if isinstance(v, str) else v for k, v in row.items()}
+            self.csv.writerow({c: cells.get(c, "") for c in self.columns})
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, *_):
+        for path, why in prediction["errors"]:
+            self.counts["errors"] += 1
+            self._write({"path": path, "status": f"error: {why}"})
+        for k, path in enumerate(prediction["path"]):
+            points = prediction["points"][k].numpy()
+            height = float(prediction["size"][k][1])
+            angles = angles_of(points, self.skeleton, height)
+            row = {"path": path, "status": "ok", "landmarks": points_json(points), **angles}
+            if "step1_landmarks" in self.columns:
+                row["step1_landmarks"] = points_json(prediction["step1_points"][k].numpy())
+            self._write(row)
+            self.counts["ok"] += 1
+            if self.cam_dir is not None:
+                self._overlay(path, points, angles)
+        self.file.flush()
+
+    def _overlay(self, path: str, points, angles: dict) -> None:
+        name, n = Path(path).stem, 1
+        while name in self.names:
+            n += 1
+            name = f"{Path(path).stem}-{n}"
+        self.names.add(name)
+        target = self.cam_dir / f"{name}.landmarks.png"
+        try:
+            image = load_image(path, phantom_size=self.size)
+            values = [angles[a] for a in ANGLES] if angles else None
+            draw_landmarks(image, points, self.skeleton, angles=values, path=target)
+            self.counts["overlays"] += 1
+        except Exception as e:  # noqa: BLE001 - a failed drawing must not cost the row
+            self.counts["overlay_failed"] += 1
+            log.warning("overlay of %s not written: %s", path, e)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def predict_landmarks(
+    cfg, model, paths: list[str], output: Path, trainer_kwargs: dict, cam_dir: Path | None
+) -> dict:
+    """Predict every film of `paths` with a landmark `model`; write `output`; return the
+    summary (`ok`, `errors`, `overlays`, `model_id`, `seconds`, `per_second`, `output`)."""
+    if cfg.get("resume"):
+        raise ValueError(
+            "resume is not supported for landmark models yet: run without resume (the output "
+            "is rewritten) or split the input"
+        )
+    mid = model_id(model)
+    if cam_dir is not None:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    writer = LandmarkWriter(output, model, mid, cam_dir)
+    loader = DataLoader(
+        LandmarkReader(paths, model),
+        batch_size=max(1, int(cfg.get("batch_size", 16))),
+        shuffle=False,
+        num_workers=int(cfg.get("num_workers", 0) or 0),
+        collate_fn=collate,
+    )
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        logger=False,
+        callbacks=[writer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    try:
+        trainer.predict(model, dataloaders=loader, return_predictions=False)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - start
+    summary = {
+        **writer.counts,
+        "model_id": mid,
+        "seconds": round(seconds, 3),
+        "per_second": round(len(paths) / seconds, 2) if seconds else None,
+        "output": str(output),
+    }
+    log.info(
+        "landmarks: %d films, %d errors, %.1f films/s -> %s",
+        summary["ok"],
+        summary["errors"],
+        summary["per_second"] or 0,
+        output,
+    )
+    return summary

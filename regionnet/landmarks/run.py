@@ -1,0 +1,145 @@
+"""What `train(cfg)` does after a landmark fit: per-film test predictions, the console table and
+the model card. The loop itself is the region task's (`regionnet.train`); only these outputs
+differ by head type.
+
+`test_predictions.csv` columns: `path`, `landmarks` (JSON list of [x, y] in the stored film's
+pixels, in the data set's landmark order), `mre_px` (the film's mean radial error) and, for
+spines, `pt`, `mt`, `tl` (Cobb angles in degrees from the predicted corners) and `true_pt`,
+`true_mt`, `true_tl`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import regionnet
+from regionnet.landmarks.infer import ANGLES, angles_of
+
+REFERENCES = (
+    "Cina et al., Scientific Reports 2021: 2-step deep learning model for landmarks "
+    "localization in spine radiographs (DSNT heads; step 2 on vertebra crops).",
+    "Nibali et al. 2018: numerical coordinate regression with convolutional neural networks "
+    "(DSNT).",
+    "Wang et al., AASCE 2019 challenge: Cobb angles from vertebral corners, SMAPE.",
+)
+
+
+def points_json(points: np.ndarray) -> str:
+    """[[x, y], ...] in pixels, 0.1 px: a CSV cell other tools read with json.loads."""
+    return json.dumps([[round(float(x), 1), round(float(y), 1)] for x, y in points])
+
+
+def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
+    """One row per readable test film (see the module docstring), from `ckpt_path`'s weights."""
+    outputs = trainer.predict(
+        model, dataloaders=dm.test_dataloader(), ckpt_path=ckpt_path, weights_only=True
+    )
+    rows = []
+    for out in outputs or []:
+        for k, path in enumerate(out["path"]):
+            pred = out["points"][k].numpy()
+            height = float(out["size"][k][1])
+            row = {"path": path, "landmarks": points_json(pred)}
+            if "points_px" in out:
+                err = np.linalg.norm(pred - out["points_px"][k].numpy(), axis=-1)
+                err = err[out["visible"][k].numpy().astype(bool)]
+                row["mre_px"] = round(float(err.mean()), 2) if err.size else float("nan")
+            row.update(angles_of(pred, model.skeleton, height))
+            if model.skeleton == "vertebrae" and "cobb" in out:
+                cobb = out["cobb"][k].tolist()
+                row.update({f"true_{a}": float(v) for a, v in zip(ANGLES, cobb, strict=True)})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(metrics: Mapping[str, float]) -> None:
+    """The landmark errors on the console: one row per figure, a column per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = (
+        "mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "err_x_mean_pct",
+        "err_y_mean_pct", "pck@2", "pck@5", "cobb_mae_mean", "cobb_smape",
+    )  # fmt: skip
+    stages = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
+    table = Table(title="Landmark errors (% = of the vertebra's size or the hand's width)")
+    table.add_column("figure")
+    for s in stages:
+        table.add_column(s, justify="right")
+        if f"{s}/step1/mre_pct" in metrics:
+            table.add_column(f"{s} step 1", justify="right")
+    for n in names:
+        cells = []
+        for s in stages:
+            cells.append(f"{metrics[k]:.3f}" if (k := f"{s}/{n}") in metrics else "n/a")
+            if f"{s}/step1/mre_pct" in metrics:
+                k1 = f"{s}/step1/{n}"
+                cells.append(f"{metrics[k1]:.3f}" if k1 in metrics else "n/a")
+        if any(c != "n/a" for c in cells):
+            table.add_row(n, *cells)
+    Console().print(table)
+
+
+def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
+    """`model_card.json` of a landmark model (the region card's keys where they fit)."""
+    h = model.hparams
+    size = int(h.image_size)
+    return {
+        "name": "regionnet",
+        "version": regionnet.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": "Landmark localisation on radiographs (DSNT heads)",
+        "description": (
+            f"{h.backbone} backbone, FPN and one DSNT heatmap per landmark "
+            f"({len(model.landmark_names)} landmarks, {model.skeleton})"
+            + ("; step 2 refines each point group on a crop." if h.refine else ".")
+        ),
+        "pytorch_version": torch.__version__,
+        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
+        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
+        "landmarks": list(model.landmark_names),
+        "skeleton": model.skeleton,
+        "dataset": h.get("dataset"),
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "shape": [1, size, size],
+                    "value_range": "[0, 1] pixels letterboxed to the square, then "
+                    f"(x - {float(h.mean)}) / {float(h.std)}",
+                }
+            },
+            "outputs": {
+                "landmarks": {
+                    "shape": [len(model.landmark_names), 2],
+                    "meaning": "[x, y] per landmark in the input film's pixels",
+                }
+            },
+        },
+        "backbone": {
+            "name": h.backbone,
+            "library": "timm",
+            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "training_data": {"films": int(getattr(dm, "train_size", lambda: 0)() or 0)},
+        "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+        "intended_use": (
+            "Research: place anatomical landmarks (vertebral corners, hand joints) and derive "
+            "angles for measurement studies. Not for diagnosis or treatment decisions."
+        ),
+        "references": list(REFERENCES),
+    }
+
+
+def write_model_card(folder: str | Path, model, dm, metrics: Mapping[str, float]) -> Path:
+    path = Path(folder) / "model_card.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(model_card(model, dm, metrics), indent=2, default=str) + "\n")
+    return path
