@@ -178,7 +178,7 @@ def test_phantom_folder_is_cached_and_reads_back(tmp_path):
     assert phantom_folder(tmp_path, n=3, size=(64, 32), vertebrae=5, seed=1) == folder
     manifest = pd.read_csv(folder / "manifest.csv")
     table = json.loads((folder / "landmarks.json").read_text())
-    assert list(manifest["patient_id"]) == ["phantom-00000", "phantom-00001", "phantom-00002"]
+    assert list(manifest["patient_id"]) == ["spine_00000", "spine_00001", "spine_00002"]
     assert table["landmark_names"]["phantom"][:2] == ["V1_top_left", "V1_top_right"]
     pixels, corners = render_spine(1, 2, (64, 32), 5)
     stored = read_radiograph(folder / manifest["path"][2])

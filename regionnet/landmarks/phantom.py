@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 _SS = 8  # sub-samples per pixel side
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
-CACHE_VERSION = 1  # bump when the drawing changes, so old caches are not reused
+_DRAW_SEED = 1  # part of every film's random stream; change it only to redraw all films
+CACHE_VERSION = 2  # in the cache folder's name: bump when films or files change
 
 
 def vertebra_names(vertebrae: int) -> list[str]:
@@ -124,7 +125,7 @@ def render_spine(
             f"data.phantom.size={list(size)}, vertebrae={vertebrae}: need height >= 32, "
             "width >= 16 and at least one vertebra"
         )
-    rng = np.random.default_rng([int(seed) % 2**63, int(index), CACHE_VERSION])
+    rng = np.random.default_rng([int(seed) % 2**63, int(index), _DRAW_SEED])
     corners = spine_corners(rng, height, width, vertebrae)
     bone = np.zeros((height, width), np.float32)
     for quad in corners:
@@ -149,10 +150,11 @@ def phantom_folder(
     """A landmark folder of `n` phantoms (made once, then reused): the path to pass as `root`.
 
     Layout as `../shared/data/landmarks`: `manifest.csv` (path, dataset=`phantom`, patient_id =
-    film id, width, height, view, cobb_* NaN), `landmarks.json` (`landmark_names.phantom`,
-    `points`), `phantom/<id>.png`. The folder name holds every parameter, so changed settings
-    get a new folder; it is written to a temporary sibling and renamed, so parallel processes
-    (DDP ranks, test workers) never see half a cache. `cache` defaults to
+    the film id `spine_<index>`, one film per patient; width, height, view, cobb_* NaN),
+    `landmarks.json` (`landmark_names.phantom`, `points`), `phantom/<id>.png`. The folder name
+    holds every parameter (and `CACHE_VERSION`), so changed settings get a new folder; it is
+    written to a temporary sibling and renamed, so parallel processes (DDP ranks, test workers)
+    never see half a cache. `cache` defaults to
     `$REGIONNET_CACHE/landmark_phantoms`, else `~/.cache/regionnet/landmark_phantoms`.
     """
     if cache is None:
@@ -173,10 +175,11 @@ def phantom_folder(
         rows, points = [], {}
         for i in range(int(n)):
             pixels, corners = render_spine(seed, i, (height, width), vertebrae)
-            rel = f"phantom/spine_{i:05d}.png"
+            film = f"spine_{i:05d}"
+            rel = f"phantom/{film}.png"
             Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(tmp / rel)
             points[rel] = np.round(corners, 4).tolist()
-            rows.append({"path": rel, "dataset": "phantom", "patient_id": f"phantom-{i:05d}",
+            rows.append({"path": rel, "dataset": "phantom", "patient_id": film,
                          "width": width, "height": height, "view": "AP", "cobb_pt": np.nan,
                          "cobb_mt": np.nan, "cobb_tl": np.nan, "original_split": "",
                          "licence": "synthetic (regionnet.landmarks.phantom)"})  # fmt: skip
