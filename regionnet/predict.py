@@ -48,6 +48,7 @@ import logging
 import os
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -58,7 +59,13 @@ from torch.utils.data import DataLoader
 
 from regionnet.api import load_checkpoint
 from regionnet.backends import OnnxRuntimeModule, backend_name, check_onnxruntime_options
-from regionnet.data.dataset import RadiographDataset, collate, load_image
+from regionnet.data.dataset import (
+    RadiographDataset,
+    collate,
+    load_image,
+    loader_threads,
+    usable_cores,
+)
 from regionnet.data.files import SUPPORTED_FORMATS, list_radiographs
 from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
@@ -294,6 +301,54 @@ def missing_maps(cams: CamMaker, rows: dict[str, dict], regions: list[str]) -> d
     return missing
 
 
+class StageClock(L.Callback):
+    """Where the predict loop's time goes: the reader (each file's read and transform, timed
+    in the data loader worker that did it: `read_seconds` of the batch) and the model (from
+    a batch's start on its device to its predictions on the CPU). Placed before the writer,
+    so rows, copies and maps count for neither."""
+
+    def __init__(self) -> None:
+        self.read_seconds = self.model_seconds = 0.0
+        self.films = self.batches = 0
+        self._start = 0.0
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if isinstance(batch, dict):
+            self.read_seconds += float(batch.get("read_seconds", 0.0))
+            self.films += len(batch.get("path", ())) + len(batch.get("errors", ()))
+        self._start = time.perf_counter()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.model_seconds += time.perf_counter() - self._start
+        self.batches += 1
+
+    def summary(self, workers: int) -> dict:
+        """`read_seconds` (summed over files, in the workers), `model_seconds`, per film in
+        ms, and `bound`: reader when the workers together read a film slower than the model
+        runs one (with no worker they take turns: the larger share)."""
+        n = max(1, self.films)
+        read_ms, model_ms = 1000 * self.read_seconds / n, 1000 * self.model_seconds / n
+        bound = "reader" if read_ms / max(1, workers) > model_ms else "model"
+        return {
+            "read_seconds": self.read_seconds,
+            "read_ms_per_film": read_ms,
+            "model_seconds": self.model_seconds,
+            "model_ms_per_film": model_ms,
+            "model_batches": self.batches,
+            "bound": bound if self.films else "",
+        }
+
+
+@contextmanager
+def _torch_threads():
+    """Give back the caller's torch intra-op thread count when predict ends."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -330,6 +385,14 @@ def print_summary(summary: dict) -> None:
         f"{summary['per_second']:.1f} radiographs/s ({summary['seconds']:.1f} s{maps}); "
         f"model {summary['model_id']} ({summary.get('backend', 'torch')})"
     )
+    if summary.get("bound"):
+        workers, threads = summary["num_workers"], summary["torch_threads"]
+        console.print(
+            f"{summary['bound']}-bound: {summary['read_ms_per_film']:.1f} ms/film reading "
+            f"({workers} reader worker{'s' * (workers != 1)}) vs "
+            f"{summary['model_ms_per_film']:.1f} ms/film model ({threads} torch "
+            f"thread{'s' * (threads != 1)})"
+        )
 
 
 def finding_specs(model) -> dict[str, tuple[str, float]]:
@@ -369,13 +432,17 @@ def predict(cfg: DictConfig, callbacks=()) -> dict:
     (of which `cam_resumed` for rows of an earlier run) and `cam_failed`; `model_id`;
     `seconds` of the predict loop (reading, the model, rows, copies and maps all included)
     and `per_second` (radiographs through the loop, map-only ones of a resume included);
+    where its time went (`StageClock`): `read_seconds` and `read_ms_per_film` (reading and
+    transforming, summed over the reader workers), `model_seconds` and `model_ms_per_film`,
+    `bound` (reader or model), with `num_workers` and `torch_threads` (`loader_threads`:
+    chosen from the usable cores where the config says auto);
     `output`. `callbacks`: more Lightning callbacks for the predict loop, after the writer.
     Raises `regionnet.writer.OutputLockedError` when another run is writing `output`, and
     `regionnet.writer.OtherModelError` when `resume` meets rows of another model.
     """
     output = Path(str(cfg.output)).expanduser()
     resume = resume_mode(cfg.get("resume"))
-    with output_lock(output):
+    with output_lock(output), _torch_threads():
         return _predict(cfg, output, resume, list(callbacks))
 
 
@@ -410,6 +477,19 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     store_sr = server is not None and bool(web_cfg.get("store_sr"))
 
     backend = backend_name(cfg.get("backend"))
+    # before any ONNX Runtime session is made: it takes torch's thread count
+    gpu = backend == "torch" and torch.cuda.is_available()
+    gpu = gpu and predict_trainer_config(cfg)["accelerator"] not in ("cpu",)
+    workers, threads = loader_threads(cfg.get("num_workers"), cfg.get("torch_threads"), gpu=gpu)
+    torch.set_num_threads(threads)
+    log.info(
+        "predict: %d cores -> %d reader worker%s, %d torch thread%s",
+        usable_cores(),
+        workers,
+        "s" * (workers != 1),
+        threads,
+        "s" * (threads != 1),
+    )
     model = load_checkpoint(cfg.ckpt_path)
     mid = model_id(model)  # before any precision or memory-format change
     runner = model
@@ -506,7 +586,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         model_id=mid,
         findings=findings,
     )
-    seconds = 0.0
+    seconds, clock = 0.0, StageClock()
     if paths:
         if cfg.get("channels_last") and backend == "torch":
             model.net.channels_last = True  # forward_features converts each batch
@@ -524,6 +604,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 regions,
                 eval_transform(model),
                 phantom_size=int(model.hparams.image_size),
+                target=int(model.hparams.image_size),  # decoded at reduced size
             )
         trainer_cfg = predict_trainer_config(cfg)
         if backend == "onnxruntime":  # ONNX Runtime's CPU provider: batches stay on the CPU
@@ -532,14 +613,14 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             dataset,
             batch_size=batch_size,
             shuffle=False,
-            num_workers=int(cfg.num_workers),
+            num_workers=workers,
             collate_fn=collate_fn,
             pin_memory=torch.cuda.is_available() and trainer_cfg["accelerator"] != "cpu",
         )
         trainer = L.Trainer(
             **trainer_cfg,
             logger=False,
-            callbacks=[writer, *callbacks],
+            callbacks=[clock, writer, *callbacks],
             enable_checkpointing=False,
             enable_model_summary=False,
             default_root_dir=str(output.parent),
@@ -578,6 +659,9 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         "seconds": seconds,
         "per_second": handled / seconds if seconds > 0 else 0.0,
         "output": str(output),
+        "num_workers": workers,
+        "torch_threads": threads,
+        **clock.summary(workers),
     }
     if cams is not None:
         log.info("cam: %d class activation maps in %s", cam_counts["cam_written"], cam_dir)

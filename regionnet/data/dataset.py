@@ -1,8 +1,11 @@
-"""The torch Dataset of radiographs and its error-tolerant collate function."""
+"""The torch Dataset of radiographs, its error-tolerant collate function, and the choice of
+data loader workers and torch threads for inference."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -17,12 +20,14 @@ from regionnet.io import RadiographReadError, read_radiograph
 log = logging.getLogger(__name__)
 
 
-def load_image(path: str, phantom_size: int = 256) -> np.ndarray:
-    """Pixels of a file or a `phantom://` record: float32 (H, W) in [0, 1]."""
+def load_image(path: str, phantom_size: int = 256, target: int | None = None) -> np.ndarray:
+    """Pixels of a file or a `phantom://` record: float32 (H, W) in [0, 1]. `target`: the
+    longest side the caller resizes to; files larger than that are decoded or reduced to it
+    (`regionnet.io.read_radiograph`), phantoms are rendered as usual."""
     if path.startswith("phantom://"):
         region, seed = parse_phantom_uri(path)
         return render_phantom(region, seed, size=phantom_size)
-    return read_radiograph(path)
+    return read_radiograph(path, target=target)
 
 
 class RadiographDataset(Dataset):
@@ -33,7 +38,14 @@ class RadiographDataset(Dataset):
     declared `findings` (validated, `regionnet.data.sources.validate_findings`) also
     `finding_labels` float32 (F,) (0 where unlabelled) and `finding_mask` bool (F,) (labelled).
     A file that cannot be read gives `{"path", "index", "error"}` instead; `collate` drops it,
-    so one bad file in a batch job costs that file only.
+    so one bad file in a batch job costs that file only. Every sample also carries
+    `read_seconds`, the time its file took to read and transform (in the worker).
+
+    `target`: the transform's `image_size` when it starts with `resize_pad` (evaluation and
+    prediction): files are then decoded at reduced size (`read_radiograph(path, target=)`),
+    the same tensor within rounding. Training leaves it None (full decode): its augmentation
+    comes after `resize_pad`, so a reduced read would serve it too, but this keeps training's
+    pixels bit-identical to what trained the existing checkpoints.
     """
 
     def __init__(
@@ -44,7 +56,9 @@ class RadiographDataset(Dataset):
         repeat: int = 1,
         phantom_size: int = 256,
         findings: Mapping[str, Mapping] | None = None,
+        target: int | None = None,
     ):
+        self.target = target
         self.paths = records["path"].tolist()
         cols = label_columns(regions)
         present = all(c in records for c in cols)
@@ -67,13 +81,19 @@ class RadiographDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         i = i % len(self.paths)
         path = self.paths[i]
+        start = time.perf_counter()
         try:
-            pixels = load_image(path, self.phantom_size)
+            pixels = load_image(path, self.phantom_size, self.target)
         except RadiographReadError as e:
             log.warning("skipping unreadable radiograph: %s", e)
-            return {"path": path, "index": i, "error": str(e.reason)}
+            took = time.perf_counter() - start
+            return {"path": path, "index": i, "error": str(e.reason), "read_seconds": took}
         image = self.transform(torch.from_numpy(pixels)[None])
-        sample = {"image": image, "labels": self.labels[i], "path": path, "index": i}
+        took = time.perf_counter() - start
+        sample = {
+            "image": image, "labels": self.labels[i], "path": path, "index": i,
+            "read_seconds": took,
+        }  # fmt: skip
         if self.finding_labels is not None:
             sample["finding_labels"] = self.finding_labels[i]
             sample["finding_mask"] = self.finding_mask[i]
@@ -81,12 +101,14 @@ class RadiographDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack readable samples; unreadable ones go to `errors` as (path, reason) pairs."""
+    """Stack readable samples; unreadable ones go to `errors` as (path, reason) pairs.
+    `read_seconds`: the reading time of all of them, summed."""
     good = [s for s in samples if "error" not in s]
     batch = {
         "path": [s["path"] for s in good],
         "index": torch.as_tensor([s["index"] for s in good], dtype=torch.long),
         "errors": [(s["path"], s["error"]) for s in samples if "error" in s],
+        "read_seconds": float(sum(s.get("read_seconds", 0.0) for s in samples)),
     }
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
@@ -95,3 +117,42 @@ def collate(samples: list[dict]) -> dict:
             if key in good[0]:
                 batch[key] = torch.stack([s[key] for s in good])
     return batch
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's or taskset's
+    share), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _setting(value) -> int | None:
+    """An explicit count, or None for null / "auto"."""
+    if value is None or str(value).strip().lower() in ("", "auto", "none", "null"):
+        return None
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"{value!r}: use a count >= 0, or auto")
+    return count
+
+
+def loader_threads(
+    num_workers=None, torch_threads=None, *, cores: int | None = None, gpu: bool = False
+) -> tuple[int, int]:
+    """(data loader worker processes, torch intra-op threads) for inference, so that readers
+    and the model do not fight over the cores. Explicit values win; None or "auto" chooses
+    from the usable cores: under 4 cores one reader worker (none on one core) and the rest
+    for torch; from 4 cores, on a GPU all but one core read (the model runs on the GPU), on
+    the CPU half read and half run the model. Workers run one torch thread each (PyTorch
+    sets it in every worker)."""
+    cores = max(1, cores or usable_cores())
+    workers = _setting(num_workers)
+    if workers is None:
+        few = cores < 4
+        workers = min(1, cores - 1) if few else (cores - 1 if gpu else cores // 2)
+    threads = _setting(torch_threads)
+    if threads is None:
+        threads = 1 if gpu and cores >= 4 else max(1, cores - workers)
+    return workers, max(1, threads)
