@@ -14,16 +14,27 @@ within 1e-4 (tests/test_onnx_backend.py).
 Not with onnxruntime: finding heads (the export holds region heads only), `cam=true` (Grad-CAM
 needs torch's gradients), precision other than 32-true; it always runs on the CPU.
 onnxruntime and onnx are the optional `export` extra: pip install 'regionnet[export]'.
+
+`onnx_path=FILE` runs an exported file (`regionnet-export`, e.g. its `model.int8.onnx`) instead
+of exporting in memory (`onnx_file_model`). Its sidecar `FILE.json` (or, without one, the
+`regionnet` metadata inside the file) says the regions, thresholds, image_size and mean/std;
+with `ckpt_path` they must match the checkpoint's, without it they are taken from there. The
+rows' `model_id` is then the file's (`regionnet.export.file_model_id`: its graph and the
+sidecar's preprocessing and thresholds), not the checkpoint's: an int8 file predicts other
+probabilities than its checkpoint, so an output resumes only with the model that began it.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 BACKENDS = ("torch", "onnxruntime")
 INSTALL_HINT = "pip install 'regionnet[export]' (or pip install onnx onnxruntime)"
@@ -60,6 +71,11 @@ def check_onnxruntime_options(cfg, model) -> None:
         raise ValueError(
             f"backend=onnxruntime runs the exported region heads only; this checkpoint also has "
             f"finding heads {findings}: use backend=torch"
+        )
+    if cfg.get("onnx_path") and (cfg.get("dicomweb") or {}).get("store_sr"):
+        raise ValueError(
+            "dicomweb.store_sr=true names the checkpoint's model in each SR; with onnx_path the "
+            "rows come from another file. Store SRs with backend=torch or without onnx_path"
         )
     precision = str(cfg.get("precision", "32-true"))
     node = cfg.get("trainer") or {}
@@ -105,6 +121,12 @@ class OnnxRuntimeModule(L.LightningModule):
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
 
     @classmethod
+    def from_file(cls, graph: bytes, meta: dict) -> OnnxRuntimeModule:
+        """A session of an exported file (`onnx_file_model`); no test-time flip (the export
+        holds the plain network only)."""
+        return cls(graph, list(meta["regions"]), tta=False)
+
+    @classmethod
     def from_regionnet(cls, model) -> OnnxRuntimeModule:
         import_onnxruntime()  # say what to install before exporting
         tta = bool(model.hparams.get("tta", False))
@@ -129,3 +151,125 @@ class OnnxRuntimeModule(L.LightningModule):
             self.proba(batch["image"]) if "image" in batch else torch.empty(0, len(self.regions))
         )
         return {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+
+
+# -- an exported file: onnx_path= -----------------------------------------------------------
+SIDECAR_KEYS = ("regions", "thresholds", "image_size", "mean", "std")
+
+
+def read_onnx_file(path) -> tuple[bytes, dict]:
+    """(the file's bytes, its sidecar metadata); errors name the file and the fix."""
+    import_onnxruntime()
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"onnx_path={str(path)!r} does not exist; give a file written by regionnet-export "
+            "format=onnx (model.onnx or model.int8.onnx), or leave onnx_path=null to export "
+            "the checkpoint in memory"
+        )
+    graph = file.read_bytes()
+    try:
+        import onnx
+
+        proto = onnx.load_from_string(graph)
+        inside = {p.key: p.value for p in proto.metadata_props}.get("regionnet")
+    except Exception as e:  # a truncated or foreign file: onnx's own error says little
+        raise ValueError(
+            f"onnx_path={str(file)!r} is not a readable ONNX file ({type(e).__name__}: {e}); "
+            "export it again with regionnet-export format=onnx"
+        ) from e
+    sidecar = file.with_name(file.name + ".json")
+    try:
+        meta = json.loads(sidecar.read_text()) if sidecar.is_file() else json.loads(inside or "")
+    except json.JSONDecodeError as e:
+        where = sidecar if sidecar.is_file() else f"{file} (metadata entry 'regionnet')"
+        raise ValueError(
+            f"onnx_path={str(file)!r}: its metadata in {where} is not JSON ({e}); export the "
+            "checkpoint again with regionnet-export format=onnx"
+        ) from e
+    missing = [k for k in SIDECAR_KEYS if k not in meta]
+    if missing:
+        raise ValueError(
+            f"onnx_path={str(file)!r}: its metadata ({sidecar}) lacks {missing}; export the "
+            "checkpoint again with regionnet-export format=onnx"
+        )
+    return graph, meta
+
+
+def check_sidecar(meta: dict, model, file) -> None:
+    """The file's regions, thresholds and preprocessing must be the checkpoint's."""
+    h = model.hparams
+    from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+
+    ours = {
+        "regions": list(model.regions),
+        "image_size": int(h.image_size),
+        "mean": float(h.get("mean", GRAY_MEAN)),
+        "std": float(h.get("std", GRAY_STD)),
+    }
+    wrong = {k: (meta[k], v) for k, v in ours.items() if meta[k] != v}
+    theirs = [float(t) for t in meta["thresholds"]]
+    mine = [float(t) for t in model.thresholds]
+    if len(theirs) != len(mine) or max(abs(a - b) for a, b in zip(theirs, mine)) > 1e-5:
+        wrong["thresholds"] = (theirs, [round(t, 6) for t in mine])
+    if wrong:
+        detail = "; ".join(f"{k}: file {a}, checkpoint {b}" for k, (a, b) in wrong.items())
+        raise ValueError(
+            f"onnx_path={str(file)!r} was not exported from ckpt_path={meta.get('checkpoint')!r}"
+            f"'s model ({detail}). Export this checkpoint (regionnet-export), or leave "
+            "ckpt_path=null to take regions, thresholds and preprocessing from the file"
+        )
+
+
+def sidecar_model(meta: dict) -> SimpleNamespace:
+    """What the predict loop reads of a model (regions, thresholds, hparams), from the
+    metadata of an exported file; no finding heads, no test-time flip."""
+    hparams = {
+        "image_size": int(meta["image_size"]),
+        "mean": float(meta["mean"]),
+        "std": float(meta["std"]),
+        "tta": False,
+        "backbone": meta.get("backbone", "onnx"),
+    }
+    return SimpleNamespace(
+        regions=list(meta["regions"]),
+        thresholds=torch.tensor([float(t) for t in meta["thresholds"]]),
+        hparams=OmegaConf.create(hparams),
+        findings=[],
+    )
+
+
+def onnx_file_model(cfg, load_checkpoint) -> tuple:
+    """(model, runner, model_id) of `regionnet-predict backend=onnxruntime onnx_path=FILE`:
+    `model` the checkpoint (its sidecar checked against it) or, with ckpt_path=null, the
+    sidecar's stand-in; `runner` the file's session; `model_id` the file's."""
+    from regionnet.export import file_model_id
+
+    graph, meta = read_onnx_file(cfg.onnx_path)
+    file = Path(str(cfg.onnx_path)).expanduser()
+    ckpt = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
+    if ckpt:
+        model = load_checkpoint(ckpt)
+        check_sidecar(meta, model, file)
+    else:
+        model = sidecar_model(meta)
+    check_onnxruntime_options(cfg, model)
+    with tempfile.TemporaryDirectory() as tmp:  # file_model_id reads a path
+        copy = Path(tmp) / "model.onnx"
+        copy.write_bytes(graph)
+        mid = file_model_id(copy, meta)
+    recorded = meta.get("onnx_model_id")
+    if recorded and recorded != mid:
+        raise ValueError(
+            f"onnx_path={str(file)!r}: the file's model id {mid} is not the {recorded} its "
+            f"sidecar {file.name}.json records: the file was changed or belongs to another "
+            "export; export the checkpoint again"
+        )
+    try:
+        runner = OnnxRuntimeModule.from_file(graph, meta)
+    except Exception as e:  # onnxruntime cannot build a session: a corrupt graph
+        raise ValueError(
+            f"onnx_path={str(file)!r}: ONNX Runtime cannot load it ({type(e).__name__}: {e}); "
+            "export the checkpoint again with regionnet-export format=onnx"
+        ) from e
+    return model, runner, mid

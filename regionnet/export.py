@@ -12,11 +12,21 @@ ONNX uses torch's TorchScript-based exporter (`dynamo=False`: no onnxscript need
 dynamic batch axis. TorchScript (`torch.jit.trace`) is deprecated in recent torch; prefer ONNX.
 With `check=true` the file is run (onnxruntime / `torch.jit.load`) on random inputs and
 phantom radiographs and compared with PyTorch; a difference above `atol` is an error.
+
+`quantize=int8` (ONNX only) also writes `<output stem>.int8.onnx`: static int8 quantisation
+calibrated on films of the checkpoint's training split and kept only when its AUROC on the
+validation split stays within `max_auroc_drop` of float32 (`regionnet.quantize`); its sidecar
+holds the facts under `quantization`. Files are made in a scratch folder and moved in place
+at the end: a failed check or a refused int8 model writes nothing. Each ONNX sidecar records
+`source_model_id` (the checkpoint's `model_id`) and `onnx_model_id` (`file_model_id`, what
+`regionnet-predict backend=onnxruntime onnx_path=FILE` writes in its rows).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,7 +38,9 @@ from torch import nn
 
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
+from regionnet.model.identity import model_id
 from regionnet.model.module import RegionNet, load_regionnet
+from regionnet.quantize import import_quantization, int8_path, quantize_int8, quantize_mode
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INPUT_NAME, OUTPUT_NAME = "image", "probs"
@@ -111,11 +123,37 @@ def export_onnx(net: ProbabilityModel, example: torch.Tensor, output: Path, meta
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-    graph = onnx.load(str(output))
-    onnx.checker.check_model(graph)
+    onnx.checker.check_model(str(output))
+    set_onnx_metadata(output, meta)
+
+
+def set_onnx_metadata(path: Path, meta: dict) -> None:
+    """`meta` as the file's `regionnet` metadata_props entry (replacing an earlier one)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    kept = [p for p in graph.metadata_props if p.key != "regionnet"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
     entry = graph.metadata_props.add()
     entry.key, entry.value = "regionnet", json.dumps(meta)
-    onnx.save(graph, str(output))
+    onnx.save(graph, str(path))
+
+
+def file_model_id(path: Path, meta: dict) -> str:
+    """The `model_id` of an ONNX file run by `regionnet-predict onnx_path=`: 12 hex digits of
+    the SHA-256 of its graph (initializers and nodes; the metadata entry left out, so the id
+    does not depend on itself or on the checkpoint's path) and of the preprocessing and
+    thresholds that the sidecar records. Another file than the checkpoint (an int8 model
+    predicts other probabilities), so another id than the checkpoint's."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
+    keys = ("regions", "thresholds", "image_size", "mean", "std")
+    digest.update(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode())
+    return digest.hexdigest()[:12]
 
 
 def export_torchscript(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict):
@@ -204,20 +242,63 @@ def export(cfg: DictConfig) -> Path:
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use 1 or more")
 
+    mode = quantize_mode(cfg.get("quantize"))
+    if mode is not None and fmt != "onnx":
+        raise ValueError(f"quantize={mode} needs format=onnx (format={fmt})")
+    if mode is not None:
+        import_quantization()  # say what to install before exporting
+
     net = ProbabilityModel(model).eval()  # eval: the exporters keep the mode they are given
     meta = metadata(model, norm, fmt, output, ckpt)
+    meta["source_model_id"] = model_id(model)
     inputs = sample_inputs(model, norm, batch_size)
-    with torch.no_grad():
-        if fmt == "onnx":
-            meta["opset"] = int(cfg.get("opset", 17))
-            export_onnx(net, inputs["random"], output, meta, meta["opset"])
-        else:
-            export_torchscript(net, inputs["random"], output, meta)
-    if cfg.get("check", True):
-        meta["check_max_abs_diff"] = check_export(
-            fmt, output, model, inputs, float(cfg.get("atol", 1e-4))
-        )
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"exported {fmt}: {output}\nmetadata: {sidecar}")
+    # Files are made in a scratch folder beside `output` and moved in place at the end, so a
+    # failed check or a refused int8 model leaves nothing behind.
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+        work = Path(tmp) / output.name
+        with torch.no_grad():
+            if fmt == "onnx":
+                meta["opset"] = int(cfg.get("opset", 17))
+                export_onnx(net, inputs["random"], work, meta, meta["opset"])
+            else:
+                export_torchscript(net, inputs["random"], work, meta)
+        if cfg.get("check", True):
+            meta["check_max_abs_diff"] = check_export(
+                fmt, work, model, inputs, float(cfg.get("atol", 1e-4))
+            )
+        written = [(work, output, meta)]
+        if mode == "int8":
+            final8 = int8_path(output)
+            work8 = Path(tmp) / final8.name
+            facts = quantize_int8(
+                work,
+                work8,
+                model,
+                ckpt,
+                calibration=str(cfg.get("calibration", "train")),
+                calibration_films=_optional_int(cfg.get("calibration_films", 64)),
+                guard_split=str(cfg.get("guard_split", "val")),
+                guard_films=_optional_int(cfg.get("guard_films")),
+                max_auroc_drop=_optional_float(cfg.get("max_auroc_drop", 0.005)),
+            )
+            meta8 = {**meta, "model_file": final8.name, "quantization": facts}
+            meta8.pop("check_max_abs_diff", None)  # the float32 file's check
+            set_onnx_metadata(work8, meta8)
+            written.append((work8, final8, meta8))
+        for src, dst, info in written:
+            info["onnx_model_id"] = file_model_id(src, info) if fmt == "onnx" else None
+            if info["onnx_model_id"] is None:
+                info.pop("onnx_model_id")
+            src.replace(dst)
+            sidecar = dst.with_name(dst.name + ".json")
+            sidecar.write_text(json.dumps(info, indent=2) + "\n")
+            print(f"exported {fmt}: {dst}\nmetadata: {sidecar}")
     return output
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
