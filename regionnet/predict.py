@@ -58,7 +58,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from regionnet.api import load_checkpoint
-from regionnet.backends import OnnxRuntimeModule, backend_name, check_onnxruntime_options
+from regionnet.backends import (
+    OnnxRuntimeModule,
+    backend_name,
+    check_onnxruntime_options,
+    onnx_file_model,
+)
 from regionnet.data.dataset import (
     RadiographDataset,
     collate,
@@ -490,10 +495,17 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         threads,
         "s" * (threads != 1),
     )
-    model = load_checkpoint(cfg.ckpt_path)
-    mid = model_id(model)  # before any precision or memory-format change
-    runner = model
-    if backend == "onnxruntime":  # the same model, exported: the same model_id
+    if cfg.get("onnx_path"):  # an exported file: its model_id (regionnet.backends)
+        if backend != "onnxruntime":
+            raise ValueError("onnx_path needs backend=onnxruntime")
+        model, runner, mid = onnx_file_model(cfg, load_checkpoint)
+        source = f"onnx_path={cfg.onnx_path}"
+        log.info("backend=onnxruntime: %s (model %s) run on the CPU", cfg.onnx_path, mid)
+    else:
+        model = load_checkpoint(cfg.ckpt_path)
+        mid = model_id(model)  # before any precision or memory-format change
+        runner, source = model, f"ckpt_path={cfg.ckpt_path}"
+    if backend == "onnxruntime" and runner is model:  # exported: the same model_id
         check_onnxruntime_options(cfg, model)
         runner = OnnxRuntimeModule.from_regionnet(model)
         log.info("backend=onnxruntime: model %s exported to ONNX, run on the CPU", mid)
@@ -524,7 +536,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 state,
                 model_id=mid,
                 other_model=bool(cfg.get("resume_other_model")),
-                model_source=f"ckpt_path={cfg.ckpt_path}",
+                model_source=source,
                 keep_rows=cams is not None,
             )
             others = {m: n for m, n in state.models.items() if m != mid}
