@@ -132,7 +132,8 @@ class RegionPredictor:
         )
 
     def _load(self, x: Input, k: int) -> tuple[str | None, np.ndarray]:
-        return _read(x, k, self.image_size)
+        # files decoded at reduced size, as regionnet-predict does (eval_transform's size)
+        return _read(x, k, self.image_size, target=self.image_size)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -236,10 +237,12 @@ class LandmarkPredictor:
         return self.predict([x])[0]
 
 
-def _read(x: Input, k: int, size: int) -> tuple[str | None, np.ndarray]:
-    """(path or None, float32 (H, W) pixels in [0, 1]) of a path or an in-memory image."""
+def _read(x: Input, k: int, size: int, target: int | None = None) -> tuple[str | None, np.ndarray]:
+    """(path or None, float32 (H, W) pixels in [0, 1]) of a path or an in-memory image;
+    `target`: a file is decoded at reduced size for `resize_pad(target)` (region models;
+    landmark models keep full size: their points are in the file's pixels)."""
     if isinstance(x, str | Path):
-        return str(x), load_image(str(x), phantom_size=size)
+        return str(x), load_image(str(x), phantom_size=size, target=target)
     return None, array_pixels(x, name=f"input {k}")
 
 

@@ -40,16 +40,19 @@ Decoding keeps one frame and works in float32: a 6000 x 6000 16-bit DICOM peaks 
 bytes per pixel (raw bytes included; 10 deflated), where the float64 steps before took 20.
 
 Reduced-size reads (`read_radiograph(path, target=S)`, for callers that resize the longest
-side to S anyway: predict, eval, the Python API). The image comes back with its longest side
-at least S (never upsampled: a smaller image stays as it is), at most about twice S, by the
-same intensity rule. The cheap work comes first: JPEG files and JPEG Baseline grey DICOMs are
-decoded at 1/2, 1/4 or 1/8 by libjpeg's DCT scaling (Pillow `draft`), JPEG 2000 grey DICOMs at
-a lower wavelet resolution level (Pillow's OpenJPEG `reduce`; pylibjpeg-openjpeg 2.x has no
-such option), everything else is decoded in full and then box-averaged by an integer factor
-(`Image.reduce`) while still 8/16-bit integers, before any float conversion, luma or window.
-The bit-depth rule (rule 2) uses the extremes of the full image where it was decoded in full,
-of the reduced one after a reduced JPEG 2000 decode. After `resize_pad` to S the result differs
-from the full read by well under 0.01 on average (tests/test_decode.py). PNG has no reduced
+side to S with `transforms.resize_pad(S)`: predict, the Python API). A larger image comes back
+at exactly the size `resize_pad(S)` gives it (its arithmetic, torchvision's antialiased
+bilinear filter, which is a port of Pillow's), so the transform's resize has nothing left to
+do; a smaller one as it is (never upsampled). Same intensity rule; the cheap work first:
+JPEG files and grey JPEG Baseline DICOMs are decoded at 1/2, 1/4 or 1/8 by libjpeg's DCT
+scaling (Pillow `draft`), grey JPEG 2000 DICOMs at a lower wavelet resolution level (Pillow's
+OpenJPEG `reduce`; pylibjpeg-openjpeg 2.x has no such option), and the rest is decoded in
+full and resized before anything else: 8-bit grey and luma (converted in 8 bits, as before)
+and deep PNG/TIFF in float32, DICOM in its integers (its LUTs index them) before the
+modality/VOI step. Rule 2 takes the full image's extremes where it was decoded in full, the
+stored range clipped to BitsStored after a reduced JPEG 2000 decode. After `resize_pad(S)`
+PNGs agree with the full read to float rounding, DICOMs to integer rounding, reduced JPEG and
+JPEG 2000 decodes to about 0.001-0.004 on average (tests/test_decode.py). PNG has no reduced
 decode: inflating and unfiltering stay the floor of its time.
 """
 
@@ -391,11 +394,11 @@ def _dicom_array(
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)  # indices are not averaged: colours are
     if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB (pydicom converts YBR to RGB)
-        return _luma(_fit_array(arr, (cols, rows), scale, target))
+        return _luma(_fit_array(arr, (cols, rows), scale, target, integer=True))
     extremes = None  # rule 2 takes the full image's extremes, not the reduced one's
     if target and scale == 1.0 and arr.dtype.kind in "iu" and max(arr.shape) > target:
         extremes = int(arr.min()), int(arr.max())
-    out = _grey(_fit_array(arr, (cols, rows), scale, target), ds, extremes)
+    out = _grey(_fit_array(arr, (cols, rows), scale, target, integer=True), ds, extremes)
     if photometric == "MONOCHROME1":
         np.subtract(1.0, out, out=out)
     return out
@@ -715,31 +718,46 @@ def _resized_size(width: int, height: int, target: int) -> tuple[int, int] | Non
     return (new_short, target) if width <= height else (target, new_short)
 
 
-def _fit(im: Image.Image, size: tuple[int, int], scale: float, target: int | None) -> Image.Image:
+def _fit(
+    im: Image.Image,
+    size: tuple[int, int],
+    scale: float,
+    target: int | None,
+    integer: bool = False,
+) -> Image.Image:
     """Resize `im` (the image of original `size` (width, height), decoded at 1/`scale`) to the
     size `resize_pad(target)` gives the original, with the same antialiased bilinear filter
-    (torchvision's is a port of Pillow's), in the image's own 8-bit or integer mode. The
-    transform's resize then has nothing left to do, and its padding is the same."""
+    (torchvision's is a port of Pillow's). The transform's resize then has nothing left to
+    do, and its padding is the same. The stored values are resized in float32 (mode "F",
+    as torchvision does; a 1 ms conversion) unless `integer` (DICOM LUTs index integers),
+    which keeps the mode and rounds."""
     out = _resized_size(*size, target) if target else None
     if out is None:
         return im
     box = (0.0, 0.0, min(im.width, size[0] / scale), min(im.height, size[1] / scale))
+    if not integer and im.mode in ("L", "I"):
+        im = im.convert("F")
     return im.resize(out, Image.Resampling.BILINEAR, box=box)
 
 
 def _fit_array(
-    arr: np.ndarray, size: tuple[int, int], scale: float, target: int | None
+    arr: np.ndarray,
+    size: tuple[int, int],
+    scale: float,
+    target: int | None,
+    integer: bool = False,
 ) -> np.ndarray:
-    """`_fit` for an integer array: uint8 grey or RGB as is, other integers up to 16 bits
-    through Pillow's 32-bit mode "I" (rounded back to their dtype). Floats and deeper data
-    come back as they are (the transform resizes them)."""
+    """`_fit` for an integer array: uint8 grey or RGB, other integers up to 16 bits through
+    Pillow's 32-bit mode "I"; `integer`: rounded back to their dtype, else float32. Floats
+    and deeper data come back as they are (the transform resizes them)."""
     if not target or _resized_size(*size, target) is None:
         return arr
-    if arr.dtype == np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] == 3)):
-        return np.asarray(_fit(Image.fromarray(arr), size, scale, target))
+    if arr.dtype == np.uint8 and (arr.ndim == 3 and arr.shape[-1] == 3):
+        return np.asarray(_fit(Image.fromarray(arr), size, scale, target))  # rounded
     if arr.ndim == 2 and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
-        wide = _fit(Image.fromarray(arr.astype(np.int32), "I"), size, scale, target)
-        return np.asarray(wide).astype(arr.dtype)
+        im = Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype(np.int32))
+        fitted = np.asarray(_fit(im, size, scale, target, integer))
+        return fitted.astype(arr.dtype) if integer else fitted
     return arr
 
 
