@@ -2,6 +2,8 @@
 left/right corners, patient-grouped splits, phantoms, batches, unreadable files, real films."""
 
 import json
+import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -23,9 +25,13 @@ from regionnet.landmarks.data import (
     LandmarkAugment,
     LandmarkDataModule,
     LandmarkDataset,
+    _out_of_order,
+    annotation_issues,
     collate,
     flip_pairs_for,
     flip_permutation,
+    hidden_points,
+    issues_table,
     load_table,
 )
 from regionnet.landmarks.phantom import landmark_names, phantom_folder, render_spine
@@ -290,6 +296,132 @@ def test_missing_root_or_files_name_the_path_and_the_fix(tmp_path):
         LandmarkDataModule(root=str(tmp_path), dataset="knee")
 
 
+# -- annotation check --------------------------------------------------------------------------
+NAMES = landmark_names(17)
+VERT = [n.split("_")[0] for n in NAMES[::4]]
+
+
+def _spine(seed: int = 0) -> np.ndarray:
+    """A clean phantom spine (68, 2) on a 512 x 256 (height x width) film."""
+    return render_spine(seed, 0, (512, 256))[1].astype(np.float64)
+
+
+def _corners(points: np.ndarray, vertebra: str) -> slice:
+    k = VERT.index(vertebra)
+    return slice(4 * k, 4 * k + 4)
+
+
+def test_annotation_check_finds_each_broken_rule():
+    films = {f"clean{i}": _spine(i) for i in range(3)}
+    top = _spine(3)  # the L5 slot at the top of the film beside T1 (the AASCE error)
+    top[_corners(top, "L5")] -= [0, top[_corners(top, "L5")][:, 1].min() - 5]
+    twice = _spine(4)  # L5 annotated on L4 again
+    twice[_corners(twice, "L5")] = twice[_corners(twice, "L4")] + 1.0
+    upside = _spine(5)  # T8's top and bottom corners swapped
+    upside[_corners(upside, "T8")] = upside[_corners(upside, "T8")][[2, 3, 0, 1]]
+    mirrored = _spine(6)  # L2's left and right corners swapped
+    mirrored[_corners(mirrored, "L2")] = mirrored[_corners(mirrored, "L2")][[1, 0, 3, 2]]
+    off = _spine(7)  # one corner left of the film
+    off[NAMES.index("T3_top_left"), 0] = -2.0
+    missing = _spine(8)  # a missing point is no issue
+    missing[NAMES.index("T5_top_left")] = np.nan
+    films |= {"top": top, "twice": twice, "upside": upside, "mirrored": mirrored,
+              "off": off, "missing": missing}  # fmt: skip
+    sizes = dict.fromkeys(films, (256, 512))
+    found = annotation_issues(films, NAMES, sizes)
+    assert set(found) == {"top", "twice", "upside", "mirrored", "off"}
+    assert list(found["top"]) == ["L5"] and "head-to-foot" in found["top"]["L5"]
+    assert sorted(found["twice"]) == ["L4", "L5"]  # either could be the wrong one
+    assert list(found["upside"]) == ["T8"] and "top_left" in found["upside"]["T8"]
+    assert list(found["mirrored"]) == ["L2"] and "not left of" in found["mirrored"]["L2"]
+    assert list(found["off"]) == ["T3"] and found["off"]["T3"].startswith("top_left (-2, ")
+    assert found["off"]["T3"].endswith(") off the 256 x 512 film")
+    assert "off" not in annotation_issues(films, NAMES)  # no sizes: no on-film test
+    paths = list(films)
+    hide = hidden_points(found, paths, NAMES)
+    assert hide.shape == (len(films), 68) and hide.sum() == 4 * 6
+    assert hide[paths.index("top"), _corners(top, "L5")].all()
+    assert hide[paths.index("twice")].sum() == 8 and not hide[paths.index("clean0")].any()
+    table = issues_table(found)
+    assert list(table.columns) == ["path", "vertebra", "reason"] and len(table) == 6
+
+
+def test_out_of_order_flags_the_misplaced_vertebra_or_both_of_a_tie():
+    y = np.arange(10.0) * 10
+    assert not _out_of_order(y, 2).any()
+    late = y.copy()
+    late[-1] = 5  # the last one at the top
+    assert _out_of_order(late, 2).tolist() == [False] * 9 + [True]
+    tie = y.copy()
+    tie[4] = tie[3] + 1  # two centres 1 apart, margin 2: one of them is wrong
+    assert np.flatnonzero(_out_of_order(tie, 2)).tolist() == [3, 4]
+    gap = y.copy()
+    gap[2] = np.nan  # never flagged, and no break in the chain
+    assert not _out_of_order(gap, 2).any()
+
+
+def test_points_skeletons_check_only_that_points_lie_on_the_film():
+    names = ["p01", "p02", "p03"]
+    pts = {"a": np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+           "b": np.array([[1.0, 2.0], [-3.0, 4.0], [5.0, 6.0]])}  # fmt: skip
+    found = annotation_issues(pts, names, {"a": (10, 10), "b": (10, 10)})
+    assert found == {"b": {"p02": "point (-3, 4) off the 10 x 10 film"}}
+    assert hidden_points(found, ["a", "b"], names).tolist() == [[0, 0, 0], [0, 1, 0]]
+
+
+def test_flagged_vertebrae_are_hidden_in_every_split_and_listed(tmp_path, caplog):
+    root, rows = _landmark_folder(tmp_path / "lm", patients=8, films_each=1)
+    table = json.loads((root / "landmarks.json").read_text())
+    before = json.dumps(table)
+    bad = rows[5]["path"]
+    pts = np.array(table["points"][bad])
+    pts[_corners(pts, "L5")] -= [0, pts[_corners(pts, "L5")][:, 1].min() - 1]
+    table["points"][bad] = pts.tolist()
+    (root / "landmarks.json").write_text(json.dumps(table))
+    assert before != json.dumps(table)
+    before = (root / "landmarks.json").read_text()
+    with caplog.at_level(logging.WARNING, logger="regionnet.landmarks.data"):
+        still = {"rotation": 0, "translate": 0, "scale": [1, 1]}
+        dm = LandmarkDataModule(root=str(root), image_size=32, num_workers=0, batch_size=8,
+                                augment=still)  # fmt: skip
+        dm.setup()
+    lines = [r.getMessage() for r in caplog.records if "annotation check" in r.getMessage()]
+    assert len(lines) == 1 and "1 of 8 films have 1 vertebrae" in lines[0]
+    assert (root / "landmarks.json").read_text() == before  # the data are never edited
+    split = dm.records.set_index("path").loc[bad, "split"]
+    loaders = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}
+    seen = False
+    for name, loader in loaders.items():
+        for batch in loader():
+            for k, path in enumerate(batch["path"]):
+                vis = batch["visible"][k]
+                if path == bad:
+                    assert name == split and not vis[_corners(pts, "L5")].any()
+                    assert vis[: 4 * 16].all()  # T1..L4 still train and score
+                    seen = True
+                elif name != "train":
+                    assert vis.all()
+    assert seen or split == "train"  # train drops its last partial batch
+    written = dm.write_split(tmp_path / "run" / "split.csv")
+    issues = pd.read_csv(written.with_name("annotation_issues.csv"))
+    assert issues[["path", "vertebra"]].values.tolist() == [[bad, "L5"]]
+    clean = LandmarkDataModule(root=str(root), dataset="spine_aasce", limit=3, num_workers=0)
+    written = clean.write_split(tmp_path / "clean" / "split.csv")
+    assert pd.read_csv(written.with_name("annotation_issues.csv")).empty
+
+
+def test_split_file_gives_back_a_runs_split(tmp_path):
+    root, _ = _landmark_folder(tmp_path / "lm", patients=10, films_each=2)
+    dm = LandmarkDataModule(root=str(root), image_size=32, num_workers=0, seed=5)
+    written = dm.write_split(tmp_path / "run" / "split.csv")
+    again = LandmarkDataModule(root=str(root), image_size=32, num_workers=0, seed=99,
+                               split_file=str(written))  # fmt: skip
+    again.setup()
+    assert again.records["split"].tolist() == dm.records["split"].tolist()
+    with pytest.raises(FileNotFoundError, match="split_file"):
+        LandmarkDataModule(root=str(root), split_file=str(tmp_path / "no.csv")).setup()
+
+
 # -- real films --------------------------------------------------------------------------------
 @pytest.mark.shared_data
 @pytest.mark.parametrize("dataset, k", [("spine_aasce", 68), ("hand_dha", 37)])
@@ -305,7 +437,9 @@ def test_real_landmark_films_load(shared_data, dataset, k):
     batch = next(iter(dm.val_dataloader()))
     b = len(batch["path"])
     assert batch["errors"] == [] and batch["image"].shape == (b, 1, 128, 128)
-    assert batch["points"].shape == (b, k, 2) and batch["visible"].all()
+    rows = dm.split_frame("val").index[batch["index"].numpy()]
+    assert batch["points"].shape == (b, k, 2)  # hidden: only the annotation check's finds
+    assert batch["visible"].numpy().tolist() == (~dm.hidden[rows]).tolist()
     assert (batch["points"].abs() < 1).all()  # every annotated point is on the input
     w, h = batch["size"][:, None, 0], batch["size"][:, None, 1]
     px = batch["points_px"]
@@ -337,3 +471,25 @@ def test_letterbox_of_a_real_film_puts_a_dot_where_coords_say(shared_data):
         assert np.abs(found - where).max() < 0.05
         back = to_original(from_normalised(to_normalised(found, 256), 256), scale, (ox, oy))
         assert np.abs(back - [x, y]).max() < 0.5
+
+
+@pytest.mark.shared_data
+def test_real_spine_annotation_issues(shared_data):
+    """The AASCE annotations that break the anatomy (the data stay as they are): 38 vertebrae
+    on 30 films, 18 of them with the L5 slot at the top of the film beside T1; none on hands."""
+    root = shared_data / "landmarks"
+    if not (root / "landmarks.json").is_file():
+        pytest.skip(f"real radiographs not found at {root} (../shared/data/landmarks)")
+    found = {}
+    for dataset, films, parts in [("hand_dha", 0, 0), ("spine_aasce", 30, 38)]:
+        df, points, names = load_table(root, dataset)
+        sizes = dict(zip(df["path"], zip(df["width"], df["height"], strict=True), strict=True))
+        found = annotation_issues(dict(zip(df["path"], points, strict=True)), names, sizes)
+        assert (len(found), sum(map(len, found.values()))) == (films, parts)
+    centre = {p: re.search(r"centre y=(\d+)", v.get("L5", "")) for p, v in found.items()}
+    l5_top = [p for p, m in centre.items() if m and int(m.group(1)) < 100]  # beside T1
+    for film in ("05_Jan_2017_169_A", "06_Jan_2017_182_A", "10_Jan_2017_228_B",
+                 "25_Jan_2017_279_B"):  # fmt: skip
+        path = f"spine_aasce/sunhl_1th_{film}_AP.jpg"
+        assert "out of head-to-foot order" in found[path]["L5"]
+    assert len(l5_top) == 18

@@ -7,8 +7,8 @@ images; see `../shared/data/README.md`):
   8-bit JPEG, height 973-1024 px, width 236-576 px; 68 landmarks = the top-left, top-right,
   bottom-left and bottom-right corners of T1..L5 (17 vertebrae), head to foot; three Cobb
   angles (proximal thoracic, main thoracic, thoracolumbar/lumbar) in degrees; 248 patients.
-  One annotated point lies off its film (`sunhl_1th_25_Jul_2016_49_A_AP.jpg`, L4_bottom_right
-  at y = 1049 of 1024, below the L5 corners: an annotation error), so it is never `visible`.
+  Some annotations are off by a vertebra or have their corners swapped; `annotation_issues`
+  finds them at setup (see "Annotation check" below).
 - `hand_dha`: 109 pediatric left-hand PA films (Digital Hand Atlas), 1024 px high, 512-941 px
   wide; 37 landmarks (finger tips, joints, carpals; Payer et al. 2019); no Cobb angles.
 - `phantom`: synthetic spine-like films with exact corners (`regionnet.landmarks.phantom`),
@@ -34,12 +34,27 @@ Horizontal flips: an AP spine mirrored is a spine whose image-left corners are n
 so `flip_pairs` swaps each vertebra's top-left <-> top-right and bottom-left <-> bottom-right.
 A mirrored left hand is a right hand whose landmarks keep their anatomical names (no swap), but
 every `hand_dha` film is a left hand, so hands are flipped only with `augment.hflip_hands`.
+
+Annotation check (`annotation_issues`, run once when the table is loaded; the data are never
+edited): on an AP spine, the vertebra centres go head to foot, each top corner lies above its
+bottom corner and each left corner left of its right corner, and every point lies on its film.
+A film breaking a rule keeps its image, but the four corners of each offending vertebra (or the
+offending point of a `points` skeleton) get `visible=False` in every split, so they neither
+train nor score. The data module logs one warning line and `write_split` writes the list
+(`path`, `vertebra`, `reason`) to `annotation_issues.csv` beside `split.csv`. On `spine_aasce`
+(481 films) it hides 38 vertebrae (152 points) on 30 films: the L5 slot at the top of the film
+beside T1 (18 films, e.g. `sunhl_1th_05_Jan_2017_169_A_AP.jpg`; one more L5 spans the film,
+`..._06_Jan_2017_182_A_AP.jpg`), one vertebra annotated twice, the two centres within 3 px
+(L4 = L5 on 4 films, T6 = T7, T1 over T2: both of each pair hidden), L5 on L2 with L4 running
+off the film (`..._25_Jul_2016_49_A_AP.jpg`), and corners upside down, scrambled or collapsed
+(5 vertebrae). `hand_dha`: none.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -52,7 +67,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from regionnet.data.splits import assign_splits, check_no_patient_leak
+from regionnet.data.splits import assign_splits, check_no_patient_leak, read_split_file
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, RandomGamma, resize_pad
 from regionnet.io import RadiographReadError, read_radiograph
 from regionnet.landmarks.coords import inside, letterbox_params, to_input, to_normalised
@@ -86,6 +101,139 @@ def flip_permutation(k: int, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
     for i, j in pairs:
         perm[i], perm[j] = j, i
     return perm
+
+
+# Annotation check tolerances, as shares of the film's median vertebra height / width (robust
+# to the few bad vertebrae). On spine_aasce, good centre steps are >= 0.40 heights (bad <= 0.07),
+# good corner heights >= 0.15 (bad <= 0.02) and good widths >= 0.44 (bad <= -0.01).
+ORDER_MARGIN = 0.2  # a centre lies at least this far below the previous vertebra's
+MIN_HEIGHT = 0.1  # a bottom corner at least this far below its top corner
+MIN_WIDTH = 0.2  # a right corner at least this far right of its left corner
+ISSUE_COLUMNS = ("path", "vertebra", "reason")
+
+
+def _vertebra_corners(names: Sequence[str]) -> list[tuple[str, list[int]]] | None:
+    """[(vertebra, [TL, TR, BL, BR indices])] head to foot when every name is
+    `<vertebra>_<corner>` with all four corners; None otherwise (a `points` skeleton)."""
+    corners = ("top_left", "top_right", "bottom_left", "bottom_right")
+    where = {str(n): i for i, n in enumerate(names)}
+    groups: dict[str, list[int]] = {}
+    for n in where:
+        stem, _, corner = n.partition("_")
+        if corner not in corners:
+            return None
+        groups.setdefault(stem, [])
+    out = []
+    for v in groups:
+        idx = [where.get(f"{v}_{c}") for c in corners]
+        if None in idx:
+            return None
+        out.append((v, idx))
+    return sorted(out, key=lambda g: min(g[1]))
+
+
+def _out_of_order(centre_y: np.ndarray, margin: float) -> np.ndarray:
+    """Bool (V,): vertebrae left out of some longest head-to-foot chain of centres (each at
+    least `margin` below the one before). A vertebra out of place is in no longest chain; of
+    two that tie (one annotated twice) either could be the wrong one, so both are flagged.
+    NaN centres are never flagged."""
+    y = np.asarray(centre_y, np.float64)
+    ok = np.isfinite(y)
+    n = len(y)
+    ends, starts = np.zeros(n, int), np.zeros(n, int)  # longest chain ending / starting at i
+    for i in range(n):
+        if ok[i]:
+            before = [ends[j] for j in range(i) if ok[j] and y[i] - y[j] > margin]
+            ends[i] = 1 + max(before, default=0)
+    for i in reversed(range(n)):
+        if ok[i]:
+            after = [starts[j] for j in range(i + 1, n) if ok[j] and y[j] - y[i] > margin]
+            starts[i] = 1 + max(after, default=0)
+    longest = ends.max(initial=0)
+    on_some = ok & (ends + starts - 1 == longest)
+    # on every longest chain: on some, and the only one at its place in the chain
+    places = np.bincount(ends[on_some], minlength=n + 1)
+    return ok & ~(on_some & (places[ends] == 1))
+
+
+def annotation_issues(
+    points: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    sizes: Mapping[str, tuple[float, float]] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Annotations that break the anatomy: `{path: {vertebra: reason}}` for the films with any.
+
+    `points`: path -> (K, 2) [x, y] in the film's pixels (NaN = missing, never an issue);
+    `names`: the K landmark names; `sizes`: path -> (width, height) for the on-film test.
+    For `<vertebra>_<corner>` names (AP spines, head to foot): vertebra centres go head to foot
+    (`ORDER_MARGIN`), top corners above bottom ones (`MIN_HEIGHT`), left corners left of right
+    ones (`MIN_WIDTH`); tolerances are shares of the film's median vertebra height and width.
+    Every skeleton: each point lies on its film, [0, width] x [0, height]; for other names the
+    key is the landmark name.
+    """
+    groups = _vertebra_corners(names)
+    found: dict[str, dict[str, str]] = {}
+    for path, pts in points.items():
+        p = np.asarray(pts, np.float64).reshape(len(names), 2)
+        issues: dict[str, list[str]] = {}
+        if groups is not None:
+            v = np.stack([p[idx] for _, idx in groups])  # (V, 4, 2): TL, TR, BL, BR
+            heights = v[:, 2:, 1] - v[:, :2, 1]  # (V, 2): left, right side
+            widths = v[:, [1, 3], 0] - v[:, [0, 2], 0]  # (V, 2): top, bottom edge
+            with warnings.catch_warnings():  # a film with no complete vertebra: NaN medians
+                warnings.simplefilter("ignore", RuntimeWarning)
+                h_ref, w_ref = np.nanmedian(np.abs(heights)), np.nanmedian(np.abs(widths))
+                centre = v.mean(1)
+            bad_order = _out_of_order(centre[:, 1], ORDER_MARGIN * h_ref)
+            for k, (vert, _) in enumerate(groups):
+                why = issues.setdefault(vert, [])
+                if bad_order[k]:
+                    near = [f"{groups[j][0]} y={centre[j, 1]:.0f}" for j in (k - 1, k + 1)
+                            if 0 <= j < len(groups) and np.isfinite(centre[j, 1])]  # fmt: skip
+                    why.append(f"out of head-to-foot order: centre y={centre[k, 1]:.0f} "
+                               f"({', '.join(near)})")  # fmt: skip
+                for s, side in enumerate(("left", "right")):
+                    if heights[k, s] < MIN_HEIGHT * h_ref:  # NaN compares False
+                        why.append(f"top_{side} y={v[k, s, 1]:.0f} not above bottom_{side} "
+                                   f"y={v[k, s + 2, 1]:.0f}")  # fmt: skip
+                for s, edge in enumerate(("top", "bottom")):
+                    if widths[k, s] < MIN_WIDTH * w_ref:
+                        why.append(f"{edge}_left x={v[k, 2 * s, 0]:.0f} not left of "
+                                   f"{edge}_right x={v[k, 2 * s + 1, 0]:.0f}")  # fmt: skip
+        if sizes is not None and path in sizes:
+            w, h = (float(a) for a in sizes[path])
+            off = np.isfinite(p).all(-1) & ~(
+                (p[:, 0] >= 0) & (p[:, 0] <= w) & (p[:, 1] >= 0) & (p[:, 1] <= h)
+            )
+            owner = {i: g for g, idx in (groups or []) for i in idx}
+            for i in np.flatnonzero(off):
+                name = str(names[i])
+                where = name[len(owner[i]) + 1 :] if i in owner else "point"
+                issues.setdefault(owner.get(i, name), []).append(
+                    f"{where} ({p[i, 0]:.0f}, {p[i, 1]:.0f}) off the {w:.0f} x {h:.0f} film"
+                )
+        issues = {k: "; ".join(r) for k, r in issues.items() if r}
+        if issues:
+            found[str(path)] = issues
+    return found
+
+
+def hidden_points(
+    issues: Mapping[str, Mapping[str, str]], paths: Sequence[str], names: Sequence[str]
+) -> np.ndarray:
+    """Bool (N, K): the points of each film's offending vertebrae (or landmarks) in `issues`."""
+    names = [str(n) for n in names]
+    hide = np.zeros((len(paths), len(names)), bool)
+    for i, path in enumerate(paths):
+        for part in issues.get(str(path), {}):
+            hide[i] = hide[i] | np.array([n == part or n.startswith(f"{part}_") for n in names])
+    return hide
+
+
+def issues_table(issues: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    """One row per (path, vertebra) of `annotation_issues`: path, vertebra, reason."""
+    rows = [(p, v, why) for p, parts in issues.items() for v, why in parts.items()]
+    return pd.DataFrame(rows, columns=list(ISSUE_COLUMNS))
 
 
 def load_table(
@@ -196,7 +344,8 @@ class LandmarkDataset(Dataset):
     """Films of one landmark set: the rows of `load_table` and their points.
 
     `augment` (a `LandmarkAugment`) is for training; without it a film is letterboxed and
-    normalised only. A file that cannot be read gives `{"path", "index", "error"}`, which
+    normalised only. `hidden` (N, K) bool: points never `visible` (`annotation_issues`). A
+    file that cannot be read gives `{"path", "index", "error"}`, which
     `collate` reports in `errors` and leaves out.
     """
 
@@ -209,12 +358,15 @@ class LandmarkDataset(Dataset):
         mean: float = GRAY_MEAN,
         std: float = GRAY_STD,
         augment: LandmarkAugment | None = None,
+        hidden: np.ndarray | None = None,
     ):
         if len(records) != len(points):
             raise ValueError(f"{len(records)} records but {len(points)} point sets")
         self.root = Path(root)
         self.paths = records["path"].tolist()
         self.points = torch.as_tensor(points, dtype=torch.float32)
+        shown = np.ones(points.shape[:2], bool) if hidden is None else ~np.asarray(hidden, bool)
+        self.shown = torch.as_tensor(shown)
         cobb = records[list(COBB_COLUMNS)].to_numpy(np.float32)
         self.cobb = torch.as_tensor(cobb, dtype=torch.float32)
         self.size = image_size
@@ -238,7 +390,7 @@ class LandmarkDataset(Dataset):
         offset = torch.tensor([ox, oy], dtype=torch.float32)
         image = self.letterbox(torch.from_numpy(pixels)[None])
         points_px = self.points[i]
-        visible = torch.isfinite(points_px).all(-1)
+        visible = torch.isfinite(points_px).all(-1) & self.shown[i]
         points = torch.nan_to_num(to_input(points_px, scale_t, offset), nan=0.0)
         if self.augment is not None:
             image, points, visible = self.augment(image, points, visible)
@@ -278,7 +430,8 @@ class LandmarkDataModule(L.LightningDataModule):
 
     `root` is the landmark folder (`../shared/data/landmarks`); `dataset` one of `DATASETS`;
     `split_fractions` train/val/test shares of films, seeded by `seed` (the grouped splitter
-    of `regionnet.data.splits`); `augment` see `LandmarkAugment` (plus `hflip_hands`); `limit`
+    of `regionnet.data.splits`), or read from a previous run's `split_file` (its split.csv);
+    `augment` see `LandmarkAugment` (plus `hflip_hands`); `limit`
     keeps the first films of the manifest (tests); `phantom` = {n, size: [height, width],
     vertebrae, cache} for `dataset=phantom`. `batch_size` is per device.
     The model reads `landmark_names`, `skeleton` ("vertebrae": 4 corners per vertebra, head to
@@ -299,6 +452,7 @@ class LandmarkDataModule(L.LightningDataModule):
         augment: Mapping | None = None,
         limit: int | None = None,
         phantom: Mapping | None = None,
+        split_file: str | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = True,
     ):
@@ -322,6 +476,8 @@ class LandmarkDataModule(L.LightningDataModule):
         self.records: pd.DataFrame | None = None
         self.points: np.ndarray | None = None
         self._names: list[str] | None = None
+        self.issues: dict[str, dict[str, str]] = {}
+        self.hidden: np.ndarray | None = None
 
     # -- records, names and splits ---------------------------------------------------------
     @property
@@ -344,6 +500,27 @@ class LandmarkDataModule(L.LightningDataModule):
             self._root = self.root
             df, self.points, self._names = load_table(self._root, self.dataset, self.hparams.limit)
             self.records = df
+            self._check_annotations()
+
+    def _check_annotations(self) -> None:
+        """`annotation_issues` of the loaded films: hide their offending points, warn once."""
+        df = self.records
+        sizes = None
+        if {"width", "height"} <= set(df.columns):
+            sizes = dict(zip(df["path"], zip(df["width"], df["height"], strict=True), strict=True))
+        self.issues = annotation_issues(dict(zip(df["path"], self.points, strict=True)),
+                                        self._names, sizes)  # fmt: skip
+        self.hidden = hidden_points(self.issues, df["path"].tolist(), self._names)
+        if self.issues:
+            parts = sum(len(v) for v in self.issues.values())
+            log.warning(
+                "annotation check (data.dataset=%s): %d of %d films have %d %s out of order, "
+                "upside down, mirrored or off the film; their %d points are hidden "
+                "(visible=False) in every split; listed in annotation_issues.csv beside split.csv",
+                self.dataset, len(self.issues), len(df), parts,
+                "vertebrae" if self.skeleton == "vertebrae" else "landmarks",
+                int(self.hidden.sum()),
+            )  # fmt: skip
 
     @property
     def landmark_names(self) -> list[str]:
@@ -359,7 +536,10 @@ class LandmarkDataModule(L.LightningDataModule):
         if "split" in self.records:
             return
         h, df = self.hparams, self.records
-        df["split"] = assign_splits(df.assign(region=self.dataset), h.split_fractions, h.seed)
+        if h.split_file:
+            df["split"] = read_split_file(h.split_file, df).to_numpy()
+        else:
+            df["split"] = assign_splits(df.assign(region=self.dataset), h.split_fractions, h.seed)
         check_no_patient_leak(df)
         for split in ("train", "val"):
             if not (df["split"] == split).any():
@@ -383,13 +563,19 @@ class LandmarkDataModule(L.LightningDataModule):
         return pd.DataFrame({"films": g.size(), "patients": g["patient_id"].nunique()})
 
     def write_split(self, path: str | Path) -> Path:
-        """Write the split in use as CSV: path, patient_id, split, dataset, width, height."""
+        """Write the split in use as CSV: path, patient_id, split, dataset, width, height; and
+        the annotation check's findings beside it (`annotation_issues.csv`: path, vertebra,
+        reason; only the header when none)."""
         self.setup()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         keep = [c for c in ("path", "patient_id", "split", "dataset", "width", "height")
                 if c in self.records]  # fmt: skip
         self.records[keep].to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
+        issues_table(self.issues).to_csv(
+            path.with_name("annotation_issues.csv"), index=False, encoding="utf-8",
+            errors="surrogateescape",
+        )  # fmt: skip
         return path
 
     def train_size(self) -> int:
@@ -425,6 +611,7 @@ class LandmarkDataModule(L.LightningDataModule):
             h.mean,
             h.std,
             augment=self._augment() if train else None,
+            hidden=self.hidden[frame.index.to_numpy()],
         )
         sampler = None
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
