@@ -47,13 +47,15 @@ do; a smaller one as it is (never upsampled). Same intensity rule; the cheap wor
 JPEG files and grey JPEG Baseline DICOMs are decoded at 1/2, 1/4 or 1/8 by libjpeg's DCT
 scaling (Pillow `draft`), grey JPEG 2000 DICOMs at a lower wavelet resolution level (Pillow's
 OpenJPEG `reduce`; pylibjpeg-openjpeg 2.x has no such option), and the rest is decoded in
-full and resized before anything else: 8-bit grey and luma (converted in 8 bits, as before)
-and deep PNG/TIFF in float32, DICOM in its integers (its LUTs index them) before the
-modality/VOI step. Rule 2 takes the full image's extremes where it was decoded in full, the
-stored range clipped to BitsStored after a reduced JPEG 2000 decode. After `resize_pad(S)`
+full and resized, in float32, before anything else: 8-bit grey and luma (converted in 8
+bits, as before), deep PNG/TIFF, and DICOM (rounded back to its integers, which its LUTs
+index) before the modality/VOI step. Rule 2 takes the full image's extremes where it was
+decoded in full, the stored range clipped to BitsStored after a reduced JPEG 2000 decode.
+After `resize_pad(S)`
 PNGs agree with the full read to float rounding, DICOMs to integer rounding, reduced JPEG and
-JPEG 2000 decodes to about 0.001-0.004 on average (tests/test_decode.py). PNG has no reduced
-decode: inflating and unfiltering stay the floor of its time.
+JPEG 2000 decodes to about 0.001-0.004 on average (tests/test_decode.py). PNG and
+uncompressed DICOM gain little: inflating and unfiltering (PNG) stay the floor of their
+time, and Pillow's resize costs what torchvision's did (regionnet.bench.decode).
 """
 
 from __future__ import annotations
@@ -718,24 +720,17 @@ def _resized_size(width: int, height: int, target: int) -> tuple[int, int] | Non
     return (new_short, target) if width <= height else (target, new_short)
 
 
-def _fit(
-    im: Image.Image,
-    size: tuple[int, int],
-    scale: float,
-    target: int | None,
-    integer: bool = False,
-) -> Image.Image:
+def _fit(im: Image.Image, size: tuple[int, int], scale: float, target: int | None) -> Image.Image:
     """Resize `im` (the image of original `size` (width, height), decoded at 1/`scale`) to the
     size `resize_pad(target)` gives the original, with the same antialiased bilinear filter
     (torchvision's is a port of Pillow's). The transform's resize then has nothing left to
-    do, and its padding is the same. The stored values are resized in float32 (mode "F",
-    as torchvision does; a 1 ms conversion) unless `integer` (DICOM LUTs index integers),
-    which keeps the mode and rounds."""
+    do, and its padding is the same. Grey values are resized in float32 (mode "F", as
+    torchvision does; also the fastest of Pillow's modes here), colour in 8 bits."""
     out = _resized_size(*size, target) if target else None
     if out is None:
         return im
     box = (0.0, 0.0, min(im.width, size[0] / scale), min(im.height, size[1] / scale))
-    if not integer and im.mode in ("L", "I"):
+    if im.mode in ("L", "I", "I;16"):
         im = im.convert("F")
     return im.resize(out, Image.Resampling.BILINEAR, box=box)
 
@@ -747,18 +742,21 @@ def _fit_array(
     target: int | None,
     integer: bool = False,
 ) -> np.ndarray:
-    """`_fit` for an integer array: uint8 grey or RGB, other integers up to 16 bits through
-    Pillow's 32-bit mode "I"; `integer`: rounded back to their dtype, else float32. Floats
-    and deeper data come back as they are (the transform resizes them)."""
+    """`_fit` for an integer array: uint8 RGB in 8 bits, grey integers up to 16 bits in
+    float32, which come back as float32 or (`integer`: DICOM LUTs index integers) rounded to
+    their dtype. Floats and deeper data come back as they are (the transform resizes them)."""
     if not target or _resized_size(*size, target) is None:
         return arr
     if arr.dtype == np.uint8 and (arr.ndim == 3 and arr.shape[-1] == 3):
         return np.asarray(_fit(Image.fromarray(arr), size, scale, target))  # rounded
-    if arr.ndim == 2 and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2:
-        im = Image.fromarray(arr if arr.dtype == np.uint8 else arr.astype(np.int32))
-        fitted = np.asarray(_fit(im, size, scale, target, integer))
-        return fitted.astype(arr.dtype) if integer else fitted
-    return arr
+    if arr.ndim != 2 or arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        return arr
+    if arr.dtype in (np.uint8, np.dtype("<u2")):
+        im = Image.fromarray(arr)  # L or I;16, no copy
+    else:
+        im = Image.fromarray(arr.astype(np.int32), "I")
+    fitted = np.asarray(_fit(im, size, scale, target))
+    return np.rint(fitted).astype(arr.dtype) if integer else fitted
 
 
 # --------------------------------------------------------------------------- shared steps

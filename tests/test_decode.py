@@ -93,7 +93,7 @@ def test_reduced_read_matches_full_read_after_resize(films, kind):
 def test_reduced_read_is_the_transform_size(films):
     """Larger files come back at the size resize_pad gives them (its resize then has
     nothing left to do): PNGs (resized in float32, like torchvision) to float rounding,
-    DICOMs (resized in integers for their LUTs) to integer rounding."""
+    DICOMs (rounded back to integers for their LUTs) to integer rounding."""
     for kind in ("png8", "png16", "dcm12", "mono1"):
         reduced = read_radiograph(films[kind], target=SIZE)
         assert reduced.shape == (SIZE, int(SIZE * 1000 / 1200))
@@ -108,9 +108,9 @@ def test_reduced_decoders_are_used(films, monkeypatch):
     seen = []
     real = io._fit
 
-    def spy(im, size, scale, target, integer=False):
+    def spy(im, size, scale, target):
         seen.append((im.size, scale))
-        return real(im, size, scale, target, integer)
+        return real(im, size, scale, target)
 
     monkeypatch.setattr(io, "_fit", spy)
     for kind in ("jpeg", "j2k", "jpeg_dcm"):
