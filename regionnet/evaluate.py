@@ -30,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.landmarks.evaluate import evaluate_landmarks
+from regionnet.landmarks.infer import is_landmark_checkpoint
 from regionnet.loggers import finish_wandb, loggable_config, private_table
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
@@ -221,6 +223,8 @@ def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.Da
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt_path` as configured (conf/eval.yaml); return the metrics dict."""
+    if is_landmark_checkpoint(cfg.ckpt_path):  # landmark heads: regionnet/landmarks/evaluate.py
+        return evaluate_landmarks(cfg, cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
     split = cfg.get("split", "test")
     if split not in SPLIT_CHOICES:

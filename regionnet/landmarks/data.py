@@ -599,10 +599,15 @@ class LandmarkDataModule(L.LightningDataModule):
             perm = None
         return LandmarkAugment(self.hparams.image_size, a, perm)
 
-    def _loader(self, split: str) -> DataLoader:
+    def _loader(self, split: str | pd.DataFrame, train: bool | None = None) -> DataLoader:
+        """The loader of a split (`train` augments and shuffles), or of any rows of `records`
+        (a DataFrame, e.g. all of them for evaluation)."""
         h = self.hparams
-        train = split == "train"
-        frame = self.split_frame(split)
+        if isinstance(split, pd.DataFrame):
+            self.setup()
+            frame, train = split, bool(train)
+        else:
+            frame, train = self.split_frame(split), split == "train" if train is None else train
         dataset = LandmarkDataset(
             frame,
             self.points[frame.index.to_numpy()],

@@ -1,0 +1,129 @@
+"""`regionnet-eval` of a landmark checkpoint (`regionnet.landmarks.evaluate`): the run's data and
+split come back, metrics with patient-bootstrap intervals (step 1 apart for a two-step model),
+per-film predictions, the error-by-vertebra plot and the best/median/worst overlays."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from regionnet.config import compose_config
+from regionnet.evaluate import evaluate
+from regionnet.landmarks.infer import is_landmark_checkpoint
+from regionnet.train import train
+
+VERTEBRAE = 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny two-step landmark run on 4-vertebra phantoms (one epoch, random resnet18)."""
+    tmp = tmp_path_factory.mktemp("landmark_run")
+    cache = tmp_path_factory.mktemp("phantoms")
+    cfg = compose_config(
+        "train",
+        [
+            "task=landmarks",
+            "debug=tiny",
+            "data.dataset=phantom",
+            "data.phantom.n=40",
+            "data.phantom.size=[128,64]",
+            f"data.phantom.vertebrae={VERTEBRAE}",
+            f"data.phantom.cache={cache}",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "model.backbone=resnet18",
+            "model.head_width=32",
+            "model.refine=true",
+            "model.refine_size=32",
+            f"paths.output_dir={tmp}",
+        ],
+    )
+    metrics = train(cfg)
+    return {"dir": tmp, "metrics": metrics, "ckpt": tmp / "checkpoints" / "best.ckpt"}
+
+
+def eval_cfg(run, out, *extra):
+    return compose_config(
+        "eval",
+        [
+            f"ckpt_path={run['ckpt']}",
+            f"paths.output_dir={out}",
+            "num_workers=0",
+            "batch_size=8",
+            "bootstrap.resamples=200",
+            "trainer.accelerator=cpu",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("landmark_eval")
+    return {"out": out, "result": evaluate(eval_cfg(run, out))}
+
+
+def test_a_landmark_checkpoint_is_recognised(run):
+    assert is_landmark_checkpoint(run["ckpt"])
+
+
+def test_eval_writes_metrics_predictions_plot_and_overlays(evaluated):
+    out = evaluated["out"]
+    for name in ("metrics.json", "predictions.csv", "error_by_level.png", "errors.csv"):
+        assert (out / name).is_file(), name
+    overlays = sorted((out / "overlays").iterdir())
+    assert [p.name.split("_")[0] for p in overlays] == ["best", "median", "worst"]
+    for png in [out / "error_by_level.png", *overlays]:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 16
+    with Image.open(overlays[0]) as im:
+        assert im.size == (64, 128)  # the film's own size: points drawn in its pixels
+    assert json.loads((out / "metrics.json").read_text()) == evaluated["result"]
+    assert pd.read_csv(out / "errors.csv").empty
+
+
+def test_metrics_have_intervals_that_hold_the_point_estimate(evaluated, run):
+    result = evaluated["result"]
+    assert result["task"] == "landmarks" and result["refine"] and result["split"] == "test"
+    assert result["bootstrap"]["unit"] == "patient"
+    for stage in ("test", "test/step1"):
+        for name in ("mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "pck@5"):
+            value, (lo, hi) = result[f"{stage}/{name}"], result[f"{stage}/{name}_ci"]
+            assert lo - 1e-9 <= value <= hi + 1e-9, (stage, name, lo, value, hi)
+        assert list(result["per_level"][stage]) == ["V1", "V2", "V3", "V4"]
+    cis = [k for k in result if k.endswith("_ci")]
+    assert all(result[k][0] <= result[k][1] for k in cis) and len(cis) >= 2 * 8
+    split = pd.read_csv(run["dir"] / "split.csv")
+    assert result["test/films"] == (split["split"] == "test").sum()
+    # the run's split and the same checkpoint: the training run's own test numbers
+    for key in ("test/mre_px", "test/mre_pct", "test/step1/mre_pct"):
+        assert result[key] == pytest.approx(run["metrics"][key], rel=1e-4)
+
+
+def test_predictions_hold_each_test_film_with_its_error(evaluated, run):
+    table = pd.read_csv(evaluated["out"] / "predictions.csv")
+    split = pd.read_csv(run["dir"] / "split.csv")
+    assert sorted(table["path"]) == sorted(split.loc[split["split"] == "test", "path"])
+    assert {"patient_id", "split", "landmarks", "landmarks_step1", "mre_px", "mre_pct"} <= set(
+        table.columns
+    )
+    points = np.array([json.loads(p) for p in table["landmarks"]])
+    assert points.shape == (len(table), 4 * VERTEBRAE, 2)
+    assert np.isfinite(table["mre_px"]).all() and (table["mre_pct"] > 0).all()
+    # the film-pooled mean equals the mean over every point (all films have all points)
+    assert table["mre_px"].mean() == pytest.approx(evaluated["result"]["test/mre_px"], rel=1e-3)
+
+
+def test_other_splits_and_the_refused_external(run, tmp_path):
+    result = evaluate(eval_cfg(run, tmp_path / "all", "split=all", "bootstrap.resamples=20"))
+    assert result["all/films"] == 40 and "all/mre_pct_ci" in result
+    val = evaluate(eval_cfg(run, tmp_path / "val", "split=val", "bootstrap.resamples=20"))
+    split = pd.read_csv(run["dir"] / "split.csv")
+    assert val["val/films"] == (split["split"] == "val").sum()
+    with pytest.raises(ValueError, match="no external test set"):
+        evaluate(eval_cfg(run, tmp_path / "ext", "split=external"))
