@@ -33,9 +33,13 @@ may change, see `regionnet.dicom_tags`; the `body_part_status` column says what 
 inside the predict loop; `threshold_override` replaces the checkpoint's thresholds;
 `precision=bf16-mixed`, `channels_last=true` for speed on GPUs; `backend=onnxruntime` runs
 the checkpoint exported to ONNX through ONNX Runtime on the CPU, same rows within 1e-4
-(`regionnet.backends`; the `export` extra); `dicomweb.store_sr=true`
+(`regionnet.backends`; the `export` extra; `onnx_path=FILE` runs an exported file such as
+`model.int8.onnx`); `dicomweb.store_sr=true`
 writes a DICOM SR per instance back to the PACS (`regionnet.sr`); `group_by=study` also
 writes one row per study (`regionnet.study_view`).
+
+A landmark checkpoint (`task=landmarks`) writes one row per film with its points and angles
+instead (`regionnet.landmarks.predict`; `cam=true cam_dir=DIR` draws them).
 
 A folder input never lists this run's own output folders (`cam_dir`,
 `dicom.write_body_part`) when they lie inside it, so that maps and copies are not predicted
@@ -76,6 +80,8 @@ from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import body_part_mode, mirrored_path
 from regionnet.io import IMAGE_EXTENSIONS
+from regionnet.landmarks.infer import is_landmark_checkpoint, load_landmark_model
+from regionnet.landmarks.predict import predict_landmarks
 from regionnet.model.identity import model_id
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
@@ -480,6 +486,14 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 "another folder (inputs are never modified)"
             )
     store_sr = server is not None and bool(web_cfg.get("store_sr"))
+
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and not cfg.get("onnx_path") and is_landmark_checkpoint(ckpt):
+        # landmark heads: the same inputs, reader and predict loop, their own rows
+        if server is not None:
+            raise ValueError("input=dicomweb is for region models; give files or a folder")
+        model = load_landmark_model(ckpt)
+        return predict_landmarks(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
 
     backend = backend_name(cfg.get("backend"))
     # before any ONNX Runtime session is made: it takes torch's thread count

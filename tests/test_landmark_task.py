@@ -135,3 +135,36 @@ def test_a_head_type_without_its_data_is_named(extra, match, tmp_path):
     dm = build_datamodule(cfg)
     with pytest.raises(ValueError, match=match):
         build_model(cfg, dm)
+
+
+def test_regionnet_predict_writes_points_per_film_and_overlays(trained, tmp_path):
+    from regionnet.predict import predict
+
+    dm = trained["dm"]
+    films = tmp_path / "films"
+    films.mkdir()
+    for rel in dm.split_frame("test")["path"].iloc[:3]:
+        (films / Path(rel).name).write_bytes((dm.root / rel).read_bytes())
+    (films / "broken.png").write_bytes(b"\x89PNG but not really")
+    output, maps = tmp_path / "points.csv", tmp_path / "maps"
+    cfg = compose_config(
+        "predict",
+        [
+            f"ckpt_path={trained['dir'] / 'checkpoints' / 'best.ckpt'}",
+            f"input={films}",
+            f"output={output}",
+            "cam=true",
+            f"cam_dir={maps}",
+            "num_workers=0",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+    )
+    summary = predict(cfg)
+    assert summary["ok"] == 3 and summary["errors"] == 1 and summary["overlays"] == 3
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0]) == ["path", "status", "landmarks", "model_id"]
+    good = [r for r in rows if r["status"] == "ok"]
+    assert len(good) == 3 and all(len(json.loads(r["landmarks"])) == 16 for r in good)
+    assert [r for r in rows if r["path"].endswith("broken.png")][0]["status"].startswith("error")
+    assert len({r["model_id"] for r in rows}) == 1
+    assert len(list(maps.glob("*.landmarks.png"))) == 3
