@@ -223,7 +223,8 @@ def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.Da
 
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt_path` as configured (conf/eval.yaml); return the metrics dict."""
-    if is_landmark_checkpoint(cfg.ckpt_path):  # landmark heads: regionnet/landmarks/evaluate.py
+    # landmark heads: regionnet/landmarks/evaluate.py (a missing file: the region path's error)
+    if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_landmark_checkpoint(cfg.ckpt_path):
         return evaluate_landmarks(cfg, cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
     split = cfg.get("split", "test")
