@@ -44,7 +44,12 @@ def run(tmp_path_factory):
         ],
     )
     metrics = train(cfg)
-    return {"dir": tmp, "metrics": metrics, "ckpt": tmp / "checkpoints" / "best.ckpt"}
+    return {
+        "dir": tmp,
+        "metrics": metrics,
+        "ckpt": tmp / "checkpoints" / "best.ckpt",
+        "cache": cache,
+    }
 
 
 def eval_cfg(run, out, *extra):
@@ -127,3 +132,24 @@ def test_other_splits_and_the_refused_external(run, tmp_path):
     assert val["val/films"] == (split["split"] == "val").sum()
     with pytest.raises(ValueError, match="no external test set"):
         evaluate(eval_cfg(run, tmp_path / "ext", "split=external"))
+
+
+def test_a_named_landmark_data_group_replaces_the_runs(run, tmp_path, caplog):
+    """data=landmarks: that data as configured (split afresh by its seed); eval.yaml's region
+    keys (data.external_test) are named and ignored."""
+    group = [
+        "data=landmarks",
+        "data.dataset=phantom",
+        "data.phantom.n=40",
+        "data.phantom.size=[128,64]",
+        f"data.phantom.vertebrae={VERTEBRAE}",
+        f"data.phantom.cache={run['cache']}",
+        f"data.external_test={tmp_path}",
+        "split=all",
+        "bootstrap.resamples=20",
+    ]
+    result = evaluate(eval_cfg(run, tmp_path / "group", *group))
+    assert result["all/films"] == 40 and result["dataset"] == "phantom"
+    assert any("data.external_test: not used" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="landmark model, but data._target_"):
+        evaluate(eval_cfg(run, tmp_path / "region", "data=phantom"))

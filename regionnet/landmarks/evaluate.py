@@ -70,13 +70,20 @@ def landmark_data_config(cfg: DictConfig, model, run_dir: Path) -> DictConfig:
     """The landmark data node to evaluate on (see the module docstring)."""
     user = cfg.get("data") or OmegaConf.create({})
     target = f"{LandmarkDataModule.__module__}.{LandmarkDataModule.__name__}"
-    if "_target_" in user:
-        data = OmegaConf.create(OmegaConf.to_container(user, resolve=True))
-        if data._target_ != target:
+    known = set(inspect.signature(LandmarkDataModule).parameters) | {"_target_"}
+    given = {k: v for k, v in OmegaConf.to_container(user, resolve=True).items() if v is not None}
+    ignored = sorted(set(given) - known)  # eval.yaml's region keys (external_test, regions)
+    if ignored:
+        log.warning("data.%s: not used for landmark data; ignored", ", data.".join(ignored))
+    given = {k: v for k, v in given.items() if k in known}
+    if "_target_" in given:
+        if given["_target_"] != target:
             raise ValueError(
                 f"ckpt_path={cfg.ckpt_path} is a landmark model, but data._target_="
-                f"{data._target_}; evaluate it on its run's data (no data=...) or data=landmarks"
+                f"{given['_target_']}; evaluate it on its run's data (no data=...) or "
+                "data=landmarks"
             )
+        data = OmegaConf.create(given)
     else:
         run_file = run_dir / "config.yaml"
         run_data = OmegaConf.load(run_file).get("data") if run_file.is_file() else None
@@ -91,12 +98,7 @@ def landmark_data_config(cfg: DictConfig, model, run_dir: Path) -> DictConfig:
             data.split_file = str(run_dir / "split.csv")
         else:
             log.warning("%s has no split.csv: re-splitting with the run's seed", run_dir)
-        known = set(inspect.signature(LandmarkDataModule).parameters)
-        given = {k: v for k, v in OmegaConf.to_container(user).items() if v is not None}
-        ignored = sorted(set(given) - known)
-        if ignored:
-            log.warning("data.%s: not used for landmark data; ignored", ", data.".join(ignored))
-        data = OmegaConf.merge(data, {k: v for k, v in given.items() if k in known})
+        data = OmegaConf.merge(data, given)
     h = model.hparams
     data.image_size = int(h.image_size)
     data.mean, data.std = float(h.get("mean", GRAY_MEAN)), float(h.get("std", GRAY_STD))
