@@ -103,6 +103,8 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     speed = results["speed"]
     assert speed["shared_vs_separate"]["ratio"] > 1.5  # five backbones cost more than one
     assert speed["predict"]["files"] > 0 and speed["predict"]["end_to_end_per_s"] > 0
+    assert speed["training"]["lightning_vs_plain_ratio"] > 0  # regionnet.bench.overhead
+    assert "gpu" in speed  # measured with CUDA, a note without
     assert len(results["backbones"]["rows"]) == 2
     ssl = results["ssl"]
     assert Path(ssl["pretrain"]["weights_file"]).is_file() and ssl["pretrain"]["pretrain/steps"] > 0
@@ -136,3 +138,21 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     # committed reports name paths relative to the repository, data or output folder
     assert str(out) not in report and str(shared_data.resolve()) not in report
     assert (out / "scaling.png").stat().st_size > 1000
+
+
+@pytest.mark.shared_data
+@pytest.mark.slow
+def test_overhead_trains_the_same_model_both_ways(shared_data, tmp_path):
+    """regionnet-train and the plain loop see the same batches of the same model: one pair at
+    the quick sizes, its ratios and breakdowns."""
+    from regionnet.bench.overhead import overhead_section
+
+    settings = BenchSettings(shared_data, tmp_path / "out", "32-true").quick_sized()
+    quick_data(settings)
+    res = overhead_section(settings)
+    assert res["lightning_s"] > 0 and res["plain_s"] > 0 and res["lightning_vs_plain_ratio"] > 0
+    lt, pl = res["breakdown"]["lightning"], res["breakdown"]["plain"]
+    assert lt["train_batches"] == pl["train_batches"] > 0  # limit_train_batches on both sides
+    assert lt["training_step_s"] > 0 and lt["backward_s"] > 0 and pl["forward_s"] > 0
+    assert "ModelCheckpoint" in lt["callbacks_s"]
+    assert 0 <= res["val_auroc_mean"]["plain"] <= 1

@@ -148,11 +148,47 @@ def _speed(sp: dict) -> list[str]:
             f"model-only = {_f(100 * pr['fraction_of_model_only'], 0)} %.",
             "",
         ]
-    if "training" in sp:
-        tr = sp["training"]
+    tr = sp.get("training", {})
+    if "images_per_s" in tr:
         lines += [
             f"Training throughput {_f(tr['images_per_s'], 1)} radiographs/s; time to "
             f"`val/auroc_mean` ≥ 0.99: {_f(tr['seconds_to_val_auroc_mean_0.99'], 0)} s.",
+            "",
+        ]
+    if "lightning_vs_plain_ratio" in tr:  # regionnet/bench/overhead.py
+        st, lt, pl = tr["overhead_setting"], tr["breakdown"]["lightning"], tr["breakdown"]["plain"]
+        lines += [
+            f"Framework overhead ({st['image_size']} px, {st['epochs']} epoch(s), median of "
+            f"{st['repeats']} alternated pairs, {st['torch_threads']} torch thread(s)): "
+            f"`regionnet-train` {_f(tr['lightning_s'], 1)} s vs the same training in a plain "
+            f"PyTorch loop {_f(tr['plain_s'], 1)} s, **{_f(tr['lightning_vs_plain_ratio'], 2)}x** "
+            f"(fit alone {_f(tr['fit_ratio'], 2)}x; CPU seconds of the process "
+            f"{_f(tr['cpu_ratio'], 2)}x, of the fit {_f(tr.get('fit_cpu_ratio'), 2)}x). Last "
+            f"Lightning fit: training_step "
+            f"{_f(lt['training_step_s'], 1)} s, backward {_f(lt['backward_s'], 1)} s, data "
+            f"{_f(lt['train_dataloader_s'], 1)} s, validation "
+            f"{_f(lt['validation_step_s'] + lt['validation_dataloader_s'], 1)} s, checkpoints "
+            f"{_f(lt['checkpoint_writes_s'], 1)} s, loop/logging {_f(lt['loop_other_s'], 1)} s; "
+            f"plain: forward {_f(pl['forward_s'], 1)} s, backward {_f(pl['backward_s'], 1)} s. "
+            "After the fit `regionnet-train` spends "
+            f"{_f(tr['breakdown']['lightning_after_fit_s'], 1)} s (final validation, test, "
+            "test predictions, outputs) vs "
+            f"{_f(tr['breakdown']['plain_test_s'], 1)} s for the plain loop's test pass.",
+            "",
+        ]
+    gpu = sp.get("gpu")
+    if gpu and "skipped" in gpu:
+        lines += [f"GPU: {gpu['skipped']}.", ""]
+    elif gpu:
+        lines += [
+            f"GPU ({gpu['device']}, {gpu['image_size']} px, batch {gpu['batch']}):",
+            "",
+            "| setting | inference radiographs/s | training radiographs/s |",
+            "| --- | ---: | ---: |",
+            *[
+                f"| {k} | {_f(v, 1)} | {_f(gpu['training'][k], 1)} |"
+                for k, v in gpu["inference"].items()
+            ],
             "",
         ]
     return lines

@@ -109,6 +109,8 @@ def run_benchmark(settings: BenchSettings) -> dict:
 def _run_benchmark(settings: BenchSettings) -> dict:
     from regionnet.bench.accuracy import accuracy_section
     from regionnet.bench.backbones import backbones_section
+    from regionnet.bench.gpu import gpu_section
+    from regionnet.bench.overhead import overhead_section
     from regionnet.bench.speed import (
         plot_scaling,
         predict_throughput,
@@ -156,6 +158,10 @@ def _run_benchmark(settings: BenchSettings) -> dict:
                 "images_per_s": acc["train_images_per_s"],
                 "seconds_to_val_auroc_mean_0.99": acc["seconds_to_val_auroc_mean_0.99"],
             }
+        if settings.manifest_csv.is_file():
+            log("speed: framework overhead, regionnet-train vs a plain PyTorch loop")
+            sp.setdefault("training", {}).update(overhead_section(settings))
+        sp["gpu"] = gpu_section(settings)
         return sp
 
     def scaling(settings: BenchSettings) -> dict:

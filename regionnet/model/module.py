@@ -319,14 +319,10 @@ class RegionNet(L.LightningModule):
             loss = loss + float(self.hparams.get("finding_weight", 1.0)) * finding_loss
         else:
             loss = self._loss(self.logits(batch["image"]), batch["labels"], train=True)
-        self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(batch["labels"]),
-        )
+        # Not on the progress bar: Lightning turns a step's progress-bar values into Python
+        # numbers after every batch (`.item()`, a GPU sync per step); the loggers read
+        # train/loss_step every trainer.log_every_n_steps and train/loss_epoch once per epoch.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
         return loss
 
     def on_train_start(self) -> None:
