@@ -37,9 +37,10 @@ from torchmetrics.classification import BinaryAUROC
 from regionnet.bench.settings import BenchSettings, FineTune, log
 
 #: the setting of the benchmark's overhead measurement: small enough for a few minutes on a
-#: busy 2-core CPU, large enough that per-batch costs show (about 1,250 training films)
-OVERHEAD = FineTune(image_size=64, epochs=2, augment_factor=1)
-REPEATS = 2
+#: busy 2-core CPU, large enough that per-batch costs show (about 1,250 training films, 78
+#: batches of 32); three pairs, since one pair on a shared machine varies by +-30 %
+OVERHEAD = FineTune(image_size=48, epochs=2, augment_factor=1)
+REPEATS = 3
 
 
 class FitClock(L.Callback):
