@@ -75,6 +75,9 @@ def evaluated(run, tmp_path_factory):
 
 def test_a_landmark_checkpoint_is_recognised(run):
     assert is_landmark_checkpoint(run["ckpt"])
+    # the train loop's write_split leaves the annotation check's list beside split.csv
+    issues = pd.read_csv(run["dir"] / "annotation_issues.csv")
+    assert list(issues.columns) == ["path", "vertebra", "reason"] and issues.empty
 
 
 def test_eval_writes_metrics_predictions_plot_and_overlays(evaluated):
