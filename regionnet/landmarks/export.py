@@ -39,7 +39,6 @@ from torch import nn
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.landmarks.coords import letterbox_params
 from regionnet.landmarks.infer import load_landmark_model
-from regionnet.landmarks.model import crop_groups, from_crops, group_boxes
 from regionnet.landmarks.phantom import render_spine
 from regionnet.model.identity import model_id
 
@@ -51,34 +50,17 @@ MIN_OPSET = 16  # ONNX RoiAlign with half_pixel coordinates (roi_align aligned=T
 
 class CoordinateModel(nn.Module):
     """A `LandmarkNet`'s networks as (B, 1, S, S) -> normalised coordinates (B, K, 2): step 1,
-    and step 2 when `two_steps` (the same computation as `LandmarkNet.refine`, written with
-    shapes taken from the tensors so the batch axis stays dynamic in the traced graph)."""
+    and step 2 when `two_steps` (`LandmarkNet.refine`, whose shapes come from the tensors, so
+    the batch axis stays dynamic in the traced graph)."""
 
     def __init__(self, model, two_steps: bool = True):
         super().__init__()
-        h = model.hparams
-        self.net = model.net
-        self.refiner = model.refiner if two_steps else None
-        self.size = int(h.image_size)
-        self.margin = float(h.refine_margin)
-        self.min_side = float(h.refine_min_side) * self.size
-        self.crop = int(h.refine_size)
-        groups = model.groups.detach().cpu()
-        order = groups.reshape(-1)
-        if sorted(order.tolist()) != list(range(len(model.landmark_names))):
-            raise ValueError("step 2's point groups must hold every landmark once")
-        self.register_buffer("groups", groups.clone(), persistent=False)
-        self.register_buffer("order", torch.argsort(order), persistent=False)
+        self.model = model
+        self.two_steps = two_steps and model.refiner is not None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        step1, _ = self.net(image)
-        if self.refiner is None:
-            return step1
-        points = (step1.float() + 1) / 2 * self.size
-        boxes = group_boxes(points, self.groups, self.margin, self.min_side)
-        local, _ = self.refiner(crop_groups(image, boxes, self.crop))
-        placed = from_crops(local.float(), boxes).flatten(1, 2)  # (B, G * P, 2), group order
-        return placed[:, self.order] / self.size * 2 - 1
+        step1, _ = self.model.net(image)
+        return self.model.refine(image, step1) if self.two_steps else step1
 
 
 @contextmanager

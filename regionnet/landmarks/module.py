@@ -128,6 +128,8 @@ class LandmarkNet(L.LightningModule):
         groups = landmark_groups(skeleton, len(names))
         # derived from the skeleton, so not saved: old and new checkpoints agree on it
         self.register_buffer("groups", torch.tensor(groups, dtype=torch.long), persistent=False)
+        # every landmark sits in exactly one group: `order` maps group order to landmark order
+        self.register_buffer("order", torch.argsort(self.groups.reshape(-1)), persistent=False)
         self.refiner = None
         if refine:
             # step 2 starts from the same weights as step 1's backbone (never a download)
@@ -177,10 +179,10 @@ class LandmarkNet(L.LightningModule):
         boxes = group_boxes(points, self.groups, margin, self._min_side())
         crops = crop_groups(x, boxes, int(self.hparams.refine_size))
         local, _ = self.refiner(crops)
-        placed = from_crops(local.float(), boxes)  # (B, G, P, 2) input pixels
-        out = points.clone()
-        out[:, self.groups.reshape(-1)] = placed.reshape(len(x), -1, 2)
-        return out / size * 2 - 1
+        placed = from_crops(local.float(), boxes).flatten(1, 2)  # (B, G * P, 2), group order
+        # back to landmark order with a gather (shapes from the tensors: an ONNX export keeps
+        # its batch axis dynamic)
+        return placed[:, self.order] / size * 2 - 1
 
     def to_original(self, coords: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
         """Normalised input coordinates (B, K, 2) -> pixels of the stored films (B, K, 2);
@@ -224,8 +226,9 @@ class LandmarkNet(L.LightningModule):
         if "image" not in batch:
             return None
         loss = self._loss(batch, train=True)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
-                 batch_size=len(batch["image"]))  # fmt: skip
+        # not on the progress bar: that turns the loss into a Python number every step (a GPU
+        # sync per step)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
         return loss
 
     def _warn_errors(self, batch: dict) -> None:
