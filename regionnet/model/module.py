@@ -45,12 +45,11 @@ from regionnet.io import INTENSITY
 from regionnet.model.checkpoint import refuse_file
 from regionnet.model.metrics import FindingMetrics, RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
+from regionnet.model.optim import configure_optimizers
 from regionnet.model.thresholds import calibrate, choose_threshold, parse_method
 from regionnet.regions import REGIONS, validate_regions
 
 log = logging.getLogger(__name__)
-
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -502,35 +501,17 @@ class RegionNet(L.LightningModule):
             checkpoint["current_model_state"] = checkpoint["state_dict"]
 
     def configure_optimizers(self):
-        from hydra.utils import instantiate  # only training needs Hydra
-
-        optimizer = instantiate(dict(self.hparams.optimizer or DEFAULT_OPTIMIZER))
-        # Fine-tuning: the pretrained backbone moves slower than the freshly initialised heads.
-        scale = float(self.hparams.get("backbone_lr_scale", 1.0))
-        heads = {id(p) for p in self.net.heads.parameters()}
-        heads |= {id(p) for p in self.net.finding_heads.parameters()}
-        params = [p for p in self.parameters() if p.requires_grad]
-        if scale == 1.0:
-            optimizer = optimizer(params=params)
-        else:
-            lr = optimizer.keywords.get("lr", DEFAULT_OPTIMIZER["lr"])
-            optimizer = optimizer(
-                params=[
-                    {"params": [p for p in params if id(p) in heads], "lr": lr},
-                    {"params": [p for p in params if id(p) not in heads], "lr": lr * scale},
-                ]
-            )
-        if not self.hparams.scheduler:
-            return optimizer
-        scheduler = instantiate(dict(self.hparams.scheduler))(optimizer=optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
-                "monitor": "val/auroc_mean",
-            },
-        }
+        h = self.hparams
+        heads = [*self.net.heads.parameters(), *self.net.finding_heads.parameters()]
+        return configure_optimizers(
+            self,
+            heads,
+            h.optimizer,
+            h.scheduler,
+            h.scheduler_interval,
+            "val/auroc_mean",
+            h.get("backbone_lr_scale", 1.0),
+        )
 
 
 def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") -> RegionNet:
