@@ -148,6 +148,37 @@ def _speed(sp: dict) -> list[str]:
             f"model-only = {_f(100 * pr['fraction_of_model_only'], 0)} %.",
             "",
         ]
+        q = pr.get("onnx_int8", {})
+        if "onnx_int8_per_s" in pr:  # regionnet/bench/quantize.py (run.fastest_predict)
+            lines += [
+                f"ONNX Runtime, model only ({q['image_size']} px, batch {q['batch']}, "
+                f"{q['threads']} threads): fp32 {_f(pr['onnx_fp32_per_s'], 1)}/s, int8 "
+                f"{_f(pr['onnx_int8_per_s'], 1)}/s ({_f(q['speedup'], 2)}x); int8 test AUROC "
+                f"change {_f(-q['int8_auroc_drop'], 4)} (mean over heads), same region on "
+                f"{_f(100 * q['test_region_agreement'], 0)} % of test films. End to end with "
+                f"the int8 file: {_f(pr.get('end_to_end_int8_per_s'), 1)} radiographs/s; fastest "
+                f"backend within 0.005 AUROC: {pr.get('fastest_backend')}.",
+                "",
+            ]
+        elif "refused" in q:
+            lines += [f"int8 ONNX: refused by its AUROC guard ({q['refused']}).", ""]
+    dec = sp.get("decode")
+    if dec:  # regionnet/bench/decode.py
+        kinds = [k[: -len("_per_s_per_core")] for k in dec if k.endswith("_per_s_per_core")]
+        kinds = [k for k in kinds if not k.endswith("_reduced")]
+        lines += [
+            f"Decode rate per core, full-resolution originals ({dec['films']} films, read + "
+            f"letterbox to {dec['image_size']} px, one thread): full read vs reduced read.",
+            "",
+            "| format | full /s | reduced /s | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for k in kinds:
+            lines.append(
+                f"| {k} | {_f(dec[f'{k}_per_s_per_core'], 1)} | "
+                f"{_f(dec[f'{k}_reduced_per_s_per_core'], 1)} | {_f(dec[f'{k}_speedup'], 2)}x |"
+            )
+        lines.append("")
     tr = sp.get("training", {})
     if "images_per_s" in tr:
         lines += [
@@ -592,6 +623,10 @@ def markdown_report(res: dict) -> str:
         lines += _ssl(res["ssl"])
     if "transfer" in res:
         lines += _transfer(res["transfer"])
+    if "landmarks" in res:
+        from regionnet.bench.landmarks import landmarks_markdown
+
+        lines += landmarks_markdown(res["landmarks"])
     if "speed" in res:
         lines += _speed(res["speed"])
     if "scaling" in res:

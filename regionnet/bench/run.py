@@ -17,6 +17,10 @@ from regionnet.bench.report import markdown_report
 from regionnet.bench.settings import SECTIONS, BenchSettings, log
 
 
+# a backend counts for speed.predict.end_to_end_224px_per_s only within this test AUROC of fp32
+INT8_AUROC_MARGIN = 0.005
+
+
 def machine(settings: BenchSettings) -> dict:
     """Where and when this run measures: CPU, cores, threads, GPU, versions, commit, command."""
     cpu = platform.processor()
@@ -106,9 +110,39 @@ def run_benchmark(settings: BenchSettings) -> dict:
             os.environ["OMP_NUM_THREADS"] = omp
 
 
+def fastest_predict(settings: BenchSettings, sp: dict, results: dict, ckpt: Path) -> None:
+    """int8 ONNX next to fp32 (`regionnet.bench.quantize`), regionnet-predict end to end with
+    the int8 file, and `speed.predict.end_to_end_224px_per_s`: the fastest backend whose test
+    AUROC stays within INT8_AUROC_MARGIN of fp32 (issue 19's target figure)."""
+    from regionnet.bench.quantize import int8_benchmark, record
+    from regionnet.bench.speed import predict_throughput
+    from regionnet.quantize import QuantizationRefused
+
+    rates = {"torch_fp32": sp["predict"]["end_to_end_per_s"]}
+    try:
+        log("speed: int8 ONNX vs fp32 ONNX (quantize=int8, AUROC guard on val)")
+        facts = int8_benchmark(ckpt, settings.artifacts / "int8")
+    except QuantizationRefused as e:
+        log(f"speed: int8 refused by its guard: {e}")
+        sp["predict"]["onnx_int8"] = {"refused": str(e)}
+    else:
+        record({"speed": sp, "accuracy": results.setdefault("accuracy", {})}, facts)
+        int8_run = predict_throughput(
+            settings, ckpt, "backend=onnxruntime", f"onnx_path={facts['int8_file']}"
+        )
+        sp["predict"]["end_to_end_int8_per_s"] = int8_run["end_to_end_per_s"]
+        if abs(facts["int8_auroc_drop"]) <= INT8_AUROC_MARGIN:
+            rates["onnxruntime_int8"] = int8_run["end_to_end_per_s"]
+    best = max(rates, key=rates.get)
+    sp["predict"]["fastest_backend"] = best
+    if int(sp["predict"]["image_size"]) == 224:
+        sp["predict"]["end_to_end_224px_per_s"] = rates[best]
+
+
 def _run_benchmark(settings: BenchSettings) -> dict:
     from regionnet.bench.accuracy import accuracy_section
     from regionnet.bench.backbones import backbones_section
+    from regionnet.bench.decode import decode_section
     from regionnet.bench.gpu import gpu_section
     from regionnet.bench.overhead import overhead_section
     from regionnet.bench.speed import (
@@ -154,6 +188,7 @@ def _run_benchmark(settings: BenchSettings) -> dict:
             log("speed: end-to-end regionnet-predict on real radiographs")
             acc = results["accuracy"]["yi2019"]
             sp["predict"] = predict_throughput(settings, Path(acc["checkpoint"]))
+            fastest_predict(settings, sp, results, Path(acc["checkpoint"]))
             sp["training"] = {
                 "images_per_s": acc["train_images_per_s"],
                 "seconds_to_val_auroc_mean_0.99": acc["seconds_to_val_auroc_mean_0.99"],
@@ -161,6 +196,10 @@ def _run_benchmark(settings: BenchSettings) -> dict:
         if settings.manifest_csv.is_file():
             log("speed: framework overhead, regionnet-train vs a plain PyTorch loop")
             sp.setdefault("training", {}).update(overhead_section(settings))
+        fullres = settings.data_dir / "fullres"
+        if fullres.is_dir():
+            log("speed: decode rate per core, full vs reduced reads of full-resolution films")
+            sp["decode"] = decode_section(fullres)
         sp["gpu"] = gpu_section(settings)
         return sp
 

@@ -131,10 +131,11 @@ def speed_section(settings: BenchSettings) -> dict:
     return out
 
 
-def predict_throughput(settings: BenchSettings, ckpt: Path) -> dict:
+def predict_throughput(settings: BenchSettings, ckpt: Path, *backend: str) -> dict:
     """End-to-end regionnet-predict on the folder of real files (with `--quick`, a CSV of
     the first QUICK_PREDICT_FILES files of the quick manifest) vs model-only at the same size
-    and batch."""
+    and batch. `backend`: extra predict overrides, e.g. `backend=onnxruntime`,
+    `onnx_path=model.int8.onnx` (model-only is the torch model's either way)."""
     from regionnet.api import load_model
     from regionnet.config import compose_config
     from regionnet.predict import predict
@@ -159,6 +160,7 @@ def predict_throughput(settings: BenchSettings, ckpt: Path) -> dict:
             "batch_size=32",
             f"num_workers={settings.num_workers}",
             "accelerator=cpu",
+            *backend,
         ],
     )
     summary = predict(cfg)
