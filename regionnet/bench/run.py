@@ -16,7 +16,6 @@ from regionnet.bench.paths import portable_json
 from regionnet.bench.report import markdown_report
 from regionnet.bench.settings import SECTIONS, BenchSettings, log
 
-
 # a backend counts for speed.predict.end_to_end_224px_per_s only within this test AUROC of fp32
 INT8_AUROC_MARGIN = 0.005
 
