@@ -32,7 +32,6 @@ from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.landmarks.evaluate import evaluate_landmarks
 from regionnet.landmarks.infer import is_landmark_checkpoint
-from regionnet.loggers import finish_wandb, loggable_config, private_table
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
@@ -47,7 +46,7 @@ from regionnet.reporting import (
     stage_metrics,
 )
 from regionnet.reporting import confusion as confusion_block
-from regionnet.run import build_datamodule, instantiate_list, print_summary
+from regionnet.run import build_datamodule, log_eval, print_summary
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +306,7 @@ def evaluate(cfg: DictConfig) -> dict:
         figures["confusion"] = plot_confusion(blocks, out / "confusion.png")
     if errors:
         log.warning("%d unreadable files skipped; listed in %s", len(errors), out / "errors.csv")
-    _log(cfg, result, figures, predictions)
+    log_eval(cfg, result, figures, predictions)
     print_summary(result, regions, stages=tuple(blocks), findings=list(model.findings))
     log.info("evaluation of %s written to %s", cfg.ckpt_path, out)
     return result
@@ -338,34 +337,3 @@ def per_source_metrics(stage, records, probs, labels, regions, thresholds, boot)
 def _ci(values: dict, stage: str, region: str) -> tuple[float, float] | None:
     ci = values.get(f"{stage}/auroc_ci/{region}")
     return tuple(ci) if ci else None
-
-
-def _log(cfg: DictConfig, result: dict, figures: dict, predictions: pd.DataFrame) -> None:
-    """Scalars to every logger; with W&B also the figures and the predictions table. Unless
-    `logger.wandb.log_paths`, W&B gets the config with paths redacted and the table without
-    its path, patient_id, UID and source columns (file names like CR.1.2.840... identify
-    studies; a source is named after its data folder)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    group = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
-    for c in group.values():
-        if c and str(c.get("_target_", "")).endswith("wandb_logger"):
-            c["job_type"] = "eval"
-    loggers = instantiate_list(group)
-    scalars = {
-        k: float(v)
-        for k, v in result.items()
-        if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    for lg in loggers:
-        lg.log_hyperparams(loggable_config(lg, OmegaConf.to_container(cfg, resolve=True)))
-        lg.log_metrics(scalars)
-        if isinstance(lg, WandbLogger):
-            for name, path in figures.items():
-                lg.log_image(f"eval/{name}", images=[str(path)])
-            private = not getattr(lg, "log_paths", False)
-            lg.log_table(
-                "eval/predictions", dataframe=private_table(predictions) if private else predictions
-            )
-        lg.finalize("success")
-    finish_wandb(loggers)

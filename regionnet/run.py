@@ -162,3 +162,37 @@ def prepare_run(cfg: DictConfig) -> Path:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
     return out
+
+
+def log_eval(cfg: DictConfig, result: dict, figures: dict, predictions) -> None:
+    """An evaluation's results to every logger of `cfg.logger` (regionnet-eval, any head
+    type): the numeric `stage/...` values as metrics; with W&B also the figures ({name: PNG
+    path}) and the predictions table. Unless `logger.wandb.log_paths`, W&B gets the config with
+    paths redacted and the table without its path, patient_id, UID and source columns (file
+    names like CR.1.2.840... identify studies; a source is named after its data folder)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from regionnet.loggers import finish_wandb, loggable_config, private_table
+
+    group = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
+    for c in group.values():
+        if c and str(c.get("_target_", "")).endswith("wandb_logger"):
+            c["job_type"] = "eval"
+    loggers = instantiate_list(group)
+    scalars = {
+        k: float(v)
+        for k, v in result.items()
+        if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for lg in loggers:
+        lg.log_hyperparams(loggable_config(lg, OmegaConf.to_container(cfg, resolve=True)))
+        lg.log_metrics(scalars)
+        if isinstance(lg, WandbLogger):
+            for name, path in figures.items():
+                lg.log_image(f"eval/{name}", images=[str(path)])
+            private = not getattr(lg, "log_paths", False)
+            lg.log_table(
+                "eval/predictions", dataframe=private_table(predictions) if private else predictions
+            )
+        lg.finalize("success")
+    finish_wandb(loggers)

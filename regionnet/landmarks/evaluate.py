@@ -50,9 +50,8 @@ from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.overlay import draw_landmarks
 from regionnet.landmarks.report import landmark_report, plot_error_by_level
 from regionnet.landmarks.run import points_json
-from regionnet.loggers import finish_wandb, loggable_config, private_table
 from regionnet.reporting import resampling_unit
-from regionnet.run import build_datamodule, instantiate_list
+from regionnet.run import build_datamodule, log_eval
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +277,7 @@ def evaluate_landmarks(cfg: DictConfig, ckpt_path: str | Path) -> dict:
     )
     if errors:
         log.warning("%d unreadable files skipped; listed in %s", len(errors), out / "errors.csv")
-    _log(cfg, result, figures, table)
+    log_eval(cfg, result, figures, table)
     _print(result, split, refine)
     log.info("landmark evaluation of %s written to %s", ckpt_path, out)
     return result
@@ -309,32 +308,3 @@ def _print(result: dict, split: str, refine: bool) -> None:
         if any(c != "n/a" for c in cells):
             table.add_row(n, *cells)
     Console().print(table)
-
-
-def _log(cfg: DictConfig, result: dict, figures: dict, predictions: pd.DataFrame) -> None:
-    """Scalars to every configured logger; W&B also gets the figures and the predictions
-    table (without path and patient_id unless `logger.wandb.log_paths`), as the region eval."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    group = OmegaConf.to_container(cfg.get("logger") or {}, resolve=True)
-    for c in group.values():
-        if c and str(c.get("_target_", "")).endswith("wandb_logger"):
-            c["job_type"] = "eval"
-    loggers = instantiate_list(group)
-    scalars = {
-        k: float(v)
-        for k, v in result.items()
-        if "/" in k and isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    for lg in loggers:
-        lg.log_hyperparams(loggable_config(lg, OmegaConf.to_container(cfg, resolve=True)))
-        lg.log_metrics(scalars)
-        if isinstance(lg, WandbLogger):
-            for name, path in figures.items():
-                lg.log_image(f"eval/{name}", images=[str(path)])
-            private = not getattr(lg, "log_paths", False)
-            lg.log_table(
-                "eval/predictions", dataframe=private_table(predictions) if private else predictions
-            )
-        lg.finalize("success")
-    finish_wandb(loggers)
