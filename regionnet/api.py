@@ -15,6 +15,7 @@ probabilities for the same file.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ class Prediction:
     image's pixels, in the data set's landmark order (`LandmarkPredictor.landmark_names`),
     and, for spines, `angles`: {"pt", "mt", "tl"} Cobb angles in degrees (AASCE rule); its
     `probabilities` are empty and `region` is None (it does not classify).
+
+    A box model (`task=boxes`) fills `boxes`: a list of `{"label", "score", "box": [x1, y1,
+    x2, y2]}` in the input image's pixels, best score first; the labels are vertebrae
+    (T1..L5, `BoxPredictor.box_names`), not lesions. No probabilities, region None.
     """
 
     probabilities: dict[str, float]
@@ -56,6 +61,7 @@ class Prediction:
     findings: dict[str, float] = field(default_factory=dict)
     landmarks: list[list[float]] | None = None
     angles: dict[str, float] = field(default_factory=dict)
+    boxes: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -190,6 +196,8 @@ class LandmarkPredictor:
     """A trained landmark model (`task=landmarks`) with the API of `RegionPredictor`:
     `predict(inputs)` gives one `Prediction` per input with `landmarks` and `angles`."""
 
+    infer_module = "regionnet.landmarks.infer"  # its `predict_arrays` makes the results
+
     def __init__(self, model, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -209,8 +217,7 @@ class LandmarkPredictor:
 
     def predict(self, inputs: Input | Iterable[Input], batch_size: int = 16) -> list[Prediction]:
         """One `Prediction` per input, in order; unreadable inputs give error predictions."""
-        from regionnet.landmarks.infer import predict_arrays
-
+        predict_arrays = importlib.import_module(self.infer_module).predict_arrays
         if isinstance(inputs, str | Path | np.ndarray | torch.Tensor):
             inputs = [inputs]
         inputs = list(inputs)
@@ -237,6 +244,24 @@ class LandmarkPredictor:
         return self.predict([x])[0]
 
 
+class BoxPredictor(LandmarkPredictor):
+    """A trained box model (`task=boxes`, vertebrae): `predict(inputs)` gives one `Prediction`
+    per input with `boxes`."""
+
+    infer_module = "regionnet.boxes.infer"
+
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.box_names: tuple[str, ...] = tuple(model.box_names)
+
+    def __repr__(self) -> str:
+        return (
+            f"BoxPredictor(boxes={list(self.box_names)}, backbone={self.model.hparams.backbone!r},"
+            f" image_size={self.image_size}, device={self.device})"
+        )
+
+
 def _read(x: Input, k: int, size: int, target: int | None = None) -> tuple[str | None, np.ndarray]:
     """(path or None, float32 (H, W) pixels in [0, 1]) of a path or an in-memory image;
     `target`: a file is decoded at reduced size for `resize_pad(target)` (region models;
@@ -250,16 +275,22 @@ def load_model(
     ckpt: str | Path,
     device: str | torch.device = "cpu",
     thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
-) -> RegionPredictor | LandmarkPredictor:
-    """A `RegionPredictor` from a checkpoint written by `regionnet-train`, or a
-    `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`).
+) -> RegionPredictor | LandmarkPredictor | BoxPredictor:
+    """A `RegionPredictor` from a checkpoint written by `regionnet-train`, a
+    `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`) or a `BoxPredictor` for a
+    box checkpoint (`task=boxes`).
 
     `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
-    or a mapping region -> threshold); landmark models have none.
+    or a mapping region -> threshold); landmark and box models have none.
     """
+    from regionnet.boxes.infer import is_box_checkpoint, load_box_model
     from regionnet.landmarks.infer import is_landmark_checkpoint, load_landmark_model
 
     path = Path(str(ckpt)).expanduser()
+    if path.is_file() and is_box_checkpoint(path):
+        if thresholds is not None:
+            raise ValueError(f"{path.name} is a box model: it has no thresholds to override")
+        return BoxPredictor(load_box_model(path, device), device)
     if path.is_file() and is_landmark_checkpoint(path):
         if thresholds is not None:
             raise ValueError(f"{path.name} is a landmark model: it has no thresholds to override")

@@ -39,7 +39,8 @@ writes a DICOM SR per instance back to the PACS (`regionnet.sr`); `group_by=stud
 writes one row per study (`regionnet.study_view`).
 
 A landmark checkpoint (`task=landmarks`) writes one row per film with its points and angles
-instead (`regionnet.landmarks.predict`; `cam=true cam_dir=DIR` draws them).
+instead (`regionnet.landmarks.predict`; `cam=true cam_dir=DIR` draws them); a box checkpoint
+(`task=boxes`) one row per film with its vertebra boxes (`regionnet.boxes.predict`).
 
 A folder input never lists this run's own output folders (`cam_dir`,
 `dicom.write_body_part`) when they lie inside it, so that maps and copies are not predicted
@@ -68,6 +69,8 @@ from regionnet.backends import (
     check_onnxruntime_options,
     onnx_file_model,
 )
+from regionnet.boxes.infer import is_box_checkpoint, load_box_model
+from regionnet.boxes.predict import predict_boxes
 from regionnet.data.dataset import (
     RadiographDataset,
     collate,
@@ -494,6 +497,12 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             raise ValueError("input=dicomweb is for region models; give files or a folder")
         model = load_landmark_model(ckpt)
         return predict_landmarks(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
+    if ckpt and not cfg.get("onnx_path") and is_box_checkpoint(ckpt):
+        # box heads (vertebrae): the same inputs, reader and predict loop, their own rows
+        if server is not None:
+            raise ValueError("input=dicomweb is for region models; give files or a folder")
+        model = load_box_model(ckpt)
+        return predict_boxes(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
 
     backend = backend_name(cfg.get("backend"))
     # before any ONNX Runtime session is made: it takes torch's thread count

@@ -59,11 +59,18 @@ def build_datamodule(cfg: DictConfig):
 def build_model(cfg: DictConfig, data):
     """The model class named by `model._target_` with plain-value arguments (no Hydra
     objects in the checkpoint's hyperparameters). `data`: the region list, or the data module,
-    whose label set the model's heads take (regions; or landmark names, skeleton and flip
-    pairs for a landmark model)."""
+    whose label set the model's heads take (regions; landmark names, skeleton and flip
+    pairs for a landmark model; box names for a box model)."""
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     target = kwargs.pop("_target_", "regionnet.model.module.RegionNet")
     cls = get_class(target)
+    if getattr(cls, "task", "regions") == "boxes" or hasattr(data, "box_names"):
+        if not (getattr(cls, "task", "regions") == "boxes" and hasattr(data, "box_names")):
+            raise ValueError(
+                f"model._target_={target} and data={type(data).__name__} do not match: box "
+                "heads need box data; use task=boxes (it sets both)"
+            )
+        return cls(box_names=data.box_names, dataset=data.dataset, **kwargs)
     landmarks = hasattr(data, "landmark_names")
     if getattr(cls, "task", "regions") == "landmarks" and not landmarks:
         raise ValueError(

@@ -1,5 +1,5 @@
-"""`train(cfg)`: fit a model (region heads, or landmark heads with `task=landmarks`), then
-validate and test its best checkpoint.
+"""`train(cfg)`: fit a model (region heads; landmark heads with `task=landmarks`; box heads
+with `task=boxes`), then validate and test its best checkpoint.
 
 Writes into the run directory (`paths.output_dir`, Hydra's run dir): `config.yaml`,
 `split.csv`, `checkpoints/best.ckpt` and `last.ckpt`, `metrics.json` (final val/test/external
@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from regionnet.boxes import run as box_run
 from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
 from regionnet.landmarks import run as landmark_run
@@ -37,6 +38,10 @@ from regionnet.run import (
 from regionnet.sweep import apply_sweep_group, finished_run
 
 log = logging.getLogger(__name__)
+
+# each head type's outputs after a fit: test_predictions, write_model_card, print_summary
+# (the region task's are this module's own imports)
+TASK_RUNS = {"landmarks": landmark_run, "boxes": box_run}
 
 
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, float]:
@@ -62,7 +67,7 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
             "data=phantom: SYNTHETIC radiographs for trying regionnet, not clinical evidence"
         )
     model = build_model(cfg, dm)
-    landmarks = getattr(model, "task", "regions") == "landmarks"
+    task_run = TASK_RUNS.get(getattr(model, "task", "regions"))
     callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks or [])
     apply_sweep_group(cfg)
     loggers = instantiate_list(cfg.get("logger"))
@@ -88,7 +93,8 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         log.warning(
             "no best checkpoint (fast_dev_run or no checkpoint callback): using last weights"
         )
-    best_keys = ("val/auroc_mean_best", "val/mre_pct_best", "train/images_per_s")
+    best_keys = ("val/auroc_mean_best", "val/mre_pct_best", "val/map_50_best",
+                 "train/images_per_s")  # fmt: skip
     metrics = numbers(trainer.callback_metrics, best_keys)
     metrics["model/params"] = sum(p.numel() for p in model.parameters())
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)
@@ -98,21 +104,21 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
     predictions = None
     if cfg.get("test", True):
-        tested = landmark_run.test_predictions if landmarks else test_predictions
+        tested = task_run.test_predictions if task_run else test_predictions
         predictions = tested(trainer, model, dm, best)
 
     if trainer.is_global_zero:
         if predictions is not None:
             predictions.to_csv(out / "test_predictions.csv", index=False)
-        wandb_summary(loggers, metrics, predictions, [] if landmarks else dm.regions)
+        wandb_summary(loggers, metrics, predictions, [] if task_run else dm.regions)
         if best is not None:
             strip_for_inference(Path(best))
         # after the predictions: a run directory with metrics.json is finished (skip_if_done)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         card_dir = getattr(ckpt, "dirpath", None) or out / "checkpoints"
-        if landmarks:
-            landmark_run.write_model_card(card_dir, model, dm, metrics)
-            landmark_run.print_summary(metrics)
+        if task_run:
+            task_run.write_model_card(card_dir, model, dm, metrics)
+            task_run.print_summary(metrics)
         else:
             write_model_card(card_dir, model, dm, metrics)
             print_summary(metrics, dm.regions, findings=list(getattr(model, "findings", [])))

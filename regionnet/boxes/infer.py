@@ -1,0 +1,83 @@
+"""Box inference on files and arrays: checkpoint detection and loading, per-film boxes, shared
+by `regionnet-predict` and the Python API. Films are read, letterboxed and normalised exactly
+as for landmark models (`regionnet.landmarks.infer`: `LandmarkReader`, `prepare`, `collate`),
+and boxes come back in each film's own pixels. The boxes are vertebrae, not lesions.
+
+One box is `{"label": "T7", "score": 0.93, "box": [x1, y1, x2, y2]}`, pixels of the film as
+given (0.1 px), best score first.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regionnet.data.transforms import eval_transform
+from regionnet.landmarks.infer import collate, prepare
+from regionnet.model.checkpoint import load_plain, refuse_file
+
+
+def is_box_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint holds a box model (its hyperparameters name boxes)."""
+    hparams = load_plain(path).get("hyper_parameters") or {}
+    return "box_names" in hparams
+
+
+def load_box_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
+    """A trained `BoxNet` in eval mode on `device`; read with `weights_only=True`."""
+    from regionnet.boxes.module import BoxNet
+
+    path = Path(str(ckpt_path)).expanduser()
+    try:
+        model = BoxNet.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
+        )
+    except pickle.UnpicklingError as e:
+        raise refuse_file(path, "ckpt_path", e) from None
+    return model.to(device).eval()
+
+
+def box_list(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str]
+) -> list[dict]:
+    """One film's detections as `{"label", "score", "box"}` dicts, best score first."""
+    order = torch.argsort(scores, descending=True).tolist()
+    out = []
+    for i in order:
+        c = int(labels[i])
+        out.append({
+            "label": names[c - 1] if 1 <= c <= len(names) else str(c),
+            "score": round(float(scores[i]), 4),
+            "box": [round(float(v), 1) for v in boxes[i]],
+        })  # fmt: skip
+    return out
+
+
+def boxes_json(boxes: list[dict]) -> str:
+    """`box_list` as a CSV cell other tools read with json.loads."""
+    return json.dumps(boxes)
+
+
+@torch.inference_mode()
+def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
+    """Per film {"boxes": `box_list`} for float (H, W) arrays in [0, 1] (the API's path)."""
+    if not images:
+        return []
+    transform, size = eval_transform(model), int(model.hparams.image_size)
+    batch = collate([{"path": str(k), **prepare(p, transform, size)} for k, p in enumerate(images)])
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    found = model.detect(batch)
+    return [
+        {
+            "boxes": box_list(
+                d["boxes"].cpu(), d["scores"].cpu(), d["labels"].cpu(), model.box_names
+            )
+        }  # fmt: skip
+        for d in found
+    ]

@@ -1,0 +1,267 @@
+"""BoxNet: the Lightning module of the box head type (issue 18), vertebra detection.
+
+It trains torchvision's FCOS on a timm backbone and FPN (`regionnet.boxes.model`) on the
+vertebra boxes of `regionnet.boxes.data.BoxDataModule`: one class per vertebra level (T1..L5 on
+`spine_aasce`), so a box says which vertebra it is. These are vertebrae, not lesions.
+
+Training logs the detector's losses (`train/loss` = their sum, `train/loss_classification`,
+`train/loss_bbox_regression`, `train/loss_bbox_ctrness`). Validation and test run the detector
+in eval mode, map its boxes from the letterbox back to each film's pixels and score them with
+`torchmetrics.detection.MeanAveragePrecision` (COCO rules, `faster_coco_eval` backend) against
+the un-augmented boxes in film pixels: `stage/map` (mAP@[.5:.95]), `stage/map_50`,
+`stage/map_75`, `stage/mar_100`, and per level `stage/ap/<level>` (AP@[.5:.95]) and
+`stage/ap_50/<level>` (AP@0.5, from a second metric at IoU 0.5 alone). The best checkpoint
+follows `val/map_50` (higher is better).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.detection import MeanAveragePrecision
+
+from regionnet.boxes.model import build_box_network
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.io import INTENSITY
+from regionnet.landmarks.coords import to_original
+from regionnet.model.optim import configure_optimizers
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val/map_50"
+SUMMARY = ("map", "map_50", "map_75", "mar_100")
+
+
+def box_metric(iou_thresholds: Sequence[float] | None = None) -> MeanAveragePrecision:
+    """COCO box mAP in [x1, y1, x2, y2] pixels, per class too (`class_metrics`)."""
+    return MeanAveragePrecision(
+        box_format="xyxy",
+        iou_type="bbox",
+        iou_thresholds=None if iou_thresholds is None else list(iou_thresholds),
+        class_metrics=True,
+        backend="faster_coco_eval",
+    )
+
+
+def boxes_to_original(boxes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """Input-pixel boxes (N, 4) of one film -> its own pixels, through the letterbox's
+    per-axis `scale` (2,) and `offset` (2,) (`regionnet.landmarks.coords`)."""
+    corners = to_original(boxes.float().reshape(-1, 2), scale.float(), offset.float())
+    return corners.reshape(-1, 4)
+
+
+class BoxNet(L.LightningModule):
+    """Vertebra detection with FCOS (see the module docstring)."""
+
+    task = "boxes"
+
+    def __init__(
+        self,
+        box_names: Sequence[str],
+        dataset: str | None = None,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        in_chans: int = 1,
+        drop_path_rate: float = 0.0,
+        fpn_width: int = 128,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        scheduler_interval: str = "epoch",
+        backbone_lr_scale: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        image_size: int = 256,
+        mean: float = GRAY_MEAN,
+        std: float = GRAY_STD,
+        intensity: str = INTENSITY,
+        weights_source: Mapping | None = None,
+    ):
+        super().__init__()
+        names = [str(n) for n in box_names]
+        if not names:
+            raise ValueError("a box model needs box_names (from the data module)")
+        if intensity != INTENSITY:
+            raise ValueError(
+                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
+                f"{INTENSITY!r} rule only; use the regionnet version the checkpoint was "
+                "trained with"
+            )
+        if not 0.0 <= float(score_thresh) < 1.0 or not 0.0 < float(nms_thresh) <= 1.0:
+            raise ValueError(
+                f"model.score_thresh={score_thresh} must be in [0, 1) and model.nms_thresh="
+                f"{nms_thresh} in (0, 1]"
+            )
+        if int(fpn_width) % 32 or int(fpn_width) < 64:
+            raise ValueError(
+                f"model.fpn_width={fpn_width}: use a multiple of 32, at least 64 (FCOS's head "
+                "normalises in 32 groups, and P7 can be a single cell)"
+            )
+        self.save_hyperparameters()
+        self.hparams["box_names"] = names
+        self.box_names = names
+        self.net, source = build_network(self.hparams)
+        if pretrained or weights_file or not weights_source:
+            weights_source = source
+        self.hparams["weights_source"] = dict(weights_source)
+        stages = ("val", "test")
+        self.metrics = nn.ModuleDict({s: box_metric() for s in stages})
+        self.metrics_50 = nn.ModuleDict({s: box_metric([0.5]) for s in stages})
+        self.val_best = MaxMetric()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.hparams.image_size)
+
+    # -- inference ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Per film {"boxes" (N, 4) input pixels, "scores" (N,), "labels" (N,) 1..V}, from
+        the detector in eval mode (score threshold, NMS, top detections)."""
+        return self.net(x)
+
+    def detect(self, batch: dict) -> list[dict[str, torch.Tensor]]:
+        """`forward` of a batch's films with the boxes in each film's own pixels."""
+        found = self.net(batch["image"])
+        for k, d in enumerate(found):
+            boxes = boxes_to_original(d["boxes"], batch["scale"][k], batch["offset"][k])
+            w, h = (float(v) for v in batch["size"][k]) if "size" in batch else (None, None)
+            if w is not None:  # within the film (a box may reach into the letterbox's pad)
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            d["boxes"] = boxes
+        return found
+
+    # -- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return None
+        targets = [{"boxes": b, "labels": c}
+                   for b, c in zip(batch["boxes"], batch["box_labels"], strict=True)]  # fmt: skip
+        losses = self.net(batch["image"], targets)
+        loss = sum(losses.values())
+        n = len(batch["image"])
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        return loss
+
+    def _warn_errors(self, batch: dict) -> None:
+        for path, why in batch.get("errors", []):
+            log.warning("skipped unreadable radiograph %s: %s", path, why)
+
+    def on_train_start(self) -> None:
+        for m in (*self.metrics.values(), *self.metrics_50.values()):
+            m.reset()
+        self.val_best.reset()
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return
+        found = self.detect(batch)
+        preds = [{k: d[k] for k in ("boxes", "scores", "labels")} for d in found]
+        truth = zip(batch["boxes_px"], batch["box_labels_px"], strict=True)
+        target = [{"boxes": b, "labels": c} for b, c in truth]
+        self.metrics[stage].update(preds, target)
+        self.metrics_50[stage].update(preds, target)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _end_stage(self, stage: str) -> dict[str, float]:
+        metric, metric_50 = self.metrics[stage], self.metrics_50[stage]
+        if not metric.groundtruth_labels and not metric.detection_labels:
+            return {}
+        values = map_values(metric.compute(), metric_50.compute(), self.box_names, stage)
+        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        metric.reset()
+        metric_50.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._end_stage("val")
+        if MONITOR in values and not self.trainer.sanity_checking:
+            self.val_best.update(torch.tensor(values[MONITOR]))
+            self.log(f"{MONITOR}_best", self.val_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._end_stage("test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Boxes of a batch's readable films in their own pixels: {"path": [...], "boxes",
+        "scores", "labels": per film CPU tensors (N, 4), (N,), (N,) (labels 1..V, `box_names`
+        order), "size" (B, 2), "errors": [(path, reason)]}; labelled batches also pass their
+        truth on ("boxes_px", "box_labels_px")."""
+        out = {"path": batch["path"], "errors": batch.get("errors", [])}
+        if "image" not in batch:
+            return {**out, "boxes": [], "scores": [], "labels": []}
+        found = self.detect(batch)
+        for key in ("boxes", "scores", "labels"):
+            out[key] = [d[key].cpu() for d in found]
+        out["size"] = batch["size"].cpu()
+        for key in ("boxes_px", "box_labels_px"):
+            if key in batch:
+                out[key] = [t.cpu() for t in batch[key]]
+        return out
+
+    def configure_optimizers(self):
+        h = self.hparams
+        heads = [p for n, p in self.net.named_parameters()
+                 if not n.startswith("backbone.backbone.")]  # fmt: skip
+        return configure_optimizers(
+            self,
+            heads,
+            h.optimizer,
+            h.scheduler,
+            h.scheduler_interval,
+            MONITOR,
+            h.backbone_lr_scale,
+        )
+
+
+def build_network(h: Mapping):
+    """The FCOS network of a BoxNet's hyperparameters and its weights' source."""
+    return build_box_network(
+        h["backbone"],
+        len(h["box_names"]),
+        h["image_size"],
+        h["pretrained"],
+        h["weights_file"],
+        h["in_chans"],
+        h["drop_path_rate"],
+        h["fpn_width"],
+        h["score_thresh"],
+        h["nms_thresh"],
+        h["detections_per_img"],
+        h["topk_candidates"],
+        h["channels_last"],
+    )
+
+
+def map_values(
+    result: Mapping, result_50: Mapping, names: Sequence[str], stage: str
+) -> dict[str, float]:
+    """Plain floats from `MeanAveragePrecision.compute()` (all IoUs) and its IoU-0.5 twin:
+    `stage/<summary>` and per level `stage/ap/<name>`, `stage/ap_50/<name>` (a level with no
+    true box and no detection has none: COCO gives -1 there)."""
+    values = {f"{stage}/{k}": float(result[k]) for k in SUMMARY if k in result}
+    for key, res in (("ap", result), ("ap_50", result_50)):
+        classes = torch.as_tensor(res["classes"]).reshape(-1).tolist()
+        per = torch.as_tensor(res["map_per_class"]).reshape(-1).tolist()
+        for c, v in zip(classes, per, strict=True):
+            if 1 <= int(c) <= len(names) and v >= 0:
+                values[f"{stage}/{key}/{names[int(c) - 1]}"] = float(v)
+    return values

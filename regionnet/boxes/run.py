@@ -1,0 +1,147 @@
+"""What `train(cfg)` does after a box fit: per-film test predictions, the console table and
+the model card (`regionnet.train.TASK_RUNS`). The boxes are vertebrae, not lesions.
+
+`test_predictions.csv` columns: `path`, `boxes` (JSON list of {"label", "score", "box":
+[x1, y1, x2, y2]} in the stored film's pixels, best first), `true_boxes` (JSON list of
+{"label", "box"}: the annotated vertebrae), `found_50` (how many true vertebrae have a
+detection of their own level at IoU >= 0.5) and `n_true`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torchvision.ops import box_iou
+
+import regionnet
+from regionnet.boxes.infer import box_list, boxes_json
+
+REFERENCES = (
+    "Tian et al., ICCV 2019: FCOS, fully convolutional one-stage object detection "
+    "(torchvision's implementation).",
+    "Nguyen et al., MICCAI 2021: VinDr-SpineXR, abnormality detection in spine X-rays "
+    "(the box-task setting; here the boxes are vertebrae, not lesions).",
+    "Wang et al., AASCE 2019 challenge: the spine films and their vertebral corners.",
+)
+
+
+def found_at_50(boxes, labels, true_boxes, true_labels) -> int:
+    """True boxes with a detection of the same label at IoU >= 0.5."""
+    if not len(true_boxes) or not len(boxes):
+        return 0
+    iou = box_iou(true_boxes.float(), boxes.float())
+    same = true_labels[:, None] == labels[None, :]
+    return int(((iou >= 0.5) & same).any(1).sum())
+
+
+def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
+    """One row per readable test film (see the module docstring), from `ckpt_path`'s weights."""
+    outputs = trainer.predict(
+        model, dataloaders=dm.test_dataloader(), ckpt_path=ckpt_path, weights_only=True
+    )
+    names = model.box_names
+    rows = []
+    for out in outputs or []:
+        for k, path in enumerate(out["path"]):
+            b, s, c = out["boxes"][k], out["scores"][k], out["labels"][k]
+            row = {"path": path, "boxes": boxes_json(box_list(b, s, c, names))}
+            if "boxes_px" in out:
+                tb, tc = out["boxes_px"][k], out["box_labels_px"][k]
+                truth = [{"label": names[int(i) - 1], "box": [round(float(v), 1) for v in x]}
+                         for x, i in zip(tb, tc, strict=True)]  # fmt: skip
+                row["true_boxes"] = json.dumps(truth)
+                row["found_50"] = found_at_50(b, c, tb, tc)
+                row["n_true"] = len(tb)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_summary(metrics: Mapping[str, float]) -> None:
+    """Vertebra mAP on the console: the summary figures, then AP per level; a column per
+    stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    stages = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
+    table = Table(title="Vertebra detection (boxes are vertebrae, not lesions)")
+    table.add_column("figure")
+    for s in stages:
+        table.add_column(f"{s} AP@[.5:.95]", justify="right")
+        table.add_column(f"{s} AP@0.5", justify="right")
+    levels = sorted(
+        {k.split("/", 2)[2] for k in metrics if k.split("/")[1:2] == ["ap_50"]},
+        key=lambda n: next((i for i, k in enumerate(metrics) if k.endswith(f"/{n}")), 0),
+    )
+
+    def cell(key: str) -> str:
+        return f"{metrics[key]:.3f}" if key in metrics else "n/a"
+
+    table.add_row("mAP", *(c for s in stages for c in (cell(f"{s}/map"), cell(f"{s}/map_50"))))
+    for n in levels:
+        table.add_row(n, *(c for s in stages
+                           for c in (cell(f"{s}/ap/{n}"), cell(f"{s}/ap_50/{n}"))))  # fmt: skip
+    Console().print(table)
+
+
+def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
+    """`model_card.json` of a box model (the region card's keys where they fit)."""
+    h = model.hparams
+    size = int(h.image_size)
+    return {
+        "name": "regionnet",
+        "version": regionnet.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "task": "Vertebra detection on AP spine radiographs (FCOS boxes; vertebrae, not lesions)",
+        "description": (
+            f"{h.backbone} backbone, FPN (P3-P7) and torchvision FCOS; one class per vertebra "
+            f"level ({len(model.box_names)}: {', '.join(model.box_names)})."
+        ),
+        "pytorch_version": torch.__version__,
+        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
+        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
+        "box_names": list(model.box_names),
+        "dataset": h.get("dataset"),
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "shape": [1, size, size],
+                    "value_range": "[0, 1] pixels letterboxed to the square, then "
+                    f"(x - {float(h.mean)}) / {float(h.std)}",
+                }
+            },
+            "outputs": {
+                "boxes": {
+                    "meaning": 'list of {"label", "score", "box": [x1, y1, x2, y2]} in the '
+                    "input film's pixels; label = vertebra level",
+                    "score_thresh": float(h.score_thresh),
+                    "nms_thresh": float(h.nms_thresh),
+                }
+            },
+        },
+        "backbone": {
+            "name": h.backbone,
+            "library": "timm",
+            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "training_data": {"films": int(getattr(dm, "train_size", lambda: 0)() or 0)},
+        "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+        "intended_use": (
+            "Research: locate and name vertebrae (T1..L5) on AP spine films, e.g. to crop or "
+            "count levels. It finds vertebrae, not lesions or fractures. Not for diagnosis or "
+            "treatment decisions."
+        ),
+        "references": list(REFERENCES),
+    }
+
+
+def write_model_card(folder: str | Path, model, dm, metrics: Mapping[str, float]) -> Path:
+    path = Path(folder) / "model_card.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(model_card(model, dm, metrics), indent=2, default=str) + "\n")
+    return path
