@@ -17,11 +17,18 @@ from regionnet.train import build_datamodule, build_model, train
 
 GROUPS = ["data", "unlabeled", "model", "trainer", "logger", "callbacks", "experiment", "debug"]
 GROUPS += ["ssl", "task"]
-# the landmark head type's data and model belong together: task=landmarks picks both
-LANDMARK_OPTIONS = {("data", "landmarks"), ("model", "dsnt"), ("task", "landmarks")}
+# a head type's data and model belong together: its task= preset picks both
+HEAD_TYPES = {
+    ("data", "landmarks"): ("LandmarkDataModule", "LandmarkNet"),
+    ("model", "dsnt"): ("LandmarkDataModule", "LandmarkNet"),
+    ("task", "landmarks"): ("LandmarkDataModule", "LandmarkNet"),
+    ("model", "fcos"): ("BoxDataModule", "BoxNet"),
+    ("task", "boxes"): ("BoxDataModule", "BoxNet"),
+}
 REQUIRED = {
     ("data", "landmarks"): ["task=landmarks"],
     ("model", "dsnt"): ["task=landmarks"],
+    ("model", "fcos"): ["task=boxes"],
     ("data", "folder"): ["data.root=/tmp"],
     ("data", "csv"): ["data.csv=/tmp/m.csv"],
     ("unlabeled", "folder"): ["data.root=/tmp"],
@@ -52,11 +59,9 @@ def test_every_config_option_composes_and_resolves(group, option, tmp_path):
         assert container["data"]["_target_"].endswith("UnlabeledDataModule")
         assert container["ssl"]["method"] in ("simclr", "byol")
         return
-    landmarks = (group, option) in LANDMARK_OPTIONS
-    assert container["data"]["_target_"].endswith(
-        "LandmarkDataModule" if landmarks else "RegionDataModule"
-    )
-    assert container["model"]["_target_"].endswith("LandmarkNet" if landmarks else "RegionNet")
+    data, model = HEAD_TYPES.get((group, option), ("RegionDataModule", "RegionNet"))
+    assert container["data"]["_target_"].endswith(data)
+    assert container["model"]["_target_"].endswith(model)
     assert container["model"]["image_size"] == container["data"]["image_size"]
 
 
@@ -75,8 +80,8 @@ def test_unlabelled_sources_are_not_training_data():
 
 def test_every_model_config_builds_a_backbone_with_five_heads(tmp_path):
     for option in _options("model"):
-        if ("model", option) in LANDMARK_OPTIONS:
-            continue  # tests/test_landmark_task.py builds it from its data module
+        if ("model", option) in HEAD_TYPES:
+            continue  # other head types: built from their data module in their own tests
         cfg = compose_config("train", [f"model={option}", f"paths.output_dir={tmp_path}"])
         model = build_model(cfg, ["shoulder", "elbow", "hand", "pelvis", "knee"])
         out = model(torch.rand(2, 1, 64, 64))
