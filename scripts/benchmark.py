@@ -27,9 +27,14 @@ script is its command line. Sections:
              one split, the external shoulder set, calibration, Grad-CAM of the worst errors,
              hand across its two sources, inference speed of the default backbone vs
              ResNet-18 (regionnet/bench/transfer.py)
+  landmarks  DSNT landmark heads (task=landmarks) on spine_aasce and hand_dha: step 1 vs
+             2-step, corner errors, MRE, PCK, Cobb MAE/SMAPE with patient-bootstrap CIs, films/s,
+             within --landmarks-minutes (regionnet/bench/landmarks.py)
 
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
                                            # only the transfer section, into the existing results
+    python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer --merge
+                                           # only the landmarks section (about 25 min)
 """
 
 from __future__ import annotations
@@ -103,6 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="data.augment_factor of the transfer rows (default: the experiment config's)",
     )
     p.add_argument(
+        "--landmarks-minutes",
+        type=float,
+        default=20.0,
+        help="wall-clock budget of all the landmarks section's trainings (minutes)",
+    )
+    p.add_argument("--landmarks-image-size", type=int, default=256, help="landmark input size (px)")
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep the sections of <out>/results.json that this run skips (each section "
@@ -136,6 +148,8 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
             args.transfer_image_size, args.transfer_epochs, args.transfer_augment_factor
         ),
         transfer_accelerator=args.transfer_accelerator,
+        landmarks_minutes=args.landmarks_minutes,
+        landmarks_image_size=args.landmarks_image_size,
         repo=ROOT,
         command=" ".join(["python", "scripts/benchmark.py", *argv]),
     )

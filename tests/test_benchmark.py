@@ -156,3 +156,51 @@ def test_overhead_trains_the_same_model_both_ways(shared_data, tmp_path):
     assert lt["training_step_s"] > 0 and lt["backward_s"] > 0 and pl["forward_s"] > 0
     assert "ModelCheckpoint" in lt["callbacks_s"]
     assert 0 <= res["val_auroc_mean"]["plain"] <= 1
+
+
+def test_landmark_section_names_its_figures_for_what_they_are(tmp_path):
+    """The landmarks section (regionnet.bench.landmarks) on a fake evaluation: results keys
+    such as landmarks.spine.two_step.test.cobb_smape, the training overrides and the report,
+    without training anything."""
+    from regionnet.bench.landmarks import (
+        flat_keys,
+        landmarks_markdown,
+        max_time,
+        row_overrides,
+        targets,
+        test_figures,
+    )
+
+    s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
+    run = tmp_path / "run"
+    over = row_overrides(s, ("spine", "two_step"), run)
+    assert {"task=landmarks", "data.dataset=spine_aasce", "model.refine=true"} <= set(over)
+    assert f"paths.output_dir={run}" in over and "test=false" in over
+    assert max_time(0.45 * 20) == "00:00:09:00" and max_time(90) == "00:01:30:00"
+
+    evaluated = {"test/err_x_median_pct": 1.5, "test/err_x_median_pct_ci": [1.2, 1.9],
+                 "test/cobb_mae/pt": 4.0, "test/cobb_smape": 25.0, "test/pck@2": 0.4,
+                 "test/films": 72.0, "test/step1/cobb_smape": 30.0}  # fmt: skip
+    fig = test_figures(evaluated)
+    assert fig["err_x_median_pct_ci"] == [1.2, 1.9] and fig["cobb_mae_pt_deg"] == 4.0
+    assert fig["films"] == 72 and fig["pck_2pct"] == 0.4 and "cobb_smape_ci" not in fig
+    row = {"test": fig, "test_step1": test_figures(evaluated, "test/step1"), "epochs": 3,
+           "max_epochs": 4, "train_seconds": 500.0, "budget_minutes": 9.0,
+           "val_mre_pct_best": 10.0, "checkpoint": "best.ckpt",
+           "predict_films_per_s": 2.5}  # fmt: skip
+    res = {"settings": {"image_size": 256, "backbone": "tf_efficientnet_lite0",
+                        "pretrained": "ImageNet", "stride": 8, "head_width": 128,
+                        "batch_size": 8, "optimizer": "AdamW", "precision": "32-true",
+                        "budget_minutes": 20, "torch_threads": 2},
+           "spine": {"two_step": row}, "hand": {"two_step": {"skipped": "budget"}},
+           "wall_seconds": 600.0}  # fmt: skip
+    res["targets"] = targets(res)
+    keys = flat_keys(res)
+    assert keys["landmarks.spine.two_step.test.cobb_smape"] == 25.0
+    assert keys["landmarks.spine.two_step.test_step1.cobb_smape"] == 30.0
+    assert keys["landmarks.spine.two_step.predict_films_per_s"] == 2.5
+    met = {t["key"]: t["met"] for t in res["targets"]}
+    assert met == {"spine.two_step.test.err_x_median_pct": True,
+                   "spine.two_step.test.cobb_smape": False}  # fmt: skip
+    text = "\n".join(landmarks_markdown(res))
+    assert "## Landmarks (issue 17)" in text and "25.0" in text and "budget" in text

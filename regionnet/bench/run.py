@@ -83,6 +83,10 @@ def written_checkpoints(results: dict, settings: BenchSettings) -> list[str]:
         tr = results["transfer"]
         paths += [row["checkpoint"] for row in tr["rows"].values()]
         paths += [h["checkpoint"] for h in tr.get("hand_across_sources", {}).values()]
+    if settings.runs("landmarks") and "landmarks" in results:
+        lm = results["landmarks"]
+        paths += [r["checkpoint"] for g in ("spine", "hand") for r in lm.get(g, {}).values()
+                  if "checkpoint" in r]  # fmt: skip
     return [p for p in paths if Path(p).is_file()]
 
 
@@ -136,6 +140,12 @@ def fastest_predict(settings: BenchSettings, sp: dict, results: dict, ckpt: Path
     sp["predict"]["fastest_backend"] = best
     if int(sp["predict"]["image_size"]) == 224:
         sp["predict"]["end_to_end_224px_per_s"] = rates[best]
+
+
+def _landmarks(settings: BenchSettings) -> dict:
+    from regionnet.bench.landmarks import landmark_section
+
+    return landmark_section(settings)
 
 
 def _run_benchmark(settings: BenchSettings) -> dict:
@@ -212,6 +222,7 @@ def _run_benchmark(settings: BenchSettings) -> dict:
         "backbones": backbones_section,
         "ssl": ssl_section,
         "transfer": transfer_section,
+        "landmarks": _landmarks,
         # timing sections last: they want a quiet machine, the training sections do not mind
         "speed": speed,
         "scaling": scaling,

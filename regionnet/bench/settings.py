@@ -8,7 +8,7 @@ from pathlib import Path
 
 # the repository of an editable install (regionnet/bench/settings.py -> the repository root)
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer")
+SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer", "landmarks")
 #: input size (px) of every training with `--quick`: a smoke test, no meaningful number
 QUICK_SIZE = 32
 
@@ -62,6 +62,9 @@ class BenchSettings:
     transfer: FineTune = FineTune()
     #: trainer.accelerator of the transfer trainings
     transfer_accelerator: str = "cpu"
+    #: the landmarks section: wall-clock budget of all its trainings (min) and input size (px)
+    landmarks_minutes: float = 20.0
+    landmarks_image_size: int = 256
     #: the repository whose code is measured (git commit, working directory of sub-runs)
     repo: Path = REPO
     #: the command line recorded in the results
@@ -81,6 +84,8 @@ class BenchSettings:
             pretrain_size=QUICK_SIZE,
             pretrain_epochs=1,
             transfer=FineTune(QUICK_SIZE, 1, 1),
+            landmarks_minutes=1.0,
+            landmarks_image_size=QUICK_SIZE,
         )
 
     def runs(self, section: str) -> bool:
