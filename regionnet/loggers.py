@@ -295,6 +295,36 @@ def log_roc_curves(
         lg.experiment.log({f"{stage}/roc": plot, "trainer/global_step": step})
 
 
+def log_grade_confusion(
+    loggers: Sequence[Logger],
+    stage: str,
+    confusion: Mapping[str, Sequence[Sequence[int]]],
+    grades: Mapping[str, Sequence[str]],
+    step: int,
+) -> None:
+    """Each ordinal finding's confusion counts (rows = true grade) as a W&B confusion matrix
+    (`<stage>/confusion/<finding>`); other loggers skip it (regionnet-eval writes the matrix
+    into metrics.json and a PNG)."""
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wandb_loggers or not confusion:
+        return
+    import wandb
+
+    plots = {}
+    for f, counts in confusion.items():
+        pairs = [
+            (i, j) for i, row in enumerate(counts) for j, n in enumerate(row) for _ in range(n)
+        ]
+        plots[f"{stage}/confusion/{f}"] = wandb.plot.confusion_matrix(
+            y_true=[i for i, _ in pairs],
+            preds=[j for _, j in pairs],
+            class_names=list(grades[f]),
+            title=f"{stage}: true {f} x predicted",
+        )
+    for lg in wandb_loggers:
+        lg.experiment.log({**plots, "trainer/global_step": step})
+
+
 def wandb_summary(
     loggers: Sequence[Logger],
     metrics: dict[str, float],

@@ -247,8 +247,10 @@ def _value(v) -> str:
 def validate_findings(
     findings: Mapping[str, Mapping] | None, regions: Sequence[str]
 ) -> dict[str, dict]:
-    """`model.findings` checked and normalised: name -> {region, from, positive: [str],
-    negative: [str] or None}, in declaration order. Errors name the key and the fix."""
+    """`model.findings` checked and normalised, in declaration order: a binary finding is
+    name -> {region, from, positive: [str], negative: [str] or None}, an ordinal one name ->
+    {region, from, grades: [str]} (its values in order, lowest first, at least 3). Errors name
+    the key and the fix."""
     out: dict[str, dict] = {}
     for name, spec in dict(findings or {}).items():
         where = f"model.findings.{name}"
@@ -263,11 +265,15 @@ def validate_findings(
                 "(e.g. knee_oa)"
             )
         if not isinstance(spec, Mapping):
-            raise ValueError(f"{where}: give {{region: R, from: COLUMN, positive: [VALUES]}}")
-        unknown = sorted(set(spec) - {"region", "from", "positive", "negative"})
+            raise ValueError(
+                f"{where}: give {{region: R, from: COLUMN, positive: [VALUES]}} (binary) or "
+                "{region: R, from: COLUMN, grades: [LOWEST, ..., HIGHEST]} (ordinal)"
+            )
+        unknown = sorted(set(spec) - {"region", "from", "positive", "negative", "grades"})
         if unknown:
             raise ValueError(
-                f"{where}: unknown keys {unknown}; use region, from, positive, negative"
+                f"{where}: unknown keys {unknown}; use region, from, positive, negative "
+                "(binary) or grades (ordinal)"
             )
         region = spec.get("region")
         if region not in regions:
@@ -279,6 +285,9 @@ def validate_findings(
             raise ValueError(
                 f"{where}.from: name the record column holding the label (e.g. finding)"
             )
+        if "grades" in spec:
+            out[name] = {"region": region, "from": column, "grades": _grades(spec, where)}
+            continue
         positive = spec.get("positive")
         if isinstance(positive, str | int | float):
             positive = [positive]
@@ -286,6 +295,7 @@ def validate_findings(
         if not positive or "" in positive:
             raise ValueError(
                 f"{where}.positive: list the non-empty values that mean 1 (e.g. [KL2, KL3, KL4])"
+                ", or give grades: [...] for an ordinal finding"
             )
         negative = spec.get("negative")
         if negative is not None:
@@ -298,13 +308,57 @@ def validate_findings(
                     "(or leave it out: any other non-empty value is 0)"
                 )
         out[name] = {"region": region, "from": column, "positive": positive, "negative": negative}
+    _no_shared_columns(out)
     return out
 
 
+def _no_shared_columns(findings: Mapping[str, Mapping]) -> None:
+    """Two findings must not write the same prediction column (`p_kl_a` is both the grade `a`
+    of an ordinal `kl` and the probability of a binary `kl_a`)."""
+    seen: dict[str, str] = {}
+    for name, spec in findings.items():
+        cols = [f"p_{name}_{g}" for g in spec["grades"]] if is_ordinal(spec) else [f"p_{name}"]
+        for col in [*cols, name]:
+            if col in seen and seen[col] != name:
+                raise ValueError(
+                    f"model.findings.{name}: its column {col!r} is also one of "
+                    f"model.findings.{seen[col]}'s; rename one of them"
+                )
+            seen[col] = name
+
+
+def _grades(spec: Mapping, where: str) -> list[str]:
+    """The `grades` of an ordinal finding: distinct non-empty values, lowest first, >= 3."""
+    if "positive" in spec or "negative" in spec:
+        raise ValueError(
+            f"{where}: give either grades (ordinal) or positive/negative (binary), not both"
+        )
+    grades = spec["grades"]
+    if isinstance(grades, str) or not isinstance(grades, Sequence):
+        raise ValueError(
+            f"{where}.grades: list the values in order, lowest first (e.g. [KL0, KL1, KL2, KL3, "
+            "KL4])"
+        )
+    grades = [_value(v) for v in grades]
+    if len(grades) < 3 or "" in grades or len(set(grades)) != len(grades):
+        raise ValueError(
+            f"{where}.grades={grades}: list at least 3 distinct non-empty values, lowest first "
+            "(e.g. [KL0, KL1, KL2, KL3, KL4]); a finding with two values is binary: positive: "
+            "[VALUE]"
+        )
+    return grades
+
+
+def is_ordinal(spec: Mapping) -> bool:
+    """Whether a validated finding is ordinal (`grades`) rather than binary (`positive`)."""
+    return "grades" in spec
+
+
 def finding_targets(records: pd.DataFrame, findings: Mapping[str, Mapping]) -> np.ndarray:
-    """(N, F) float32 targets of validated `findings` for `records`: 1 for a positive value, 0
-    for a negative one (any other non-empty value when no `negative` list is given), NaN where
-    there is no label: an empty cell, a value in neither list, a missing column, or a film whose
+    """(N, F) float32 targets of validated `findings` for `records`. A binary finding: 1 for a
+    positive value, 0 for a negative one (any other non-empty value when no `negative` list is
+    given). An ordinal finding: the value's index in `grades` (0 = the lowest grade). NaN where
+    there is no label: an empty cell, a value in no list, a missing column, or a film whose
     `region` is not the finding's (a knee finding says nothing about a hand film)."""
     out = np.full((len(records), len(findings)), np.nan, dtype=np.float32)
     for k, spec in enumerate(findings.values()):
@@ -312,6 +366,12 @@ def finding_targets(records: pd.DataFrame, findings: Mapping[str, Mapping]) -> n
             continue
         values = [_value(v) for v in records[spec["from"]].tolist()]
         own = (records["region"].astype(str) == spec["region"]).to_numpy()
+        if is_ordinal(spec):
+            index = {g: j for j, g in enumerate(spec["grades"])}
+            for i, v in enumerate(values):
+                if own[i] and v in index:
+                    out[i, k] = float(index[v])
+            continue
         pos, neg = set(spec["positive"]), spec["negative"]
         for i, v in enumerate(values):
             if not own[i] or not v:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanAbsoluteError, MeanMetric, Metric
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -22,7 +22,11 @@ from torchmetrics.classification import (
     BinaryROC,
     BinarySpecificity,
     MulticlassAccuracy,
+    MulticlassCohenKappa,
+    MulticlassConfusionMatrix,
 )
+
+from regionnet.model.ordinal import predicted_grade
 
 
 class LabelCounts(Metric):
@@ -254,4 +258,73 @@ class FindingMetrics(nn.Module):
         for m in self.roc.values():
             m.reset()
         self.counts.reset()
+        self.labelled.reset()
+
+
+class OrdinalMetrics(nn.Module):
+    """Metric state of the ordinal finding heads for one stage, over the films with a grade:
+    per finding `stage/accuracy/<finding>` (exact grade), `stage/mae/<finding>` (mean absolute
+    error of the grade index), `stage/kappa/<finding>` (quadratic-weighted Cohen's kappa),
+    `stage/labelled/<finding>`, and the confusion matrix (`confusion`, rows = true grade). The
+    predicted grade is `regionnet.model.ordinal.predicted_grade`. Never in `auroc_mean`."""
+
+    def __init__(self, grades: dict[str, Sequence[str]]):
+        super().__init__()
+        self.grades = {f: list(g) for f, g in grades.items()}
+        self.per_finding = nn.ModuleDict(
+            {
+                f: nn.ModuleDict(
+                    {
+                        "accuracy": MulticlassAccuracy(num_classes=len(g), average="micro"),
+                        "mae": MeanAbsoluteError(),
+                        "kappa": MulticlassCohenKappa(num_classes=len(g), weights="quadratic"),
+                        "confusion": MulticlassConfusionMatrix(num_classes=len(g)),
+                    }
+                )
+                for f, g in self.grades.items()
+            }
+        )
+        self.labelled = LabelCounts(len(self.grades))
+
+    def update(self, probs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor):
+        """`probs`: finding -> (B, G) grade probabilities; `labels` (B, F_ordinal) grade
+        indices and `mask` (B, F_ordinal) labelled, columns in the order of `grades`."""
+        mask = mask.bool()
+        for k, f in enumerate(self.grades):
+            m = mask[:, k]
+            if not m.any():  # sum states only: an empty batch adds nothing
+                continue
+            target = labels[m, k].long()
+            pred = predicted_grade(probs[f][m].float())
+            for name, metric in self.per_finding[f].items():
+                if name == "mae":
+                    metric.update(pred.float(), target.float())
+                else:
+                    metric.update(pred, target)
+        self.labelled.update(mask.float())
+
+    def compute(self, stage: str) -> dict[str, float]:
+        """Plain floats keyed by logged name; metrics only for findings with labelled films."""
+        out: dict[str, float] = {}
+        labelled = self.labelled.compute()[0] if self.grades else []
+        for k, f in enumerate(self.grades):
+            out[f"{stage}/labelled/{f}"] = labelled[k]
+            if labelled[k] > 0:  # synced: every process computes or none
+                for name in ("accuracy", "mae", "kappa"):
+                    out[f"{stage}/{name}/{f}"] = float(self.per_finding[f][name].compute())
+        return out
+
+    def confusion(self) -> dict[str, list[list[int]]]:
+        """Finding -> counts [true grade][predicted grade] of the findings with labelled films."""
+        labelled = self.labelled.compute()[0] if self.grades else []
+        return {
+            f: self.per_finding[f]["confusion"].compute().long().tolist()
+            for k, f in enumerate(self.grades)
+            if labelled[k] > 0
+        }
+
+    def reset(self) -> None:
+        for group in self.per_finding.values():
+            for m in group.values():
+                m.reset()
         self.labelled.reset()

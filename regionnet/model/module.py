@@ -23,6 +23,12 @@ training loss is the region loss + `finding_weight` x a masked BCE (`masked_bce`
 the labelled entries only, so a film without a label gives that head no gradient). Metrics
 `stage/auroc/<finding>` etc. (`FindingMetrics`), thresholds chosen on validation
 (`finding_thresholds`, a buffer in the checkpoint); they never enter `stage/auroc_mean`.
+
+Ordinal findings (`{kl_grade: {region: knee, from: finding, grades: [KL0, KL1, KL2, KL3,
+KL4]}}`): an `OrdinalHead` with G-1 logits of P(grade > k), trained by the same masked BCE on
+the cumulative targets (grade > k) (`regionnet.model.ordinal`); their probabilities are given
+per grade, and `OrdinalMetrics` logs `stage/accuracy|mae|kappa/<finding>` and the confusion
+matrix (a W&B plot where W&B logs). Their entries of `finding_thresholds` are unused (0.5).
 """
 
 from __future__ import annotations
@@ -39,13 +45,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MaxMetric
 
-from regionnet.data.sources import validate_findings
+from regionnet.data.sources import is_ordinal, validate_findings
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
 from regionnet.model.checkpoint import refuse_file
-from regionnet.model.metrics import FindingMetrics, RegionMetrics
+from regionnet.model.metrics import FindingMetrics, OrdinalMetrics, RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
 from regionnet.model.optim import configure_optimizers
+from regionnet.model.ordinal import expand_targets, prob_slices, prob_widths, to_probs
 from regionnet.model.thresholds import calibrate, choose_threshold, parse_method
 from regionnet.regions import REGIONS, validate_regions
 
@@ -142,6 +149,8 @@ class RegionNet(L.LightningModule):
         self.hparams["findings"] = findings
         self.regions = regions
         self.findings = list(findings)
+        self.binary_findings = [f for f, s in findings.items() if not is_ordinal(s)]
+        self.ordinal_findings = {f: s["grades"] for f, s in findings.items() if is_ordinal(s)}
         self.net: RegionClassifier
         self.net, source = build_region_classifier(
             regions,
@@ -155,6 +164,7 @@ class RegionNet(L.LightningModule):
             head_dropout,
             channels_last,
             {f: spec["region"] for f, spec in findings.items()},
+            {f: len(g) for f, g in self.ordinal_findings.items()},
         )
         # Where the backbone's starting weights came from (package, version, sha256): built
         # now when weights were loaded, else kept from the checkpoint being restored.
@@ -184,7 +194,10 @@ class RegionNet(L.LightningModule):
         else:  # no buffer: the state dict, and so the model id, of a region-only model stay
             self.finding_thresholds = f_thresholds
         self.finding_metrics = nn.ModuleDict(
-            {s: FindingMetrics(self.findings) for s in ("val", "test", "external")}
+            {s: FindingMetrics(self.binary_findings) for s in ("val", "test", "external")}
+        )
+        self.ordinal_metrics = nn.ModuleDict(
+            {s: OrdinalMetrics(self.ordinal_findings) for s in ("val", "test", "external")}
         )
         self.val_auroc_best = MaxMetric()
 
@@ -208,8 +221,9 @@ class RegionNet(L.LightningModule):
         return self._infer(x)[1]
 
     def inference_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(region probabilities (B, R), finding probabilities (B, F)) as `inference_proba`
-        reports them (with `tta`), from one backbone pass (two with `tta`)."""
+        """(region probabilities (B, R), finding probabilities (B, P)) as `inference_proba`
+        reports them (with `tta`), from one backbone pass (two with `tta`). P = F with binary
+        findings only; an ordinal finding has one column per grade (`prob_slices`)."""
         _, probs, _, finding_probs = self._infer_all(x)
         return probs, finding_probs
 
@@ -217,7 +231,9 @@ class RegionNet(L.LightningModule):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(region logits, region probabilities, finding logits, finding probabilities); the
-        finding parts are (B, 0) without findings."""
+        finding parts are (B, 0) without findings. Finding logits in the logit layout, finding
+        probabilities in the probability layout (`regionnet.model.ordinal`): with `tta` the
+        cumulative probabilities of an ordinal finding are averaged, then decoded per grade."""
         if not self.findings:
             logits, probs = self._infer(x)
             return logits, probs, logits[:, :0], probs[:, :0]
@@ -227,17 +243,28 @@ class RegionNet(L.LightningModule):
             flipped, flipped_findings = self._all_logits(torch.flip(x, dims=(-1,)))
             probs = (probs + torch.sigmoid(flipped.float())) / 2
             finding_probs = (finding_probs + torch.sigmoid(flipped_findings.float())) / 2
+        finding_probs = to_probs(finding_probs, self.hparams.findings)
         return logits, probs, finding_logits, finding_probs
 
     def _all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Region logits (B, R) and finding logits (B, F) from one backbone pass."""
+        """Region logits (B, R) and finding logits (B, L) from one backbone pass: one column
+        per binary finding, G-1 per ordinal one (`regionnet.model.ordinal.logit_widths`)."""
         features = self.net.forward_features(x)
         heads = self.net.forward_head(features)
         found = self.net.forward_findings(features)
         logits = torch.stack([heads[r] for r in self.regions], dim=1)
         if not self.findings:
             return logits, logits[:, :0]
-        return logits, torch.stack([found[f] for f in self.findings], dim=1)
+        return logits, torch.cat([found[f].reshape(len(logits), -1) for f in self.findings], 1)
+
+    def finding_loss(
+        self, finding_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """`masked_bce` of the finding logits (B, L) against the batch's (B, F) targets and
+        mask, an ordinal finding's grade y spread over its G-1 columns as (y > k), its mask
+        with it: a film without a grade gives its head no gradient."""
+        targets, mask = expand_targets(labels, mask, self.hparams.findings)
+        return masked_bce(finding_logits, targets, mask)
 
     def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(plain logits, inference probabilities); the one place test-time augmentation is."""
@@ -311,7 +338,7 @@ class RegionNet(L.LightningModule):
         if self.findings:
             logits, finding_logits = self._all_logits(batch["image"])
             loss = self._loss(logits, batch["labels"], train=True)
-            finding_loss = masked_bce(
+            finding_loss = self.finding_loss(
                 finding_logits, batch["finding_labels"], batch["finding_mask"]
             )
             self.log("train/finding_loss", finding_loss, on_epoch=True, batch_size=len(logits))
@@ -328,6 +355,7 @@ class RegionNet(L.LightningModule):
         # Sanity-check validation must not leak into the best-so-far tracker.
         self.metrics["val"].reset()
         self.finding_metrics["val"].reset()
+        self.ordinal_metrics["val"].reset()
         self.val_auroc_best.reset()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -337,17 +365,34 @@ class RegionNet(L.LightningModule):
         logits, probs, _, finding_probs = self._infer_all(batch["image"])
         labels = batch["labels"]
         if self.findings and "finding_labels" in batch:
-            self.finding_metrics[stage].update(
-                finding_probs,
-                batch["finding_labels"],
-                batch["finding_mask"],
-                self.finding_thresholds,
-            )
+            self._update_findings(stage, finding_probs, batch)
         # the loss goes through torchmetrics too (`stage/loss`): Lightning's sync_dist mean
         # is wrong when processes see unequal image counts (it averages an integer count);
         # it is the plain forward's, with or without tta
         loss = self._loss(logits, labels)
         self.metrics[stage].update(probs, labels, self.thresholds, loss)
+
+    def _update_findings(self, stage: str, finding_probs: torch.Tensor, batch: dict) -> None:
+        """Binary findings to `FindingMetrics`, ordinal ones to `OrdinalMetrics`."""
+        labels, mask = batch["finding_labels"], batch["finding_mask"]
+        if not self.ordinal_findings:  # binary only: columns as they were
+            self.finding_metrics[stage].update(finding_probs, labels, mask, self.finding_thresholds)
+            return
+        cols = prob_slices(self.hparams.findings)
+        binary = [self.findings.index(f) for f in self.binary_findings]
+        if binary:
+            self.finding_metrics[stage].update(
+                torch.cat([finding_probs[:, cols[f]] for f in self.binary_findings], 1),
+                labels[:, binary],
+                mask[:, binary],
+                self.finding_thresholds[binary],
+            )
+        ordinal = [self.findings.index(f) for f in self.ordinal_findings]
+        self.ordinal_metrics[stage].update(
+            {f: finding_probs[:, cols[f]] for f in self.ordinal_findings},
+            labels[:, ordinal],
+            mask[:, ordinal],
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -383,8 +428,20 @@ class RegionNet(L.LightningModule):
         if not self.findings:
             return {}
         metrics = self.finding_metrics[stage]
-        values = metrics.compute(stage)
-        curves = metrics.roc_curves()
+        binary = bool(self.binary_findings)  # no binary finding: nothing to compute there
+        values = metrics.compute(stage) if binary else {}
+        if self.ordinal_findings:
+            ordinal = self.ordinal_metrics[stage]
+            values.update(ordinal.compute(stage))
+            confusion = ordinal.confusion()  # a sync: every rank
+            if not self.trainer.sanity_checking:
+                from regionnet.loggers import log_grade_confusion
+
+                log_grade_confusion(
+                    self.loggers, stage, confusion, self.ordinal_findings, self.global_step
+                )
+            ordinal.reset()
+        curves = metrics.roc_curves() if binary else {}
         if stage == "val" and not self.trainer.sanity_checking:
             method = self.hparams.threshold_method
             if parse_method(method)[0] == "rejection":
@@ -461,7 +518,10 @@ class RegionNet(L.LightningModule):
             probs, finding_probs = (
                 tuple(p.cpu() for p in self.inference_all(batch["image"]))
                 if "image" in batch
-                else (torch.empty(0, len(self.regions)), torch.empty(0, len(self.findings)))
+                else (
+                    torch.empty(0, len(self.regions)),
+                    torch.empty(0, sum(prob_widths(self.hparams.findings))),
+                )
             )
             out = {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
             return {**out, "finding_probs": finding_probs}

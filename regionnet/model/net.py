@@ -17,7 +17,9 @@ that reads the same backbone's features; see docs/architecture.md.
 Finding heads (`finding_heads`, one per declared finding, `model.findings`): a binary head of
 the same kind on the pooled features of the backbone of the finding's region, e.g. `knee_oa`
 on the knee head's features. `forward_findings(features)` gives their logits; `forward`,
-`logits` and `predict_proba` (what an export holds) stay region-only.
+`logits` and `predict_proba` (what an export holds) stay region-only. An ordinal finding
+(`grades`, `ordinal`: name -> number of grades G) has an `OrdinalHead` instead, G-1 logits of
+P(grade > k) (`regionnet.model.ordinal`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 from regionnet.model.backbone import build_backbone, feature_dim
-from regionnet.model.heads import region_heads
+from regionnet.model.heads import region_head, region_heads
+from regionnet.model.ordinal import OrdinalHead
 
 SHARED = "shared"
 
@@ -45,6 +48,7 @@ class RegionClassifier(nn.Module):
         head_dropout: float = 0.0,
         channels_last: bool = False,
         findings: Mapping[str, str] | None = None,
+        ordinal: Mapping[str, int] | None = None,
     ):
         super().__init__()
         self.regions = list(regions)
@@ -61,9 +65,18 @@ class RegionClassifier(nn.Module):
         self.channels_last = channels_last
         width = feature_dim(next(iter(backbones.values())))
         self.heads = region_heads(self.regions, width, head_hidden, head_dropout)
+        # finding name -> number of grades, for the ordinal findings only
+        self.finding_grades = dict(ordinal or {})
+        if set(self.finding_grades) - set(self.finding_regions):
+            raise ValueError(f"ordinal findings {self.finding_grades} are not all findings")
         # empty without findings: no parameters, so checkpoints without findings still load
-        self.finding_heads = region_heads(
-            list(self.finding_regions), width, head_hidden, head_dropout
+        self.finding_heads = nn.ModuleDict(
+            {
+                f: OrdinalHead(width, self.finding_grades[f], head_hidden, head_dropout)
+                if f in self.finding_grades
+                else region_head(width, head_hidden, head_dropout)
+                for f in self.finding_regions
+            }
         )
 
     @property
@@ -95,11 +108,10 @@ class RegionClassifier(nn.Module):
         return {r: self.heads[r](features[r]).squeeze(1) for r in self.regions}
 
     def forward_findings(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Logit (B,) per finding from `forward_features`' output (its region's features)."""
-        return {
-            f: self.finding_heads[f](features[r]).squeeze(1)
-            for f, r in self.finding_regions.items()
-        }
+        """Logit (B,) per binary finding, logits (B, G-1) of P(grade > k) per ordinal one, from
+        `forward_features`' output (its region's features)."""
+        out = {f: self.finding_heads[f](features[r]) for f, r in self.finding_regions.items()}
+        return {f: v if f in self.finding_grades else v.squeeze(1) for f, v in out.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
@@ -126,9 +138,11 @@ def build_region_classifier(
     head_dropout: float = 0.0,
     channels_last: bool = False,
     findings: Mapping[str, str] | None = None,
+    ordinal: Mapping[str, int] | None = None,
 ) -> tuple[RegionClassifier, dict]:
     """The network and where its backbone's starting weights came from (`build_backbone`).
-    `findings`: finding name -> region, one finding head each."""
+    `findings`: finding name -> region, one finding head each; `ordinal`: finding name ->
+    number of grades, for the ordinal ones."""
     names = [SHARED] if shared_backbone else list(regions)
     built = {
         n: build_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)
@@ -137,8 +151,9 @@ def build_region_classifier(
     backbones = nn.ModuleDict({n: net for n, (net, _) in built.items()})
     backbone_of = {r: SHARED if shared_backbone else r for r in regions}
     model = RegionClassifier(
-        regions, backbones, backbone_of, head_hidden, head_dropout, channels_last, findings
-    )
+        regions, backbones, backbone_of, head_hidden, head_dropout, channels_last, findings,
+        ordinal,
+    )  # fmt: skip
     return model, built[names[0]][1]
 
 
