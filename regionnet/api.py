@@ -27,6 +27,7 @@ from regionnet.data.dataset import load_image
 from regionnet.data.transforms import eval_transform
 from regionnet.decision import decide, resolve_thresholds
 from regionnet.io import RadiographReadError
+from regionnet.model.ordinal import grade_of, prob_slices
 
 Input = str | Path | np.ndarray | torch.Tensor
 
@@ -40,7 +41,11 @@ class Prediction:
     is `ok` or `error: <why>` (the same text as the CLI's `status` column) and `error` the why.
     `findings`: finding name -> probability of the model's finding heads (`model.findings`)
     whose region is the predicted `region`, e.g. `{"knee_oa": 0.83}` for a knee film; empty
-    for other regions, `unknown`, errors and models without finding heads.
+    for other regions, `unknown`, errors and models without finding heads. An ordinal finding
+    (`grades`) gives its expected grade index there (sum of grade index x probability, e.g.
+    `{"kl_grade": 2.3}`, 0 = the lowest grade), and its predicted grade's label in `grades`
+    (`{"kl_grade": "KL2"}`: the median grade, as the CLI's `<finding>` column); `grades` is
+    empty wherever `findings` is, and for binary findings.
 
     A landmark model (`task=landmarks`) fills `landmarks`: a list of [x, y] in the input
     image's pixels, in the data set's landmark order (`LandmarkPredictor.landmark_names`),
@@ -59,6 +64,7 @@ class Prediction:
     status: str = "ok"
     error: str | None = None
     findings: dict[str, float] = field(default_factory=dict)
+    grades: dict[str, str] = field(default_factory=dict)
     landmarks: list[list[float]] | None = None
     angles: dict[str, float] = field(default_factory=dict)
     boxes: list[dict] = field(default_factory=list)
@@ -121,6 +127,13 @@ class RegionPredictor:
         names = list(getattr(model, "findings", []))
         # finding name -> its region (the only region whose films it is meaningful for)
         self.finding_regions = {f: model.hparams.findings[f]["region"] for f in names}
+        # finding name -> its grade labels (ordinal findings), its columns of inference_all
+        self.finding_grades = {
+            f: list(model.hparams.findings[f]["grades"])
+            for f in names
+            if "grades" in model.hparams.findings[f]
+        }
+        self.finding_columns = prob_slices(model.hparams.findings) if names else {}
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -177,19 +190,35 @@ class RegionPredictor:
                 found = [[] for _ in probs]
             for (k, path), p, fp in zip(good, probs, found, strict=True):
                 region, above = decide(p, self._thresholds, self.regions)
-                findings = {
-                    f: q
-                    for (f, own), q in zip(self.finding_regions.items(), fp, strict=True)
-                    if own == region
-                }
+                findings, grades = self._findings(region, fp)
                 out[k] = Prediction(
-                    dict(zip(self.regions, p)), region, above, path, findings=findings
+                    dict(zip(self.regions, p)),
+                    region,
+                    above,
+                    path,
+                    findings=findings,
+                    grades=grades,
                 )
         return out  # type: ignore[return-value]
 
     def predict_one(self, x: Input) -> Prediction:
         """The prediction for one path or array."""
         return self.predict([x])[0]
+
+    def _findings(self, region: str, probs: list[float]) -> tuple[dict, dict]:
+        """`Prediction.findings` and `.grades` of one film: its finding probabilities (one
+        column per binary finding, one per grade of an ordinal one) on its predicted region."""
+        findings, grades = {}, {}
+        for f, own in self.finding_regions.items():
+            if own != region:
+                continue
+            p = probs[self.finding_columns[f]]
+            if f in self.finding_grades:
+                findings[f] = sum(k * q for k, q in enumerate(p))
+                grades[f] = self.finding_grades[f][grade_of(p)]
+            else:
+                findings[f] = p[0]
+        return findings, grades
 
 
 class LandmarkPredictor:

@@ -12,7 +12,12 @@ bootstrap CI, accuracy/sensitivity/specificity at the threshold, top-1 accuracy,
 With finding heads (`model.findings`), `metrics.json` also holds per stage and finding, over
 the films that carry its label: `stage/auroc/<finding>` with `stage/auroc_ci/<finding>`,
 `sensitivity`/`specificity` at the checkpoint's `finding_thresholds`, `labelled` and
-`positives`; `predictions.csv` gets `p_<finding>` for every film.
+`positives`; `predictions.csv` gets `p_<finding>` for every film. An ordinal finding
+(`grades`) has instead `stage/accuracy/<finding>` (exact grade), `stage/mae/<finding>` (grade
+index), `stage/kappa/<finding>` (quadratic-weighted Cohen's kappa) with `stage/kappa_ci/<finding>`,
+`labelled`, and `stage/confusion/<finding>` (counts, rows = true grade, columns = predicted,
+in the order of `grades`), drawn in `grade_confusion.png`; `predictions.csv` gets
+`p_<finding>_<grade>` and `<finding>` (the predicted grade).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.landmarks.evaluate import evaluate_landmarks
 from regionnet.landmarks.infer import is_landmark_checkpoint
 from regionnet.model.module import RegionNet, load_regionnet
+from regionnet.model.ordinal import predicted_grade, prob_slices
 from regionnet.regions import validate_regions
 from regionnet.reporting import (
     RocCurve,
     auroc,
     bootstrap_auroc_ci,
+    bootstrap_samples,
     decide_all,
     plot_confusion,
     plot_roc,
@@ -127,7 +134,8 @@ def predict_frame(
 ) -> tuple:
     """Probabilities (N, R) for the readable records of `frame` (returned, in order) and the
     (path, reason) of the unreadable ones, through Lightning's predict loop; `with_findings`:
-    the finding heads' probabilities (N, F) too, as a fourth item."""
+    the finding heads' probabilities (N, P) too, as a fourth item (one column per binary
+    finding, one per grade of an ordinal one: `regionnet.model.ordinal.prob_slices`)."""
     outputs = trainer.predict(model, dataloaders=dm._loader(frame, train=False)) or []
     paths = [p for o in outputs for p in o["path"]]
     errors = [tuple(e) for o in outputs for e in o["errors"]]
@@ -139,7 +147,7 @@ def predict_frame(
     if not with_findings:
         return readable, probs, errors
     found = [o["finding_probs"] for o in outputs if "finding_probs" in o]
-    n_findings = len(getattr(model, "findings", []))
+    n_findings = sum(p.stop - p.start for p in _finding_columns(model).values())
     found = torch.cat(found).float().numpy() if found else np.empty((len(probs), n_findings))
     return readable, probs, errors, found
 
@@ -155,10 +163,16 @@ def finding_metrics(
         return {}
     targets = finding_targets(records, model.hparams.findings)
     thresholds = model.finding_thresholds.tolist()
+    columns = _finding_columns(model)
     out: dict = {}
     for k, f in enumerate(names):
         m = ~np.isnan(targets[:, k])
-        y, p = targets[m, k].astype(int), probs[m, k]
+        if "grades" in model.hparams.findings[f]:
+            groups = records["patient_id"].to_numpy()[m] if unit == "patient" else None
+            y, p = targets[m, k].astype(int), probs[m][:, columns[f]]
+            out.update(grade_metrics(stage, f, y, p, groups, boot))
+            continue
+        y, p = targets[m, k].astype(int), probs[m, columns[f].start]
         out[f"{stage}/labelled/{f}"] = int(m.sum())
         out[f"{stage}/positives/{f}"] = int(y.sum())
         calls = p >= thresholds[k]
@@ -174,6 +188,53 @@ def finding_metrics(
             )
             if ci is not None:
                 out[f"{stage}/auroc_ci/{f}"] = list(ci)
+    return out
+
+
+def _finding_columns(model) -> dict[str, slice]:
+    """Finding name -> its columns of the finding probabilities."""
+    findings = model.hparams.get("findings") or {}
+    return prob_slices(findings) if getattr(model, "findings", None) else {}
+
+
+def quadratic_kappa(y: np.ndarray, pred: np.ndarray, grades: int) -> float | None:
+    """Quadratic-weighted Cohen's kappa of grade indices; None where undefined (every film
+    and every prediction the same grade)."""
+    observed = np.zeros((grades, grades))
+    np.add.at(observed, (y, pred), 1)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / max(len(y), 1)
+    index = np.arange(grades)
+    weights = (index[:, None] - index[None, :]) ** 2
+    chance = (weights * expected).sum()
+    return None if chance == 0 else float(1 - (weights * observed).sum() / chance)
+
+
+def grade_metrics(stage: str, name: str, y: np.ndarray, probs: np.ndarray, groups, boot) -> dict:
+    """An ordinal finding's metrics over its labelled films: `labelled`, `accuracy` (exact
+    grade), `mae` (grade index), `kappa` (quadratic) with its bootstrap CI (whole patients
+    resampled when `groups` is given), `confusion` (rows = true grade). `probs` (N, G)."""
+    grades = probs.shape[1]
+    pred = predicted_grade(torch.as_tensor(probs)).numpy()
+    out: dict = {f"{stage}/labelled/{name}": len(y)}
+    if not len(y):
+        return out
+    out[f"{stage}/accuracy/{name}"] = float((pred == y).mean())
+    out[f"{stage}/mae/{name}"] = float(np.abs(pred - y).mean())
+    if (kappa := quadratic_kappa(y, pred, grades)) is not None:
+        out[f"{stage}/kappa/{name}"] = kappa
+        samples = bootstrap_samples(len(y), groups, int(boot["resamples"]), int(boot["seed"]))
+        values = [
+            v for idx in samples if (v := quadratic_kappa(y[idx], pred[idx], grades)) is not None
+        ]
+        if values:
+            tail = (1 - float(boot["ci"])) / 2 * 100
+            out[f"{stage}/kappa_ci/{name}"] = [
+                float(np.percentile(values, tail)),
+                float(np.percentile(values, 100 - tail)),
+            ]
+    confusion = np.zeros((grades, grades), dtype=int)
+    np.add.at(confusion, (y, pred), 1)
+    out[f"{stage}/confusion/{name}"] = confusion.tolist()
     return out
 
 
@@ -280,8 +341,15 @@ def evaluate(cfg: DictConfig) -> dict:
         result.update(per_source_metrics(stage, records, probs, labels, regions, thresholds, boot))
         result.update(finding_metrics(stage, model, records, finding_probs, unit, boot))
         tables.append(predictions_table(stage, records, probs, regions, thresholds))
-        for k, f in enumerate(model.findings):
-            tables[-1][f"p_{f}"] = finding_probs[:, k]
+        for f, cols in _finding_columns(model).items():
+            grades = model.hparams.findings[f].get("grades")
+            if grades:
+                for g, column in zip(grades, finding_probs[:, cols].T, strict=True):
+                    tables[-1][f"p_{f}_{g}"] = column
+                best = predicted_grade(torch.as_tensor(finding_probs[:, cols])).numpy()
+                tables[-1][f] = [grades[j] for j in best]
+            else:
+                tables[-1][f"p_{f}"] = finding_probs[:, cols.start]
         blocks[stage] = confusion_block(records["region"], tables[-1]["region"], regions)
         curves[stage] = {
             r: RocCurve(
@@ -304,12 +372,27 @@ def evaluate(cfg: DictConfig) -> dict:
     figures = {"roc": plot_roc(curves, out / "roc.png", boot["ci"])} if curves else {}
     if blocks:
         figures["confusion"] = plot_confusion(blocks, out / "confusion.png")
+    if grade_blocks := _grade_blocks(result, model):
+        figures["grade_confusion"] = plot_confusion(
+            grade_blocks, out / "grade_confusion.png", what="grade"
+        )
     if errors:
         log.warning("%d unreadable files skipped; listed in %s", len(errors), out / "errors.csv")
     log_eval(cfg, result, figures, predictions)
     print_summary(result, regions, stages=tuple(blocks), findings=list(model.findings))
     log.info("evaluation of %s written to %s", cfg.ckpt_path, out)
     return result
+
+
+def _grade_blocks(result: dict, model) -> dict:
+    """`plot_confusion` panels of the ordinal findings' confusion matrices, per stage."""
+    blocks = {}
+    for key, counts in result.items():
+        stage, kind, name = (key.split("/") + ["", ""])[:3]
+        if kind == "confusion" and name in (getattr(model, "findings", None) or []):
+            grades = list(model.hparams.findings[name]["grades"])
+            blocks[f"{stage} {name}"] = {"counts": counts, "true": grades, "predicted": grades}
+    return blocks
 
 
 def per_source_metrics(stage, records, probs, labels, regions, thresholds, boot) -> dict:

@@ -62,18 +62,29 @@ def model_card(model, datamodule, metrics: Mapping[str, float]) -> dict:
 
 
 def _findings(model, metrics: Mapping[str, float]) -> dict:
-    """Per finding head: its declaration, its threshold (chosen on validation) and its
-    metrics, over the films that carry its label."""
+    """Per finding head: its declaration, its threshold (chosen on validation; binary heads)
+    and its metrics, over the films that carry its label."""
     out = {}
     for k, f in enumerate(model.findings):
         spec = dict(model.hparams.findings[f])
+        found = {key: v for key, v in metrics.items() if key.endswith(f"/{f}") and "/" in key}
+        if "grades" in spec:
+            out[f] = {
+                **spec,
+                "kind": "ordinal",
+                "label": (
+                    f"the grade of {spec['from']}, lowest first {spec['grades']}, on "
+                    f"{spec['region']} films only"
+                ),
+                "output": "a probability per grade; the predicted grade is the median grade",
+                "metrics": found,
+            }
+            continue
         out[f] = {
             **spec,
             "label": f"1 = {spec['from']} in {spec['positive']}, on {spec['region']} films only",
             "threshold": float(model.finding_thresholds[k]),
-            "metrics": {
-                key: v for key, v in metrics.items() if key.endswith(f"/{f}") and "/" in key
-            },
+            "metrics": found,
         }
     return out
 

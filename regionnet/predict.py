@@ -409,14 +409,18 @@ def print_summary(summary: dict) -> None:
         )
 
 
-def finding_specs(model) -> dict[str, tuple[str, float]]:
-    """Finding name -> (its region, its threshold) of a checkpoint's finding heads."""
+def finding_specs(model) -> dict[str, tuple[str, float | tuple[str, ...]]]:
+    """Finding name -> (its region, its threshold) of a checkpoint's binary finding heads,
+    (its region, its grades) of its ordinal ones."""
     names = list(getattr(model, "findings", []))
     if not names:
         return {}
-    regions = [model.hparams.findings[f]["region"] for f in names]
+    specs = [model.hparams.findings[f] for f in names]
     thresholds = model.finding_thresholds.tolist()
-    return {f: (r, float(t)) for f, r, t in zip(names, regions, thresholds, strict=True)}
+    return {
+        f: (s["region"], tuple(s["grades"]) if "grades" in s else float(t))
+        for f, s, t in zip(names, specs, thresholds, strict=True)
+    }
 
 
 def predict_trainer_config(cfg: DictConfig) -> dict:
@@ -550,7 +554,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 audit,
                 server is not None,
                 body_part=body_part_dir is not None,
-                findings=list(findings),
+                findings=findings,
             )
             done = read_done(
                 output,

@@ -265,8 +265,9 @@ def plot_roc(
     return _save(fig, path)
 
 
-def plot_confusion(blocks: Mapping[str, Mapping], path: str | Path) -> Path:
-    """One panel per stage: counts of true x predicted region, shaded by row share."""
+def plot_confusion(blocks: Mapping[str, Mapping], path: str | Path, what: str = "region") -> Path:
+    """One panel per stage: counts of true x predicted `what` (region, or an ordinal finding's
+    grade), shaded by row share."""
     from matplotlib.figure import Figure
 
     n = max(1, len(blocks))
@@ -282,7 +283,7 @@ def plot_confusion(blocks: Mapping[str, Mapping], path: str | Path) -> Path:
         ax.set_xticks(range(len(b["predicted"])), b["predicted"], rotation=45, ha="right")
         ax.set_yticks(range(len(b["true"])), b["true"])
         title = f"{stage}: confusion ({int(counts.sum())} images)"
-        ax.set(xlabel="predicted region", ylabel="true region", title=title)
+        ax.set(xlabel=f"predicted {what}", ylabel=f"true {what}", title=title)
     return _save(fig, path)
 
 

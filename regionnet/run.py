@@ -148,6 +148,12 @@ def print_summary(
         if r not in regions and r not in findings:
             return f"{metrics[k]:.3f}" if (k := f"{stage}/{r}") in metrics else "n/a"
         a, ci = metrics.get(f"{stage}/auroc/{r}"), metrics.get(f"{stage}/auroc_ci/{r}")
+        if a is None and (kappa := metrics.get(f"{stage}/kappa/{r}")) is not None:
+            acc, n = (
+                metrics.get(f"{stage}/accuracy/{r}", float("nan")),
+                metrics.get(f"{stage}/labelled/{r}", 0),
+            )
+            return f"kappa {kappa:.3f}, accuracy {acc:.3f}, n={int(n)}"  # an ordinal finding
         text = "n/a" if a is None else f"{a:.3f}"
         if a is not None and ci is not None:
             text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"

@@ -16,7 +16,10 @@ lines when the file name ends in `.jsonl`. Columns, in order:
 - `snomed`, `radlex`, `dicom_body_part`: codes of the predicted region (empty for unknown);
 - with finding heads (`model.findings`), per finding in declaration order: `p_<finding>`, its
   probability, and `<finding>`, 1 or 0 at the finding's threshold (chosen on validation);
-  both filled only where the predicted region is the finding's region, empty otherwise;
+  both filled only where the predicted region is the finding's region, empty otherwise; an
+  ordinal finding (`grades`) has `p_<finding>_<grade>` per grade, its probability, and
+  `<finding>`, the predicted grade (e.g. `KL2`: the median grade,
+  `regionnet.model.ordinal.grade_of`), filled likewise;
 - with `audit=true`: `header_region`, `mismatch`, `study_uid`, `series_uid`, `sop_uid`
   (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable; the UIDs
   are not repeated for `input=dicomweb`);
@@ -59,7 +62,7 @@ import os
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +81,7 @@ from regionnet.dicom_tags import (
     write_body_part,
 )
 from regionnet.io import RadiographReadError, is_dicom, read_dicom_header
+from regionnet.model.ordinal import grade_of
 from regionnet.regions import UNKNOWN, region_info
 
 log = logging.getLogger(__name__)
@@ -97,31 +101,63 @@ def prediction_columns(
     audit: bool = False,
     uids: bool = False,
     body_part: bool = False,
-    findings: Sequence[str] = (),
+    findings: Sequence[str] | Mapping[str, tuple] = (),
 ) -> list[str]:
     """Output columns in order (see the module docstring); `uids` for `input=dicomweb`
     (with the `sr_status` column), `body_part` for `dicom.write_body_part`, `findings` the
-    finding heads' names."""
+    finding heads' names, or `regionnet.predict.finding_specs` (needed for ordinal ones)."""
     cols = ["path", *(UID_COLUMNS if uids else ())]
     cols += [*(f"p_{r}" for r in regions), "region", "regions", "status"]
     cols += ["sr_status"] if uids else []
     cols += CODE_COLUMNS
-    cols += [c for f in findings for c in (f"p_{f}", f)]
+    cols += [c for f, spec in _finding_specs(findings).items() for c in finding_columns(f, spec)]
     cols += [c for c in AUDIT_COLUMNS if c not in cols] if audit else []
     cols += [BODY_PART_COLUMN] if body_part else []
     return [*cols, MODEL_ID_COLUMN]
 
 
+def _finding_specs(findings: Sequence[str] | Mapping[str, tuple]) -> dict[str, tuple | None]:
+    return dict(findings) if isinstance(findings, Mapping) else dict.fromkeys(findings)
+
+
+def _grades(spec: tuple | None) -> list[str] | None:
+    """The grade labels of an ordinal finding's (region, grades) spec; None for binary."""
+    rule = spec[1] if spec is not None else None
+    return list(rule) if isinstance(rule, list | tuple) else None
+
+
+def finding_columns(name: str, spec: tuple | None = None) -> list[str]:
+    """`p_<finding>`, `<finding>` (binary) or `p_<finding>_<grade>`..., `<finding>` (ordinal)."""
+    grades = _grades(spec)
+    return [*(f"p_{name}_{g}" for g in grades), name] if grades else [f"p_{name}", name]
+
+
 def finding_values(
-    findings: dict[str, tuple[str, float]], region: str, probs: Sequence[float]
+    findings: dict[str, tuple[str, float | tuple]], region: str, probs: Sequence[float]
 ) -> dict[str, Any]:
-    """`p_<finding>` (rounded probability) and `<finding>` (1/0 at its threshold) of the
-    findings whose region is the predicted `region`; None (an empty cell) for the others."""
+    """Of the findings whose region is the predicted `region`, a binary finding's
+    `p_<finding>` (rounded probability) and `<finding>` (1/0 at its threshold), an ordinal
+    finding's `p_<finding>_<grade>` and `<finding>` (the predicted grade's label); None (an
+    empty cell) for the others. `findings`: name -> (region, threshold) or (region, grades);
+    `probs` in the probability layout (`regionnet.model.ordinal`: one per grade)."""
     out: dict[str, Any] = {}
-    for (name, (own, threshold)), p in zip(findings.items(), probs, strict=True):
+    probs, start = [float(p) for p in probs], 0
+    for name, (own, rule) in findings.items():
         here = own == region
-        out[f"p_{name}"] = round(float(p), 6) if here else None
-        out[name] = int(float(p) >= threshold) if here else None
+        grades = _grades((own, rule))
+        if grades:
+            p = probs[start : start + len(grades)]
+            start += len(grades)
+            for g, q in zip(grades, p, strict=True):
+                out[f"p_{name}_{g}"] = round(q, 6) if here else None
+            out[name] = grades[grade_of(p)] if here else None
+        else:
+            p = probs[start]
+            start += 1
+            out[f"p_{name}"] = round(p, 6) if here else None
+            out[name] = int(p >= rule) if here else None
+    if start != len(probs):
+        raise ValueError(f"{len(probs)} finding probabilities for columns of {list(findings)}")
     return out
 
 
@@ -399,8 +435,9 @@ class PredictionWriter(BasePredictionWriter):
     headers the batch brings along (`batch["headers"]`: path -> tags) instead of files.
     `sr_store` (a `regionnet.sr.SRStore`, `dicomweb.store_sr=true`) stores each batch's SRs
     before its rows are written, so that `sr_status` says what happened. `model_id` fills the
-    `model_id` column. `findings`: finding name -> (region, threshold) of the model's finding
-    heads; their columns come from the batch's `finding_probs`.
+    `model_id` column. `findings`: finding name -> (region, threshold) of the model's binary
+    finding heads, (region, grades) of its ordinal ones (`regionnet.predict.finding_specs`);
+    their columns come from the batch's `finding_probs`.
     """
 
     def __init__(
@@ -420,7 +457,7 @@ class PredictionWriter(BasePredictionWriter):
         uids: bool = False,
         sr_store=None,
         model_id: str = "",
-        findings: dict[str, tuple[str, float]] | None = None,
+        findings: dict[str, tuple[str, float | tuple]] | None = None,
     ):
         super().__init__(write_interval="batch")
         self.findings = dict(findings or {})
@@ -443,7 +480,7 @@ class PredictionWriter(BasePredictionWriter):
             audit,
             uids,
             body_part=self.body_part_dir is not None,
-            findings=list(self.findings),
+            findings=self.findings,
         )
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
