@@ -32,6 +32,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from regionnet.boxes.evaluate import evaluate_boxes
+from regionnet.boxes.infer import is_box_checkpoint
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
@@ -286,6 +288,9 @@ def evaluate(cfg: DictConfig) -> dict:
     # landmark heads: regionnet/landmarks/evaluate.py (a missing file: the region path's error)
     if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_landmark_checkpoint(cfg.ckpt_path):
         return evaluate_landmarks(cfg, cfg.ckpt_path)
+    # box heads (vertebrae): regionnet/boxes/evaluate.py
+    if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_box_checkpoint(cfg.ckpt_path):
+        return evaluate_boxes(cfg, cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
     split = cfg.get("split", "test")
     if split not in SPLIT_CHOICES:

@@ -301,3 +301,20 @@ def test_real_spine_films_give_17_vertebra_boxes_on_the_film(shared_data):
     train_batch = next(iter(dm.train_dataloader()))  # augmented: boxes on the input
     for b in train_batch["boxes"]:
         assert len(b) and (b >= 0).all() and (b <= 128).all()
+
+
+def test_box_evaluation_reports_map_per_level_and_time_per_film(trained, tmp_path):
+    from regionnet.evaluate import evaluate
+
+    ckpt = trained["dir"] / "checkpoints" / "best.ckpt"
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}",
+                                  "num_workers=0", "trainer.accelerator=cpu"])  # fmt: skip
+    result = evaluate(cfg)  # regionnet-eval hands box checkpoints to evaluate_boxes
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["test/map_50"] == pytest.approx(trained["metrics"]["test/map_50"], abs=1e-6)
+    assert set(saved["per_level"]) == {f"V{i}" for i in range(1, VERTEBRAE + 1)}
+    assert saved["test/films"] == len(trained["dm"].split_frame("test"))
+    assert saved["test/seconds_per_film"] > 0 and "not lesions" in result["task"]
+    assert (tmp_path / "ap_by_level.png").is_file()
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == saved["test/films"] and rows[0]["split"] == "test"

@@ -39,6 +39,8 @@ SUMMARY = ("map", "map_50", "map_75", "mar_100")
 
 def box_metric(iou_thresholds: Sequence[float] | None = None) -> MeanAveragePrecision:
     """COCO box mAP in [x1, y1, x2, y2] pixels, per class too (`class_metrics`)."""
+    # faster_coco_eval logs its 24-line COCO table at INFO on every compute; we log the numbers
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
     return MeanAveragePrecision(
         box_format="xyxy",
         iou_type="bbox",

@@ -44,9 +44,13 @@ def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
     outputs = trainer.predict(
         model, dataloaders=dm.test_dataloader(), ckpt_path=ckpt_path, weights_only=True
     )
-    names = model.box_names
+    return pd.DataFrame(prediction_rows(outputs or [], model.box_names))
+
+
+def prediction_rows(outputs, names) -> list[dict]:
+    """Rows of `BoxNet.predict_step` outputs (see the module docstring)."""
     rows = []
-    for out in outputs or []:
+    for out in outputs:
         for k, path in enumerate(out["path"]):
             b, s, c = out["boxes"][k], out["scores"][k], out["labels"][k]
             row = {"path": path, "boxes": boxes_json(box_list(b, s, c, names))}
@@ -58,7 +62,7 @@ def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
                 row["found_50"] = found_at_50(b, c, tb, tc)
                 row["n_true"] = len(tb)
             rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
 def print_summary(metrics: Mapping[str, float]) -> None:
