@@ -31,7 +31,8 @@ class ImagesPerSecond(L.Callback):
         now = time.perf_counter()
         self.seconds += now - self._mark
         self._mark = now
-        self.images += len(batch["labels"]) if "labels" in batch else 0
+        # every head type's batches carry `image` (a batch of unreadable files has none)
+        self.images += len(batch["image"]) if "image" in batch else 0
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.seconds > 0:
