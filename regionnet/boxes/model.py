@@ -31,6 +31,7 @@ from regionnet.landmarks.model import feature_indices
 from regionnet.model.backbone import build_backbone
 
 STRIDES = (8, 16, 32)
+REGRESSION_BIAS = 1.0  # the side-distance outputs' starting bias, in anchor sizes (see below)
 
 
 class TimmFPN(nn.Module):
@@ -90,4 +91,9 @@ def build_box_network(
         detections_per_img=int(detections_per_img),
         topk_candidates=int(topk_candidates),
     )
+    # torchvision's FCOS regresses the four side distances through a ReLU from a zero bias, so
+    # at the start half of them sit at the ReLU's kink; a side pushed below it in the first
+    # steps gets no gradient again (seen here: box edges stuck on the anchor points, GIoU loss
+    # flat near 0.9 on spine films). A bias of 1 starts every side at one anchor size.
+    nn.init.constant_(detector.head.regression_head.bbox_reg.bias, REGRESSION_BIAS)
     return detector, source

@@ -65,6 +65,13 @@ def prediction_rows(outputs, names) -> list[dict]:
     return rows
 
 
+def level_order(name: str) -> tuple:
+    """Head to foot: C, T, L, S levels by number (T1 ... T12, L1 ... L5), others after."""
+    region, number = name[:1], name[1:]
+    rank = "CTLS".find(region) if region and region in "CTLS" else 4
+    return (rank, int(number) if number.isdigit() else 0, name)
+
+
 def print_summary(metrics: Mapping[str, float]) -> None:
     """Vertebra mAP on the console: the summary figures, then AP per level; a column per
     stage."""
@@ -77,10 +84,8 @@ def print_summary(metrics: Mapping[str, float]) -> None:
     for s in stages:
         table.add_column(f"{s} AP@[.5:.95]", justify="right")
         table.add_column(f"{s} AP@0.5", justify="right")
-    levels = sorted(
-        {k.split("/", 2)[2] for k in metrics if k.split("/")[1:2] == ["ap_50"]},
-        key=lambda n: next((i for i, k in enumerate(metrics) if k.endswith(f"/{n}")), 0),
-    )
+    levels = sorted({k.split("/", 2)[2] for k in metrics if k.split("/")[1:2] == ["ap_50"]},
+                    key=level_order)  # fmt: skip
 
     def cell(key: str) -> str:
         return f"{metrics[key]:.3f}" if key in metrics else "n/a"
