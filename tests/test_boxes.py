@@ -185,8 +185,8 @@ def test_training_writes_the_run_files_and_learns_the_boxes(trained):
         assert np.isfinite(saved[f"test/{name}"]), name
         assert f"val/{name}" in saved, name
     assert saved["val/map_50_best"] == pytest.approx(metrics["val/map_50_best"])
-    # untrained FCOS scores about 0 here; a dozen tiny epochs find most vertebrae
-    assert saved["test/map_50"] > 0.5, saved["test/map_50"]
+    # untrained FCOS scores about 0 here; these 12 tiny epochs reached 1.00 (mAP@[.5:.95] 0.56)
+    assert saved["test/map_50"] > 0.8, saved["test/map_50"]
     card = json.loads((out / "checkpoints" / "model_card.json").read_text())
     assert card["box_names"] == [f"V{i}" for i in range(1, VERTEBRAE + 1)]
     assert "not lesions" in card["task"]
