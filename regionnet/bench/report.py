@@ -162,6 +162,8 @@ def _speed(sp: dict) -> list[str]:
             ]
         elif "refused" in q:
             lines += [f"int8 ONNX: refused by its AUROC guard ({q['refused']}).", ""]
+        elif "skipped" in q:
+            lines += [f"int8 ONNX: not measured ({q['skipped']}).", ""]
     dec = sp.get("decode")
     if dec:  # regionnet/bench/decode.py
         kinds = [k[: -len("_per_s_per_core")] for k in dec if k.endswith("_per_s_per_core")]

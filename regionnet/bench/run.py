@@ -122,6 +122,10 @@ def fastest_predict(settings: BenchSettings, sp: dict, results: dict, ckpt: Path
     from regionnet.quantize import QuantizationRefused
 
     rates = {"torch_fp32": sp["predict"]["end_to_end_per_s"]}
+    if settings.quick:  # tiny inputs (32 px): int8 convolutions refuse feature maps that small
+        sp["predict"]["onnx_int8"] = {"skipped": "--quick"}
+        sp["predict"]["fastest_backend"] = "torch_fp32"
+        return
     try:
         log("speed: int8 ONNX vs fp32 ONNX (quantize=int8, AUROC guard on val)")
         facts = int8_benchmark(ckpt, settings.artifacts / "int8")
