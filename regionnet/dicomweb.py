@@ -482,7 +482,8 @@ class DicomWebDataset(TorchDataset):
 
     A sample is the `RadiographDataset` sample plus `header` (the audit tags); unreadable
     pixels give `{path, index, error, header}`, a failed retrieve `{path, index, error}`.
-    `keep_datasets` adds `dataset`, the instance without its pixel data, for the SR.
+    `keep_datasets` adds `dataset`, the instance without its pixel data, for the SR; `target`
+    decodes at reduced size for a model of that `image_size`, as `RadiographDataset` does.
     """
 
     def __init__(
@@ -491,12 +492,16 @@ class DicomWebDataset(TorchDataset):
         paths: Sequence[str],
         transform: Callable[[torch.Tensor], torch.Tensor],
         keep_datasets: bool = False,
+        target: int | None = None,
     ):
         self.server = server
         self.paths = list(paths)
         self.refs = [InstanceRef.from_uri(p) for p in self.paths]
         self.transform = transform
         self.keep_datasets = keep_datasets
+        # the model's image_size: decoded at reduced size exactly as files on disk are
+        # (read_radiograph(path, target=)), so an instance and its file give the same row
+        self.target = target
         self._client = None
         self._pid = None
 
@@ -525,7 +530,7 @@ class DicomWebDataset(TorchDataset):
             return self._failed(path, i, retrieve_error(e), e)
         sample: dict = {"path": path, "index": i, "header": dataset_header(ds)}
         try:
-            pixels = dicom_pixels(ds, path)
+            pixels = dicom_pixels(ds, path, target=self.target)
         except RadiographReadError as e:
             log.warning("skipping unreadable instance: %s", e)
             sample["error"] = e.reason

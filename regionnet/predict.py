@@ -634,7 +634,13 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         if server is not None:
             from regionnet.dicomweb import DicomWebDataset, dicomweb_collate
 
-            dataset = DicomWebDataset(server, paths, eval_transform(model), keep_datasets=store_sr)
+            dataset = DicomWebDataset(
+                server,
+                paths,
+                eval_transform(model),
+                keep_datasets=store_sr,
+                target=int(model.hparams.image_size),
+            )
             batch_size = int(web_cfg.get("batch_size") or batch_size)
             collate_fn = dicomweb_collate
         else:
