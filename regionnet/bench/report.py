@@ -172,7 +172,7 @@ def _speed(sp: dict) -> list[str]:
             f"Decode rate per core, full-resolution originals ({dec['films']} films, read + "
             f"letterbox to {dec['image_size']} px, one thread): full read vs reduced read.",
             "",
-            "| format | full /s | reduced /s | speed-up |",
+            "| format | full, films/s | reduced, films/s | speed-up |",
             "|---|---|---|---|",
         ]
         for k in kinds:
