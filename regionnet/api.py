@@ -312,15 +312,17 @@ def load_model(
     `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
     or a mapping region -> threshold); landmark and box models have none.
     """
-    from regionnet.boxes.infer import is_box_checkpoint, load_box_model
-    from regionnet.landmarks.infer import is_landmark_checkpoint, load_landmark_model
+    from regionnet.boxes.infer import load_box_model
+    from regionnet.landmarks.infer import load_landmark_model
+    from regionnet.model.checkpoint import checkpoint_task
 
     path = Path(str(ckpt)).expanduser()
-    if path.is_file() and is_box_checkpoint(path):
+    task = checkpoint_task(path)
+    if task == "boxes":
         if thresholds is not None:
             raise ValueError(f"{path.name} is a box model: it has no thresholds to override")
         return BoxPredictor(load_box_model(path, device), device)
-    if path.is_file() and is_landmark_checkpoint(path):
+    if task == "landmarks":
         if thresholds is not None:
             raise ValueError(f"{path.name} is a landmark model: it has no thresholds to override")
         return LandmarkPredictor(load_landmark_model(path, device), device)

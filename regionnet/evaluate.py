@@ -33,12 +33,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.boxes.evaluate import evaluate_boxes
-from regionnet.boxes.infer import is_box_checkpoint
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.landmarks.evaluate import evaluate_landmarks
-from regionnet.landmarks.infer import is_landmark_checkpoint
+from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.model.ordinal import predicted_grade, prob_slices
 from regionnet.regions import validate_regions
@@ -286,10 +285,11 @@ def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.Da
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt_path` as configured (conf/eval.yaml); return the metrics dict."""
     # landmark heads: regionnet/landmarks/evaluate.py (a missing file: the region path's error)
-    if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_landmark_checkpoint(cfg.ckpt_path):
-        return evaluate_landmarks(cfg, cfg.ckpt_path)
     # box heads (vertebrae): regionnet/boxes/evaluate.py
-    if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_box_checkpoint(cfg.ckpt_path):
+    task = checkpoint_task(cfg.ckpt_path)
+    if task == "landmarks":
+        return evaluate_landmarks(cfg, cfg.ckpt_path)
+    if task == "boxes":
         return evaluate_boxes(cfg, cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
     split = cfg.get("split", "test")

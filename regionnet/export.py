@@ -39,7 +39,7 @@ from torch import nn
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.landmarks.export import export_landmarks
-from regionnet.landmarks.infer import is_landmark_checkpoint
+from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.identity import model_id
 from regionnet.model.module import RegionNet, load_regionnet
 from regionnet.quantize import import_quantization, int8_path, quantize_int8, quantize_mode
@@ -237,7 +237,7 @@ def export(cfg: DictConfig) -> Path:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ValueError("ckpt_path is required: regionnet-export ckpt_path=.../best.ckpt")
     # landmark heads: regionnet/landmarks/export.py (a missing file: the region path's error)
-    if Path(str(cfg.ckpt_path)).expanduser().is_file() and is_landmark_checkpoint(cfg.ckpt_path):
+    if checkpoint_task(cfg.ckpt_path) == "landmarks":
         return export_landmarks(cfg)
     ckpt = Path(cfg.ckpt_path).expanduser()
     model, norm = load_checkpoint(ckpt)

@@ -69,7 +69,7 @@ from regionnet.backends import (
     check_onnxruntime_options,
     onnx_file_model,
 )
-from regionnet.boxes.infer import is_box_checkpoint, load_box_model
+from regionnet.boxes.infer import load_box_model
 from regionnet.boxes.predict import predict_boxes
 from regionnet.data.dataset import (
     RadiographDataset,
@@ -83,8 +83,9 @@ from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import body_part_mode, mirrored_path
 from regionnet.io import IMAGE_EXTENSIONS
-from regionnet.landmarks.infer import is_landmark_checkpoint, load_landmark_model
+from regionnet.landmarks.infer import load_landmark_model
 from regionnet.landmarks.predict import predict_landmarks
+from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.identity import model_id
 from regionnet.regions import UNKNOWN
 from regionnet.study_view import GROUP_BY, write_study_view
@@ -495,18 +496,17 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     store_sr = server is not None and bool(web_cfg.get("store_sr"))
 
     ckpt = cfg.get("ckpt_path")
-    if ckpt and not cfg.get("onnx_path") and is_landmark_checkpoint(ckpt):
-        # landmark heads: the same inputs, reader and predict loop, their own rows
+    task = checkpoint_task(ckpt) if ckpt and not cfg.get("onnx_path") else "regions"
+    if task != "regions":
+        # landmark or box heads: the same inputs, reader and predict loop, their own rows
         if server is not None:
             raise ValueError("input=dicomweb is for region models; give files or a folder")
-        model = load_landmark_model(ckpt)
-        return predict_landmarks(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
-    if ckpt and not cfg.get("onnx_path") and is_box_checkpoint(ckpt):
-        # box heads (vertebrae): the same inputs, reader and predict loop, their own rows
-        if server is not None:
-            raise ValueError("input=dicomweb is for region models; give files or a folder")
-        model = load_box_model(ckpt)
-        return predict_boxes(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
+        load, run = (
+            (load_landmark_model, predict_landmarks)
+            if task == "landmarks"
+            else (load_box_model, predict_boxes)
+        )
+        return run(cfg, load(ckpt), paths, output, predict_trainer_config(cfg), cam_dir)
 
     backend = backend_name(cfg.get("backend"))
     # before any ONNX Runtime session is made: it takes torch's thread count

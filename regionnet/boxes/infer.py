@@ -19,13 +19,12 @@ import torch
 
 from regionnet.data.transforms import eval_transform
 from regionnet.landmarks.infer import collate, prepare
-from regionnet.model.checkpoint import load_plain, refuse_file
+from regionnet.model.checkpoint import checkpoint_task, refuse_file
 
 
 def is_box_checkpoint(path: str | Path) -> bool:
     """Whether a checkpoint holds a box model (its hyperparameters name boxes)."""
-    hparams = load_plain(path).get("hyper_parameters") or {}
-    return "box_names" in hparams
+    return checkpoint_task(path) == "boxes"
 
 
 def load_box_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):

@@ -23,15 +23,14 @@ from regionnet.io import RadiographReadError
 from regionnet.landmarks.coords import letterbox_params
 from regionnet.landmarks.geometry import cobb_angles
 from regionnet.landmarks.metrics import COBB_POINTS
-from regionnet.model.checkpoint import load_plain, refuse_file
+from regionnet.model.checkpoint import checkpoint_task, refuse_file
 
 ANGLES = ("pt", "mt", "tl")
 
 
 def is_landmark_checkpoint(path: str | Path) -> bool:
     """Whether a checkpoint holds a landmark model (its hyperparameters name landmarks)."""
-    hparams = load_plain(path).get("hyper_parameters") or {}
-    return "landmark_names" in hparams
+    return checkpoint_task(path) == "landmarks"
 
 
 def load_landmark_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
