@@ -45,15 +45,18 @@ def landmark_columns(model) -> list[str]:
     return [*cols, "model_id"]
 
 
-class LandmarkWriter(BasePredictionWriter):
+class FilmWriter(BasePredictionWriter):
     """Rows of each predicted batch appended to `output` at once (nothing lost on a crash),
-    error rows for unreadable files, overlays into `cam_dir`."""
+    error rows for unreadable files, overlays into `cam_dir`: the writer of every head type
+    whose rows are one film each (landmarks, boxes). A subclass gives `columns` and
+    `overlay_suffix` and implements `film(prediction, k)` (the row's own cells and what
+    `draw` needs) and `draw(image, drawn, target)`."""
 
-    def __init__(self, output: Path, model, mid: str, cam_dir: Path | None = None):
+    overlay_suffix = "overlay"
+
+    def __init__(self, output: Path, model, mid: str, columns, cam_dir: Path | None = None):
         super().__init__(write_interval="batch")
-        self.output, self.mid, self.cam_dir = output, mid, cam_dir
-        self.columns = landmark_columns(model)
-        self.skeleton = model.skeleton
+        self.output, self.mid, self.cam_dir, self.columns = output, mid, cam_dir, list(columns)
         self.size = int(model.hparams.image_size)
         self.counts = {"ok": 0, "errors": 0, "overlays": 0, "overlay_failed": 0}
         self.names: set[str] = set()  # overlay file names used (two folders, one file name)
@@ -64,6 +67,12 @@ class LandmarkWriter(BasePredictionWriter):
         if not self.jsonl:
             self.csv = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
             self.csv.writeheader()
+
+    def film(self, prediction: dict, k: int) -> tuple[dict, object]:
+        raise NotImplementedError
+
+    def draw(self, image, drawn, target: Path) -> None:
+        raise NotImplementedError
 
     def _write(self, row: dict) -> None:
         row["model_id"] = self.mid
@@ -78,29 +87,22 @@ class LandmarkWriter(BasePredictionWriter):
             self.counts["errors"] += 1
             self._write({"path": path, "status": f"error: {why}"})
         for k, path in enumerate(prediction["path"]):
-            points = prediction["points"][k].numpy()
-            height = float(prediction["size"][k][1])
-            angles = angles_of(points, self.skeleton, height)
-            row = {"path": path, "status": "ok", "landmarks": points_json(points), **angles}
-            if "step1_landmarks" in self.columns:
-                row["step1_landmarks"] = points_json(prediction["step1_points"][k].numpy())
-            self._write(row)
+            cells, drawn = self.film(prediction, k)
+            self._write({"path": path, "status": "ok", **cells})
             self.counts["ok"] += 1
             if self.cam_dir is not None:
-                self._overlay(path, points, angles)
+                self._overlay(path, drawn)
         self.file.flush()
 
-    def _overlay(self, path: str, points, angles: dict) -> None:
+    def _overlay(self, path: str, drawn) -> None:
         name, n = Path(path).stem, 1
         while name in self.names:
             n += 1
             name = f"{Path(path).stem}-{n}"
         self.names.add(name)
-        target = self.cam_dir / f"{name}.landmarks.png"
         try:
             image = load_image(path, phantom_size=self.size)
-            values = [angles[a] for a in ANGLES] if angles else None
-            draw_landmarks(image, points, self.skeleton, angles=values, path=target)
+            self.draw(image, drawn, self.cam_dir / f"{name}.{self.overlay_suffix}.png")
             self.counts["overlays"] += 1
         except Exception as e:  # noqa: BLE001 - a failed drawing must not cost the row
             self.counts["overlay_failed"] += 1
@@ -110,20 +112,44 @@ class LandmarkWriter(BasePredictionWriter):
         self.file.close()
 
 
-def predict_landmarks(
-    cfg, model, paths: list[str], output: Path, trainer_kwargs: dict, cam_dir: Path | None
-) -> dict:
-    """Predict every film of `paths` with a landmark `model`; write `output`; return the
-    summary (`ok`, `errors`, `overlays`, `model_id`, `seconds`, `per_second`, `output`)."""
+class LandmarkWriter(FilmWriter):
+    """Landmark rows (points JSON, Cobb angles, step-1 points) and point overlays."""
+
+    overlay_suffix = "landmarks"
+
+    def __init__(self, output: Path, model, mid: str, cam_dir: Path | None = None):
+        super().__init__(output, model, mid, landmark_columns(model), cam_dir)
+        self.skeleton = model.skeleton
+
+    def film(self, prediction: dict, k: int) -> tuple[dict, object]:
+        points = prediction["points"][k].numpy()
+        angles = angles_of(points, self.skeleton, float(prediction["size"][k][1]))
+        cells = {"landmarks": points_json(points), **angles}
+        if "step1_landmarks" in self.columns:
+            cells["step1_landmarks"] = points_json(prediction["step1_points"][k].numpy())
+        return cells, (points, angles)
+
+    def draw(self, image, drawn, target: Path) -> None:
+        points, angles = drawn
+        values = [angles[a] for a in ANGLES] if angles else None
+        draw_landmarks(image, points, self.skeleton, angles=values, path=target)
+
+
+def refuse_resume(cfg, what: str) -> None:
+    """`resume` is for region outputs only; checked before the writer rewrites `output`."""
     if cfg.get("resume"):
         raise ValueError(
-            "resume is not supported for landmark models yet: run without resume (the output "
+            f"resume is not supported for {what} models yet: run without resume (the output "
             "is rewritten) or split the input"
         )
-    mid = model_id(model)
-    if cam_dir is not None:
-        cam_dir.mkdir(parents=True, exist_ok=True)
-    writer = LandmarkWriter(output, model, mid, cam_dir)
+
+
+def predict_films(
+    cfg, model, paths: list[str], output: Path, trainer_kwargs: dict, writer: FilmWriter, what: str
+) -> dict:
+    """Every film of `paths` through Lightning's predict loop into `writer` (the landmark
+    reader: letterbox, scale and offset); the summary (`ok`, `errors`, `overlays`,
+    `model_id`, `seconds`, `per_second`, `output`). `what` names the head type in messages."""
     loader = DataLoader(
         LandmarkReader(paths, model),
         batch_size=max(1, int(cfg.get("batch_size", 16))),
@@ -147,16 +173,23 @@ def predict_landmarks(
     seconds = time.perf_counter() - start
     summary = {
         **writer.counts,
-        "model_id": mid,
+        "model_id": writer.mid,
         "seconds": round(seconds, 3),
         "per_second": round(len(paths) / seconds, 2) if seconds else None,
         "output": str(output),
     }
-    log.info(
-        "landmarks: %d films, %d errors, %.1f films/s -> %s",
-        summary["ok"],
-        summary["errors"],
-        summary["per_second"] or 0,
-        output,
-    )
+    log.info("%s: %d films, %d errors, %.1f films/s -> %s", what, summary["ok"],
+             summary["errors"], summary["per_second"] or 0, output)  # fmt: skip
     return summary
+
+
+def predict_landmarks(
+    cfg, model, paths: list[str], output: Path, trainer_kwargs: dict, cam_dir: Path | None
+) -> dict:
+    """Predict every film of `paths` with a landmark `model`; write `output`; return the
+    summary (`predict_films`)."""
+    refuse_resume(cfg, "landmark")
+    if cam_dir is not None:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+    writer = LandmarkWriter(output, model, model_id(model), cam_dir)
+    return predict_films(cfg, model, paths, output, trainer_kwargs, writer, "landmarks")
