@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +34,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from regionnet.boxes.export import export_boxes
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.landmarks.export import export_landmarks
 from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.identity import model_id
 from regionnet.model.module import RegionNet, load_regionnet
+from regionnet.onnx_graph import export_graph, quiet_export, set_onnx_metadata, write_sidecar
 from regionnet.quantize import import_quantization, int8_path, quantize_int8, quantize_mode
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -96,50 +96,11 @@ def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -
     }
 
 
-@contextmanager
-def _quiet_deprecations():
-    """torch warns that both exporters used here are legacy, several times per call; the
-    module docstring says so once."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*feature will be removed.*")
-        yield
-
-
 def export_onnx(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict, opset: int):
-    try:
-        import onnx
-    except ImportError as e:
-        raise ImportError(
-            "format=onnx needs the onnx package: pip install 'regionnet[export]'"
-        ) from e
-    with _quiet_deprecations():
-        torch.onnx.export(
-            net,
-            (example,),
-            str(output),
-            dynamo=False,
-            opset_version=int(opset),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
-    onnx.checker.check_model(str(output))
+    """The region heads' graph: (B, 1, S, S) -> (B, R), a dynamic batch axis."""
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    export_graph(net, (example,), output, [INPUT_NAME], [OUTPUT_NAME], axes, opset)
     set_onnx_metadata(output, meta)
-
-
-def set_onnx_metadata(path: Path, meta: dict) -> None:
-    """`meta` as the file's `regionnet` metadata_props entry (replacing an earlier one)."""
-    import onnx
-
-    graph = onnx.load(str(path))
-    kept = [p for p in graph.metadata_props if p.key != "regionnet"]
-    del graph.metadata_props[:]
-    graph.metadata_props.extend(kept)
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = "regionnet", json.dumps(meta)
-    onnx.save(graph, str(path))
 
 
 def file_model_id(path: Path, meta: dict) -> str:
@@ -159,7 +120,7 @@ def file_model_id(path: Path, meta: dict) -> str:
 
 
 def export_torchscript(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict):
-    with _quiet_deprecations():
+    with quiet_export():
         traced = torch.jit.trace(net, example)
         torch.jit.save(traced, str(output), _extra_files={"regionnet.json": json.dumps(meta)})
 
@@ -176,7 +137,7 @@ def exported_runner(fmt: str, output: Path):
             ) from e
         session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
         return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-    with _quiet_deprecations():
+    with quiet_export():
         loaded = torch.jit.load(str(output), map_location="cpu")
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -236,9 +197,12 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(f"format={cfg.format!r} is not supported; use format=onnx or torchscript")
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise ValueError("ckpt_path is required: regionnet-export ckpt_path=.../best.ckpt")
-    # landmark heads: regionnet/landmarks/export.py (a missing file: the region path's error)
-    if checkpoint_task(cfg.ckpt_path) == "landmarks":
+    # landmark and box heads: their own export modules (a missing file: the region path's error)
+    task = checkpoint_task(cfg.ckpt_path)
+    if task == "landmarks":
         return export_landmarks(cfg)
+    if task == "boxes":
+        return export_boxes(cfg)
     ckpt = Path(cfg.ckpt_path).expanduser()
     model, norm = load_checkpoint(ckpt)
     output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.parent / FORMATS[fmt]
@@ -281,10 +245,12 @@ def export(cfg: DictConfig) -> Path:
                 model,
                 ckpt,
                 calibration=str(cfg.get("calibration", "train")),
-                calibration_films=_optional_int(cfg.get("calibration_films", 64)),
+                calibration_films=_optional_int(cfg.get("calibration_films", 128)),
                 guard_split=str(cfg.get("guard_split", "val")),
                 guard_films=_optional_int(cfg.get("guard_films")),
                 max_auroc_drop=_optional_float(cfg.get("max_auroc_drop", 0.005)),
+                calibrate_method=str(cfg.get("calibrate_method", "auto")),
+                percentile=float(cfg.get("calibrate_percentile", 99.99)),
             )
             meta8 = {**meta, "model_file": final8.name, "quantization": facts}
             meta8.pop("check_max_abs_diff", None)  # the float32 file's check
@@ -295,8 +261,7 @@ def export(cfg: DictConfig) -> Path:
             if info["onnx_model_id"] is None:
                 info.pop("onnx_model_id")
             src.replace(dst)
-            sidecar = dst.with_name(dst.name + ".json")
-            sidecar.write_text(json.dumps(info, indent=2) + "\n")
+            sidecar = write_sidecar(dst, info)
             print(f"exported {fmt}: {dst}\nmetadata: {sidecar}")
     return output
 

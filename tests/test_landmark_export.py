@@ -16,7 +16,8 @@ from regionnet.config import compose_config
 from regionnet.data.transforms import eval_transform
 from regionnet.export import export
 from regionnet.landmarks import export as landmark_export
-from regionnet.landmarks.infer import prepare
+from regionnet.landmarks.coords import detail_to_input
+from regionnet.landmarks.infer import film_transform, prepare
 from regionnet.landmarks.module import LandmarkNet
 from regionnet.landmarks.phantom import landmark_names, render_spine
 
@@ -28,10 +29,11 @@ ort = pytest.importorskip(
 )
 
 S = 64
+D = 128  # the detail image of a two-step model that crops step 2 from one
 VERTEBRAE = 3
 
 
-def save_checkpoint(path, refine: bool):
+def save_checkpoint(path, refine: bool, detail_size: int | None = None):
     """A random-init LandmarkNet saved as Lightning would (no Trainer), with a non-default
     intensity normalisation; its heads' last layer scaled up so the heatmaps are peaked and the
     points spread over the input (an untrained head puts every point near the centre)."""
@@ -47,6 +49,7 @@ def save_checkpoint(path, refine: bool):
         refine_size=32,
         mean=0.5,
         std=0.25,
+        detail_size=detail_size,
     ).eval()
     with torch.no_grad():
         for net in (model.net, model.refiner):
@@ -67,9 +70,10 @@ def save_checkpoint(path, refine: bool):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("landmark_ckpt")
-    return {r: (root / f"refine_{r}" / "best.ckpt") for r in (True, False)} | {
-        "models": {r: save_checkpoint(root / f"refine_{r}" / "best.ckpt", r) for r in (True, False)}
-    }
+    # the detail model first: the random state the tests start from stays that of before it
+    kinds = {"detail": (True, D), True: (True, None), False: (False, None)}
+    paths = {k: root / f"refine_{k}" / "best.ckpt" for k in kinds}
+    return paths | {"models": {k: save_checkpoint(paths[k], *v) for k, v in kinds.items()}}
 
 
 def export_cfg(ckpt, tmp_path, *overrides):
@@ -178,3 +182,38 @@ def test_other_formats_and_int8_are_refused(checkpoints, tmp_path):
         export(export_cfg(checkpoints[False], tmp_path, "format=torchscript"))
     with pytest.raises(ValueError, match="quantize=int8.*region models"):
         export(export_cfg(checkpoints[False], tmp_path, "quantize=int8"))
+
+
+def test_a_detail_model_exports_with_its_detail_image_as_the_input(checkpoints, tmp_path):
+    """A two-step model whose step 2 crops from a D x D detail image: the graph takes that
+    image, pools it to S for step 1 (AveragePool) and cuts step 2's crops from it (RoiAlign),
+    matching PyTorch (`infer(pooled, detail)`); the sidecar's recipe at N = input_size = D
+    maps a film's coordinates to its pixels as the model does."""
+    ckpt, model = checkpoints["detail"], checkpoints["models"]["detail"]
+    output = tmp_path / "detail.onnx"
+    export(export_cfg(ckpt, tmp_path, f"output={output}"))
+    meta = json.loads(output.with_name("detail.onnx.json").read_text())
+    assert (meta["steps"], meta["image_size"], meta["detail_size"], meta["input_size"]) == (
+        2, S, D, D,
+    )  # fmt: skip
+    assert meta["input"]["shape"] == ["batch", 1, D, D] and meta["check_max_abs_diff"] <= 1e-4
+    assert {"RoiAlign", "AveragePool"} <= ops(output)
+    x = torch.randn(3, 1, D, D)
+    with torch.no_grad():
+        found = model.infer(detail_to_input(x, S), x)
+    got = run_onnx(output, x.numpy())
+    np.testing.assert_allclose(got, found["final"].numpy(), atol=1e-4)
+    assert np.abs(got - found["step1"].numpy()).max() > 1e-3
+
+    pixels, _ = render_spine(3, 0, (128, 64), VERTEBRAE)
+    film = prepare(pixels, film_transform(model), S, D)
+    assert film["detail"].shape == (1, D, D) and film["image"].shape == (1, S, S)
+    coords = run_onnx(output, film["detail"][None].numpy())[0]
+    # the 64 x 128 film letterboxed to N = 128: no resize, 32 px of padding left and right
+    scale, offset = np.array([1.0, 1.0]), np.array([(D - 64) // 2, 0])
+    ours = ((coords + 1) * meta["input_size"] / 2 - offset) / scale
+    with torch.no_grad():
+        theirs = model.to_original(
+            torch.from_numpy(coords)[None], film["scale"][None], film["offset"][None]
+        )[0].numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)

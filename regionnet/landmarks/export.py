@@ -8,13 +8,17 @@ model refines (`refine`: step 2's crops are `torchvision.ops.roi_align` with `al
 ONNX `RoiAlign` with `coordinate_transformation_mode=half_pixel` from opset 16); where that
 cannot be exported, the file holds step 1 alone and the sidecar and the log say so.
 
-Input: the radiograph in [0, 1] (bone bright), letterboxed (longest side to S, antialiased
-bilinear; centre-padded with 0 to S x S), then `(x - mean) / std`: `eval_transform(model)`.
-Output `coords`: [x, y] per landmark in normalised input coordinates, align_corners=False
-(-1 = the left/top edge of the S x S input, +1 = the right/bottom edge;
-`regionnet.landmarks.coords`). Back to a W x H film's pixels: `x_in = (x + 1) * S / 2`, then
-`x_film = (x_in - offset_x) / scale_x` with the letterbox's per-axis `scale` and `offset`
-(`coords.letterbox_params`; the sidecar spells it out).
+Input: the radiograph in [0, 1] (bone bright), letterboxed (longest side to N, antialiased
+bilinear; centre-padded with 0 to N x N), then `(x - mean) / std`: `film_transform(model)`.
+N is the input size S (`image_size`), or, for a two-step model whose step 2 crops from a detail
+image (`detail_size` D), N = D: the graph pools the D x D image to S x S for step 1
+(AveragePool, `coords.detail_to_input`) and cuts step 2's crops from the D x D image itself,
+as in training; the sidecar's `input_size` is N. Output `coords`: [x, y] per landmark in
+normalised input coordinates, align_corners=False (-1 = the left/top edge of the N x N input,
++1 = the right/bottom edge; `regionnet.landmarks.coords`; the same at S and D). Back to a
+W x H film's pixels: `x_in = (x + 1) * N / 2`, then `x_film = (x_in - offset_x) / scale_x` with
+the letterbox's per-axis `scale` and `offset` at N (`coords.letterbox_params`; the sidecar
+spells it out).
 
 Parity: the exported file and PyTorch (`LandmarkNet.infer`) on random inputs and on phantom
 spines, in batches of two sizes (the batch axis is dynamic); a largest |difference| above
@@ -24,11 +28,8 @@ nothing is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +37,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
-from regionnet.landmarks.coords import letterbox_params
-from regionnet.landmarks.infer import load_landmark_model
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+from regionnet.landmarks.coords import detail_to_input, letterbox_params
+from regionnet.landmarks.infer import film_transform, load_landmark_model
 from regionnet.landmarks.phantom import render_spine
 from regionnet.model.identity import model_id
+from regionnet.onnx_graph import export_graph as write_graph
+from regionnet.onnx_graph import onnx_session, set_onnx_metadata, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -49,74 +52,58 @@ MIN_OPSET = 16  # ONNX RoiAlign with half_pixel coordinates (roi_align aligned=T
 
 
 class CoordinateModel(nn.Module):
-    """A `LandmarkNet`'s networks as (B, 1, S, S) -> normalised coordinates (B, K, 2): step 1,
+    """A `LandmarkNet`'s networks as (B, 1, N, N) -> normalised coordinates (B, K, 2): step 1,
     and step 2 when `two_steps` (`LandmarkNet.refine`, whose shapes come from the tensors, so
-    the batch axis stays dynamic in the traced graph)."""
+    the batch axis stays dynamic in the traced graph). N = `input_size(model)`: the detail
+    image of a model with `detail_size` (pooled to S for step 1 here), else the S x S input."""
 
     def __init__(self, model, two_steps: bool = True):
         super().__init__()
         self.model = model
         self.two_steps = two_steps and model.refiner is not None
+        self.detail = model.detail_size is not None
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        detail = image if self.detail else None
+        if self.detail:
+            image = detail_to_input(detail, self.model.image_size)
         step1, _ = self.model.net(image)
-        return self.model.refine(image, step1) if self.two_steps else step1
+        return self.model.refine(image, step1, detail) if self.two_steps else step1
 
 
-@contextmanager
-def _quiet():
-    """torch's legacy-exporter deprecation warnings (`regionnet.export` says so once) and the
-    tracer's notes on Python numbers taken from shapes (constant for a fixed input size)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=r".*feature will be removed.*")
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
+def input_size(model) -> int:
+    """The side N of the exported graph's input: the detail size D, else S."""
+    return model.detail_size or model.image_size
+
+
+def reference(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PyTorch's `infer` on an exported graph's input `x` (N x N; pooled for step 1)."""
+    if model.detail_size is None:
+        return model.infer(x)
+    return model.infer(detail_to_input(x, model.image_size), x)
 
 
 def export_graph(net: CoordinateModel, example: torch.Tensor, output: Path, opset: int) -> None:
-    """`torch.onnx.export` (TorchScript-based, `dynamo=False`) with a dynamic batch axis."""
-    try:
-        import onnx
-    except ImportError as e:
-        raise ImportError(
-            "format=onnx needs the onnx package: pip install 'regionnet[export]'"
-        ) from e
-    with _quiet(), torch.no_grad():
-        torch.onnx.export(
-            net,
-            (example,),
-            str(output),
-            dynamo=False,
-            opset_version=int(opset),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
-    onnx.checker.check_model(str(output))
+    """The coordinate graph with a dynamic batch axis (`regionnet.onnx_graph.export_graph`)."""
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    write_graph(net, (example,), output, [INPUT_NAME], [OUTPUT_NAME], axes, opset)
 
 
 def onnx_runner(path: Path):
     """numpy (B, 1, S, S) -> numpy (B, K, 2) through onnxruntime on the CPU."""
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError(
-            "check=true for ONNX needs onnxruntime: pip install 'regionnet[export]' "
-            "(or check=false)"
-        ) from e
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
 
 def sample_inputs(model, batch_size: int) -> dict[str, torch.Tensor]:
-    """Check inputs: random normal values (`batch_size` films) and phantom spines letterboxed
-    by `eval_transform(model)`, in a batch of another size (the dynamic batch axis)."""
-    size = int(model.hparams.image_size)
+    """Check inputs (N x N, `input_size`): random normal values (`batch_size` films) and
+    phantom spines letterboxed by `film_transform(model)`, in a batch of another size (the
+    dynamic batch axis)."""
+    size = input_size(model)
     gen = torch.Generator().manual_seed(0)
     k = len(model.landmark_names)
     vertebrae = k // 4 if model.skeleton == "vertebrae" else 17
-    tf = eval_transform(model)
+    tf = film_transform(model)
     films = batch_size + 1
     spines = [
         tf(torch.from_numpy(render_spine(7, i, (2 * size, size), vertebrae)[0])[None])
@@ -136,7 +123,7 @@ def check_parity(output: Path, model, two_steps: bool, inputs: dict, atol: float
     diffs = {}
     with torch.no_grad():
         for name, x in inputs.items():
-            expected = model.infer(x)[key].float().numpy()
+            expected = reference(model, x)[key].float().numpy()
             got = run(x.numpy())
             if got.shape != expected.shape:
                 raise RuntimeError(
@@ -159,7 +146,7 @@ def check_parity(output: Path, model, two_steps: bool, inputs: dict, atol: float
 def metadata(model, output: Path, ckpt: Path, opset: int, steps: int, note: str | None) -> dict:
     """What deployment code needs besides the graph (the sidecar `<output>.json`)."""
     h = model.hparams
-    size = int(h.image_size)
+    size = input_size(model)  # N: the graph's input side (the detail size, else S)
     k = len(model.landmark_names)
     (sx, sy), ox, oy = letterbox_params(512, 1024, size)
     meta = {
@@ -174,30 +161,38 @@ def metadata(model, output: Path, ckpt: Path, opset: int, steps: int, note: str 
         "dataset": h.get("dataset"),
         "flip_pairs": [list(p) for p in h.get("flip_pairs") or []],
         "steps": steps,
-        "image_size": size,
+        "image_size": int(h.image_size),
+        "detail_size": model.detail_size,
+        "input_size": size,
         "mean": float(h.get("mean", GRAY_MEAN)),
         "std": float(h.get("std", GRAY_STD)),
         "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", k, 2], "dtype": "float32"},
         "preprocessing": (
             "grey radiograph in [0, 1] (MONOCHROME2: bone bright); resize the longest side to "
-            "image_size (antialiased bilinear), the shorter to int(image_size * short / long) "
-            "(rounded down); centre-pad with 0 to image_size x image_size, (image_size - new) "
+            "input_size (antialiased bilinear), the shorter to int(input_size * short / long) "
+            "(rounded down); centre-pad with 0 to input_size x input_size, (input_size - new) "
             "// 2 before; then (x - mean) / std"
+            + (
+                ". input_size is detail_size: the graph pools it to image_size for step 1 and "
+                "cuts step 2's crops from it"
+                if model.detail_size
+                else ""
+            )
         ),
         "coordinates": (
             "coords[b, k] = [x, y] of landmark_names[k], normalised input coordinates with "
-            "align_corners=False: -1 is the left/top edge of the image_size x image_size input "
-            "and +1 its right/bottom edge, so input pixel column j spans [2j/S - 1, "
-            "2(j+1)/S - 1] and its centre is 2(j + 0.5)/S - 1 (S = image_size); (0, 0) is the "
+            "align_corners=False: -1 is the left/top edge of the input_size x input_size input "
+            "and +1 its right/bottom edge, so input pixel column j spans [2j/N - 1, "
+            "2(j+1)/N - 1] and its centre is 2(j + 0.5)/N - 1 (N = input_size); (0, 0) is the "
             "top-left corner of the top-left pixel, x to the right, y down"
         ),
         "to_pixels": (
-            "input pixels: x_in = (x + 1) * S / 2, y_in = (y + 1) * S / 2. A W x H film's "
-            "letterbox: new_w, new_h = the resized size (the long side S, the short side "
-            "int(S * short / long)); scale_x = new_w / W, scale_y = new_h / H, offset_x = "
-            "(S - new_w) // 2, offset_y = (S - new_h) // 2; film pixels: x_film = (x_in - "
-            "offset_x) / scale_x, y_film = (y_in - offset_y) / scale_y "
+            "input pixels: x_in = (x + 1) * N / 2, y_in = (y + 1) * N / 2 (N = input_size). "
+            "A W x H film's letterbox: new_w, new_h = the resized size (the long side N, the "
+            "short side int(N * short / long)); scale_x = new_w / W, scale_y = new_h / H, "
+            "offset_x = (N - new_w) // 2, offset_y = (N - new_h) // 2; film pixels: x_film = "
+            "(x_in - offset_x) / scale_x, y_film = (y_in - offset_y) / scale_y "
             "(regionnet.landmarks.coords.letterbox_params and to_original)"
         ),
         "to_pixels_example": {
@@ -209,19 +204,6 @@ def metadata(model, output: Path, ckpt: Path, opset: int, steps: int, note: str 
     if note:
         meta["note"] = note
     return meta
-
-
-def _embed(path: Path, meta: dict) -> None:
-    """`meta` as the file's `regionnet` metadata_props entry."""
-    import onnx
-
-    graph = onnx.load(str(path))
-    kept = [p for p in graph.metadata_props if p.key != "regionnet"]
-    del graph.metadata_props[:]
-    graph.metadata_props.extend(kept)
-    entry = graph.metadata_props.add()
-    entry.key, entry.value = "regionnet", json.dumps(meta)
-    onnx.save(graph, str(path))
 
 
 def export_landmarks(cfg: DictConfig) -> Path:
@@ -266,9 +248,8 @@ def export_landmarks(cfg: DictConfig) -> Path:
             atol = float(cfg.get("atol", 1e-4))
             meta["check_max_abs_diff"] = check_parity(work, model, two_steps, inputs, atol)
             meta["check_atol"] = atol
-        _embed(work, meta)
+        set_onnx_metadata(work, meta)
         work.replace(output)
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    sidecar = write_sidecar(output, meta)
     print(f"exported onnx ({steps} step{'s' if steps == 2 else ''}): {output}\nmetadata: {sidecar}")
     return output
