@@ -176,15 +176,15 @@ def test_dataset_uses_target_and_times_reads(films):
 
 @pytest.mark.parametrize(
     "cores,gpu,expected",
-    [(1, False, (0, 1)), (2, False, (1, 1)), (2, True, (1, 1)), (3, False, (1, 2)),
-     (4, False, (2, 2)), (16, False, (8, 8)), (16, True, (15, 1))],
+    [(1, False, (0, 1)), (2, False, (1, 2)), (2, True, (1, 2)), (3, False, (1, 3)),
+     (4, False, (2, 4)), (16, False, (8, 16)), (16, True, (15, 1))],
 )  # fmt: skip
 def test_thread_choice_from_cores(cores, gpu, expected):
     assert loader_threads(None, "auto", cores=cores, gpu=gpu) == expected
 
 
 def test_thread_choice_respects_explicit_values():
-    assert loader_threads(3, None, cores=2) == (3, 1)  # torch gets at least one
+    assert loader_threads(3, None, cores=2) == (3, 2)  # idle readers cost torch little
     assert loader_threads(0, None, cores=2) == (0, 2)
     assert loader_threads(None, 4, cores=2) == (1, 4)
     assert loader_threads("2", "3", cores=16, gpu=True) == (2, 3)

@@ -58,6 +58,10 @@ def test_int8_export_is_close_to_fp32_and_records_the_auroc(int8_export):
     assert meta["regions"] == fp32_meta["regions"] and meta["image_size"] == 32
     facts = meta["quantization"]
     assert facts["calibration"] == "train" and facts["calibration_films"] == 32
+    # auto: both calibrations tried, the one closer to float32 on the guard films kept
+    tried = facts["calibrate_methods_tried"]
+    assert set(tried) == {"percentile", "minmax"}
+    assert facts["calibrate_method"] == min(tried, key=tried.get)
     assert facts["guard_split"] == "val" and facts["guard_films"] > 100
     assert facts["max_auroc_drop"] == 0.005
     # every phantom head has positives and negatives in val: one AUROC pair per head
@@ -129,6 +133,10 @@ def test_quantize_needs_onnx_format_and_a_split(phantom_checkpoint, tmp_path):  
                 phantom_checkpoint, tmp_path / "m.onnx", "quantize=int8", "calibration=nowhere"
             )
         )
+    for bad, match in (("calibrate_method=maxmin", "calibrate_method='maxmin'"),
+                       ("calibrate_percentile=50", "calibrate_percentile=50.0")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            export(export_config(phantom_checkpoint, tmp_path / "m.onnx", "quantize=int8", bad))
     assert not (tmp_path / "m.onnx").exists()
 
 

@@ -46,7 +46,7 @@ def int8_benchmark(
     *,
     batch: int = 32,
     threads: int = 2,
-    calibration_films: int = 64,
+    calibration_films: int = 128,
     max_auroc_drop: float = 0.005,
     test_films: int | None = None,
     min_run_time: float = 3.0,

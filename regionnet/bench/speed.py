@@ -158,7 +158,9 @@ def predict_throughput(settings: BenchSettings, ckpt: Path, *backend: str) -> di
             f"output={out / 'predict_bench.csv'}",
             f"paths.output_dir={out}",
             "batch_size=32",
-            f"num_workers={settings.num_workers}",
+            # predict's own choice of readers and threads (what a user gets), in-process
+            # with --quick (a few files do not pay for starting a worker)
+            f"num_workers={0 if settings.quick else 'auto'}",
             "accelerator=cpu",
             *backend,
         ],
@@ -174,6 +176,8 @@ def predict_throughput(settings: BenchSettings, ckpt: Path, *backend: str) -> di
         "end_to_end_per_s": summary["per_second"],
         "model_only_per_s": model_only,
         "fraction_of_model_only": summary["per_second"] / model_only,
+        "num_workers": summary["num_workers"],
+        "torch_threads": summary["torch_threads"],
         "study_per_s": STUDY_RATE,
     }
 
