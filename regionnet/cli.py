@@ -107,7 +107,16 @@ def train_main(cfg: DictConfig) -> float | None:
     from regionnet.train import train
 
     metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric") or "", None)
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:  # a sweeper would get None and stop without a reason
+        monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default=None)
+        raise ValueError(
+            f"optimized_metric={name} is not among this run's metrics, so a sweeper has nothing "
+            f"to optimise; this task's checkpoint follows {monitor}. Set optimized_metric="
+            f"{monitor} (a landmark or box search: hparams_search=landmarks or "
+            "hparams_search=boxes instead of hparams_search=optuna)"
+        )
+    return metrics.get(name or "", None)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")

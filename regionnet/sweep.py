@@ -402,6 +402,9 @@ def run_row(run: Path, sweep_dir: Path) -> dict:
     row["status"] = "done" if metrics else "unfinished"
     for column, key in METRIC_COLUMNS.items():
         row[column] = metrics.get(key)
+    # what the sweep optimised, whatever the head type (val/auroc_mean, val/mre_pct, ...)
+    name = None if cfg is None else OmegaConf.select(cfg, "optimized_metric", default=None)
+    row["optimized_metric"], row["optimized_value"] = name, metrics.get(name) if name else None
     return row
 
 

@@ -142,6 +142,64 @@ def test_flip_mirrors_the_image_and_swaps_spine_corners():
     assert (tl[:, 0] < tr[:, 0]).all()  # top-left is still left of top-right after the swap
 
 
+# -- the detail image (step 2's crops) ---------------------------------------------------------
+def _dot_film(tmp_path, width: int, height: int, x: float, y: float, sigma: float):
+    """A landmark folder holding one 16-bit PNG film with a Gaussian dot at film pixel (x, y)
+    (pixel centres at k + 0.5), the dot's centre its one landmark; (records, points, root)."""
+    root = tmp_path / "dot"
+    (root / "spine_aasce").mkdir(parents=True)
+    dot = blob(height, width, x, y, sigma)
+    Image.fromarray(np.round(dot * 65535).astype(np.uint16)).save(root / "spine_aasce/d.png")
+    records = pd.DataFrame({"path": ["spine_aasce/d.png"], "cobb_pt": [np.nan],
+                            "cobb_mt": [np.nan], "cobb_tl": [np.nan]})  # fmt: skip
+    return records, np.array([[[x, y]]], np.float32), root
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """A normalised (1, N, N) sample image back in [0, 1] (GRAY_MEAN / GRAY_STD)."""
+    from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
+
+    return image[0].numpy() * GRAY_STD + GRAY_MEAN
+
+
+def test_detail_and_input_share_one_frame_through_augmentation(tmp_path):
+    """A dot at a known film pixel goes through letterbox, crop, affine and flip at D = 128
+    (`detail`) and is pooled to S = 32 (`image`): its centroid in each, as a normalised
+    coordinate, is the sample's augmented point; and with no augmentation the point maps back
+    to the film pixel through `scale`/`offset` (the input's letterbox, detail x S/D)."""
+    from regionnet.landmarks.coords import detail_to_input, input_letterbox
+
+    s, d, compared = 32, 128, 0
+    width, height, x, y = 150, 380, 75.3, 207.8  # letterboxed at 128: 50 x 128, offset 39
+    # sigma 1.5 input px (6 detail px); compared where the dot is >= 4 sigma from the edges
+    records, points, root = _dot_film(tmp_path, width, height, x, y, sigma=1.5 * height / s)
+    plain = LandmarkDataset(records, points, root, s, detail_size=d)[0]
+    assert plain["detail"].shape == (1, d, d) and plain["image"].shape == (1, s, s)
+    assert torch.allclose(plain["image"], detail_to_input(plain["detail"], s), atol=1e-6)
+    (sx, sy), ox, oy = input_letterbox(width, height, s, d)
+    assert np.allclose(plain["scale"], [sx, sy]) and np.allclose(plain["offset"], [ox, oy])
+    assert (oy, ox) == (0.0, 39 / 4)  # (128 - 50) // 2 detail px = 9.75 input px
+    back = to_original(from_normalised(plain["points"], s), plain["scale"], plain["offset"])
+    assert np.abs(back.numpy() - [[x, y]]).max() < 1e-3
+    worst = {"image": 0.0, "detail": 0.0}
+    for seed in range(12):
+        torch.manual_seed(seed)
+        a = {"rotation": 25, "translate": 0.1, "scale": [0.8, 1.2], "hflip": 0.5, "noise": 0,
+             **NO_LIGHT, **({"crop_scale": [0.5, 1.0]} if seed % 2 else {})}  # fmt: skip
+        aug = LandmarkAugment(d, a, perm=np.array([0]))
+        sample = LandmarkDataset(records, points, root, s, augment=aug, detail_size=d)[0]
+        n = sample["points"][0].numpy()
+        if not ((n > -0.6) & (n < 0.6)).all():  # the dot (partly) left the image
+            continue
+        for key, size in (("image", s), ("detail", d)):
+            found = to_normalised(centroid(_pixels(sample[key])), size)
+            # the error in input pixels of the S x S image
+            worst[key] = max(worst[key], float(np.abs(found - n).max() * s / 2))
+        compared += 1
+    assert compared >= 8
+    assert worst["image"] < 0.04 and worst["detail"] < 0.04, worst  # measured <= 0.004
+
+
 # -- phantoms ----------------------------------------------------------------------------------
 def test_phantom_corners_outline_the_bright_vertebrae():
     pixels, corners = render_spine(seed=0, index=5, size=(256, 128), vertebrae=17)
@@ -218,6 +276,30 @@ def test_phantom_batches_have_the_documented_shapes(tmp_path):
     assert torch.allclose(batch["points"], p, atol=1e-5) and batch["visible"].all()
     back = to_original(from_normalised(batch["points"], 32), batch["scale"], batch["offset"])
     assert (back - batch["points_px"]).abs().max() < 1e-3
+
+
+def test_detail_batches_carry_the_film_at_the_detail_size(tmp_path):
+    """`detail` only where asked (`detail` and `detail_size`): the film at D, and `image` its
+    pool in validation; in training both come out of one augmentation (same points, same
+    frame); a detail size that is no multiple of the input's is refused, naming the keys."""
+    from regionnet.landmarks.coords import detail_to_input
+
+    assert "detail" not in next(iter(_module(tmp_path, detail_size=128).val_dataloader()))
+    dm = _module(tmp_path, detail_size=128, detail=True, augment={"rotation": 10, "noise": 0})
+    val = next(iter(dm.val_dataloader()))
+    b = len(val["path"])
+    assert val["detail"].shape == (b, 1, 128, 128) and val["image"].shape == (b, 1, 32, 32)
+    assert torch.allclose(val["image"], detail_to_input(val["detail"], 32), atol=1e-6)
+    back = to_original(from_normalised(val["points"], 32), val["scale"], val["offset"])
+    assert (back - val["points_px"]).abs().max() < 1e-3
+    train = next(iter(dm.train_dataloader()))
+    assert train["detail"].shape[1:] == (1, 128, 128) and dm._augment().size == 128
+    # geometry, brightness and contrast happen at D before the pool; only noise is per image
+    assert torch.allclose(train["image"], detail_to_input(train["detail"], 32), atol=1e-5)
+    with pytest.raises(ValueError, match=r"data\.detail_size=100 must be a multiple of "
+                                         r"data\.image_size=32"):  # fmt: skip
+        _module(tmp_path, detail_size=100, detail=True)
+    assert _module(tmp_path, detail_size=32, detail=True).detail_size is None  # the input
 
 
 def test_points_pushed_off_the_image_are_not_visible(tmp_path):

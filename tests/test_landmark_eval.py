@@ -21,7 +21,8 @@ VERTEBRAE = 4
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny two-step landmark run on 4-vertebra phantoms (one epoch, random resnet18)."""
+    """A tiny two-step landmark run on 4-vertebra phantoms (one epoch, random resnet18), step 2
+    cropping from 128 px detail images of the 64 px input's frame."""
     tmp = tmp_path_factory.mktemp("landmark_run")
     cache = tmp_path_factory.mktemp("phantoms")
     cfg = compose_config(
@@ -40,6 +41,7 @@ def run(tmp_path_factory):
             "model.head_width=32",
             "model.refine=true",
             "model.refine_size=32",
+            "data.detail_size=128",  # step 2 crops from the phantoms at their own height
             f"paths.output_dir={tmp}",
         ],
     )
@@ -98,6 +100,7 @@ def test_eval_writes_metrics_predictions_plot_and_overlays(evaluated):
 def test_metrics_have_intervals_that_hold_the_point_estimate(evaluated, run):
     result = evaluated["result"]
     assert result["task"] == "landmarks" and result["refine"] and result["split"] == "test"
+    assert result["detail_size"] == 128
     assert result["bootstrap"]["unit"] == "patient"
     for stage in ("test", "test/step1"):
         for name in ("mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "pck@5"):

@@ -65,6 +65,74 @@ def test_crops_and_map_back_share_one_frame():
     assert back.tolist() == pytest.approx([40.5, 20.5], abs=side / 64 + 1e-4)
 
 
+def test_detail_crops_share_the_frame_at_the_detail_scale():
+    """The same dot in a 4x detail image: a crop cut with scale=4 from input-pixel boxes maps
+    back to the dot's input position, 4x finer than a crop of the input could."""
+    image = torch.zeros(1, 1, 256, 256)
+    image[0, 0, 82, 162] = 1.0  # detail pixel centre (162.5, 82.5) = input (40.625, 20.625)
+    points = torch.tensor([[[36.0, 16.0], [45.0, 16.0], [36.0, 25.0], [45.0, 25.0]]])
+    groups = torch.tensor(landmark_groups("vertebrae", 4))
+    boxes = group_boxes(points, groups, margin=0.0, min_side=4.0)  # 9 input px = 36 detail px
+    crop = crop_groups(image, boxes, 72, scale=4.0)[0, 0]
+    row, col = divmod(int(crop.argmax()), 72)
+    local = torch.tensor([[[2 * (col + 0.5) / 72 - 1, 2 * (row + 0.5) / 72 - 1]]])
+    back = from_crops(local, boxes)[0, 0, 0]
+    assert back.tolist() == pytest.approx([40.625, 20.625], abs=9 / 72 + 1e-4)
+
+
+def _detail_model(**kw) -> LandmarkNet:
+    names = [f"V{v}_{c}" for v in range(2) for c in ("tl", "tr", "bl", "br")]
+    args = {"skeleton": "vertebrae", "backbone": "resnet18", "pretrained": False,
+            "image_size": 32, "refine": True, "refine_size": 32, "head_width": 16,
+            "detail_size": 128, "refine_margin": 0.0}  # fmt: skip
+    return LandmarkNet(names, **{**args, **kw})
+
+
+def test_step_2_crops_come_from_the_detail_image_at_its_resolution():
+    """Vertical stripes 2 detail px wide: visible in the 128 px detail image, averaged away to
+    a flat grey in the 32 px input (4 x 4 pooling). Step 2's crops show them only when the
+    model crops from the detail image; a model without detail_size crops the flat input."""
+    from regionnet.landmarks.coords import detail_to_input
+
+    columns = (torch.arange(128) // 2 % 2).float()
+    detail = columns.expand(2, 1, 128, 128).contiguous()
+    image = detail_to_input(detail, 32)
+    assert torch.allclose(image, torch.full_like(image, 0.5))  # the stripes averaged away
+    # corners 8 input px apart, no margin: 32 detail px into a 32 px crop, 1 px per crop px
+    coords = torch.tensor([[10.0, 10.0], [18.0, 10.0], [10.0, 18.0], [18.0, 18.0]])
+    coords = (torch.cat([coords, coords + 6]) / 32 * 2 - 1).expand(2, 8, 2)
+    seen = {}
+    for d in (128, None):
+        model = _detail_model(detail_size=d).eval()
+        crops: list[torch.Tensor] = []
+        model.refiner.register_forward_pre_hook(lambda _, args, seen=crops: seen.append(args[0]))
+        with torch.no_grad():
+            final = model.refine(image, coords, detail if d else None)
+        assert final.shape == (2, 8, 2)
+        seen[d] = crops[0]
+    assert seen[128].shape == seen[None].shape == (4, 1, 32, 32)
+    assert seen[128].std() > 0.3 and seen[None].std() < 1e-4, (seen[128].std(), seen[None].std())
+    stripes = seen[128][0, 0, 16]  # one crop row: runs of two dark and two bright pixels
+    assert (stripes[:-2] - stripes[2:]).abs().min() > 0.4
+
+
+def test_a_detail_model_names_what_it_needs():
+    model = _detail_model().eval()
+    assert model.detail_size == 128 and model.hparams.detail_size == 128
+    with pytest.raises(ValueError, match="detail image.*model.detail_size=128"):
+        model.infer(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(64, 64\) px: this model takes 128 x 128"):
+        model.infer(torch.randn(1, 1, 32, 32), torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="model.detail_size=100: use a multiple of image_size"):
+        _detail_model(detail_size=100)
+    # only step 2 uses it; the input's own size is no detail; old checkpoints have none
+    assert _detail_model(refine=False).hparams.detail_size is None
+    assert _detail_model(detail_size=32).detail_size is None
+    old = dict(_detail_model().hparams)
+    old.pop("detail_size")
+    assert LandmarkNet(**old).detail_size is None
+
+
 def test_groups_are_vertebrae_or_single_points():
     assert landmark_groups("vertebrae", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert landmark_groups("points", 3) == [[0], [1], [2]]
@@ -72,15 +140,18 @@ def test_groups_are_vertebrae_or_single_points():
         landmark_groups("vertebrae", 6)
 
 
-@pytest.mark.parametrize("refine", [False, True])
-def test_every_parameter_learns_and_outputs_have_the_documented_shapes(refine):
+@pytest.mark.parametrize("refine, detail", [(False, None), (True, None), (True, 128)])
+def test_every_parameter_learns_and_outputs_have_the_documented_shapes(refine, detail):
     names = [f"V{v}_{c}" for v in range(2) for c in ("tl", "tr", "bl", "br")]
     model = LandmarkNet(names, skeleton="vertebrae", backbone="resnet18", pretrained=False,
-                        image_size=64, refine=refine, refine_size=32, head_width=16)  # fmt: skip
+                        image_size=64, refine=refine, refine_size=32, head_width=16,
+                        detail_size=detail)  # fmt: skip
     x = torch.randn(2, 1, 64, 64)
     points = torch.rand(2, 8, 2) * 1.2 - 0.6
     batch = {"image": x, "points": points, "visible": torch.ones(2, 8, dtype=torch.bool)}
-    out = model.infer(x)
+    if detail:
+        batch["detail"] = torch.randn(2, 1, detail, detail)
+    out = model.infer(x, batch.get("detail"))
     assert out["final"].shape == out["step1"].shape == (2, 8, 2)
     assert out["final"].abs().max() <= 1.0 + 1e-5
     model._loss(batch, train=True).backward()

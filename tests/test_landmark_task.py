@@ -112,15 +112,66 @@ def test_python_api_returns_landmarks_in_the_films_pixels(trained, tmp_path):
 
 
 def test_two_step_model_trains_and_logs_step_one_apart(tmp_path):
+    """Step 2 from the input itself (data.detail_size=null, as before detail images)."""
     cache = tmp_path / "phantoms"
-    cfg = compose_config(
-        "train",
-        overrides(tmp_path / "run", cache, "model.refine=true", "model.refine_size=32"),
-    )
+    extra = ("model.refine=true", "model.refine_size=32", "data.detail_size=null")
+    cfg = compose_config("train", overrides(tmp_path / "run", cache, *extra))
     metrics = train(cfg)
     assert np.isfinite(metrics["test/mre_pct"]) and np.isfinite(metrics["test/step1/mre_pct"])
     rows = list(csv.DictReader((tmp_path / "run" / "test_predictions.csv").open()))
     assert rows
+    model = regionnet.load_model(tmp_path / "run" / "checkpoints" / "best.ckpt").model
+    assert model.refiner is not None and model.detail_size is None
+
+
+def test_two_step_model_with_detail_crops_end_to_end(tmp_path):
+    """Step 2 crops from the 128 px detail image (the phantoms' own height; input 64 px):
+    training, the checkpoint, the Python API and regionnet-predict (the same points as the
+    data module's test batches, so inference makes the frame training saw), and an ONNX
+    export whose parity check passes."""
+    from regionnet.predict import predict
+
+    cache = tmp_path / "phantoms"
+    extra = ("model.refine=true", "model.refine_size=32", "data.detail_size=128")
+    cfg = compose_config("train", overrides(tmp_path / "run", cache, *extra))
+    assert cfg.data.detail is True and cfg.model.detail_size == 128
+    metrics = train(cfg)
+    assert np.isfinite(metrics["test/mre_pct"]) and np.isfinite(metrics["test/step1/mre_pct"])
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    api = regionnet.load_model(ckpt)
+    assert api.model.detail_size == 128 and api.model.refiner is not None
+
+    dm = build_datamodule(cfg)
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["detail"].shape[-2:] == (128, 128)
+    with torch.inference_mode():
+        expected = api.model.predict_step(batch, 0)
+    paths = [dm.root / p for p in batch["path"]]
+    found = api.predict(paths)
+    for k, film in enumerate(found):
+        assert film.ok and np.allclose(film.landmarks, expected["points"][k], atol=1e-3)
+    assert not torch.allclose(expected["points"], expected["step1_points"])
+
+    output = tmp_path / "points.csv"
+    summary = predict(compose_config("predict", [
+        f"ckpt_path={ckpt}", f"input={paths[0].parent}", f"output={output}", "num_workers=0",
+        f"paths.output_dir={tmp_path / 'predict'}",
+    ]))  # fmt: skip
+    assert summary["ok"] == len(list(paths[0].parent.glob("*.png")))
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(output.open())}
+    assert {"landmarks", "step1_landmarks"} <= set(next(iter(rows.values())))
+    for k, path in enumerate(paths):
+        got = np.asarray(json.loads(rows[path.name]["landmarks"]))
+        assert np.abs(got - expected["points"][k].numpy()).max() <= 0.06  # 0.1 px rounding
+
+    pytest.importorskip("onnxruntime", reason="the ONNX parity check needs onnxruntime")
+    from regionnet.export import export
+
+    onnx_file = export(compose_config("export", [
+        f"ckpt_path={ckpt}", f"output={tmp_path / 'm.onnx'}", f"paths.output_dir={tmp_path}",
+    ]))  # fmt: skip
+    meta = json.loads(onnx_file.with_name("m.onnx.json").read_text())
+    assert meta["steps"] == 2 and meta["input_size"] == 128 and meta["check_max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize(

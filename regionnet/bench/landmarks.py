@@ -29,12 +29,12 @@ import shutil
 import time
 from pathlib import Path
 
-import lightning as L
 import pandas as pd
 import torch
 
 from regionnet.bench.protocol import timed_evaluate
 from regionnet.bench.settings import BenchSettings, log
+from regionnet.bench.timeline import Timeline, max_time
 from regionnet.config import compose_config
 from regionnet.landmarks.data import SKELETONS
 from regionnet.train import train
@@ -101,52 +101,6 @@ FIGURES = {
     "hidden_films": "hidden_films",
     "unreadable": "unreadable",
 }
-
-
-class EpochTimeline(L.Callback):
-    """Epochs reached, wall seconds and `val/mre_pct` after each validation pass, and films
-    per second in training batches (data loading counted, validation not; the framework's
-    `train/images_per_s` counts region batches only, so it reads 0 for landmark runs)."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.points: list[dict] = []
-        self.films, self.seconds, self._mark = 0, 0.0, 0.0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._mark = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self.seconds += now - self._mark
-        self._mark = now
-        self.films += len(batch["image"]) if "image" in batch else 0
-
-    @property
-    def films_per_s(self) -> float | None:
-        return self.films / self.seconds if self.seconds > 0 else None
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        value = trainer.callback_metrics.get("val/mre_pct")
-        # the fit's passes only (train() validates the best checkpoint again afterwards)
-        if trainer.sanity_checking or trainer.state.fn != "fit" or value is None:
-            return
-        self.points.append(
-            {
-                "epoch": int(trainer.current_epoch) + 1,
-                "seconds": round(time.perf_counter() - self.start, 1),
-                "val_mre_pct": round(float(value), 3),
-            }
-        )
-
-
-def max_time(minutes: float) -> str:
-    """`trainer.max_time` (DD:HH:MM:SS) of a budget in minutes."""
-    s = max(1, round(minutes * 60))
-    return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def rows(settings: BenchSettings) -> list[tuple[str, str]]:
@@ -268,7 +222,7 @@ def one_row(settings: BenchSettings, row: tuple[str, str], root: Path, figures: 
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun trains afresh (skip_if_done)
     overrides = row_overrides(settings, row, run_dir)
     log(f"landmarks: {group}.{name}: regionnet-train {' '.join(overrides)}")
-    timeline = EpochTimeline()
+    timeline = Timeline(("val/mre_pct",))
     start = time.perf_counter()
     metrics = train(compose_config("train", overrides), extra_callbacks=[timeline])
     train_s = time.perf_counter() - start
@@ -535,10 +489,18 @@ def landmarks_markdown(lm: dict) -> list[str]:
                      if "epochs" in r})  # fmt: skip
     reached = "-".join(str(e) for e in (epochs[:1] + epochs[-1:] if len(epochs) > 1 else epochs))
     reached = f"{reached} epoch{'s' if epochs and epochs[-1] > 1 else ''}"
+    rows = [r for g in ("spine", "hand") for r in lm.get(g, {}).values() if "epochs" in r]
+    # what ended the rows: the time budget (fewer epochs than max_epochs) or max_epochs
+    cut = [r["epochs"] < r.get("max_epochs", r["epochs"]) for r in rows]
+    ended = (
+        "the time budget" if cut and all(cut)
+        else "`trainer.max_epochs`" if not any(cut)
+        else "the time budget or `trainer.max_epochs`"
+    )  # fmt: skip
     lines += [
         "",
         f"Caveats: CPU only, {s['torch_threads']} torch threads on a machine whose cores other "
-        f"jobs shared{loaded}; the budget, not convergence, ended every row (epochs above), so "
+        f"jobs shared{loaded}; {ended}, not convergence, ended every row (epochs above), so "
         "these are the figures of a few epochs, not of the method. Films/s and training times "
         "are noisy for the same reason; they include reading the 1024 px JPEG and the "
         "letterbox. The test split is a 15 % patient-grouped share of each set (split.csv in "
@@ -549,20 +511,20 @@ def landmarks_markdown(lm: dict) -> list[str]:
         "- Resolution where the points are placed. At "
         f"{s['image_size']} px a 1024 px spine film is letterboxed to about a quarter, so a "
         "vertebra is ~11 input px tall and 2 % of its size is ~0.2 input px; the letterbox also "
-        "spends ~60 % of the square on padding beside a ~400 px wide spine. Step 2 crops from "
-        "that downscaled input (`LandmarkNet.refine` runs `roi_align` on the network input), "
-        "so it cannot recover detail the letterbox removed; Cina et al. crop each vertebra "
-        "from the full-resolution film. Cropping step 2 from the stored film (a 1024 px "
-        "source, crops of 128 px) and a tall input for step 1 (e.g. 512 x 256) are the two "
-        "changes that matter most.",
-        f"- Training length: tens to hundreds of epochs instead of the {reached} here (the "
-        "training loss was still falling when the budget ended), with the cosine schedule over "
+        "spends ~60 % of the square on padding beside a ~400 px wide spine. Step 2 crops "
+        "each vertebra from the detail image (`data.detail_size`, default 1024 px, the stored "
+        "films' size; the rows above record theirs), as Cina et al. crop from the "
+        "full-resolution film; a tall input for step 1 (e.g. 512 x 256) is the change left "
+        "that matters most.",
+        f"- Training length: tens to hundreds of epochs instead of the {reached} here, with "
+        "the cosine schedule over "
         "that length.",
         "- A GPU: one H200-class GPU runs a 512 px spine epoch in seconds, so the runs above "
         "at 2-4x the resolution and 50-100x the epochs fit in well under an hour.",
-        "- A vertebra detector for step 1 (e.g. the box heads of `task=boxes`, or Cina's "
-        "centre-then-corners order), so step 2 gets one crop per vertebra even where step 1's "
-        "corners slide along the column, which drives the Cobb-angle errors.",
+        "- A vertebra detector for step 2's crops, so each vertebra gets its crop even where "
+        "step 1's corners slide along the column, which drives the Cobb-angle errors: "
+        "`refine_detector=<task=boxes checkpoint>` in regionnet-eval and regionnet-predict "
+        "does this; this section does not measure it.",
         "- Hands: more epochs and resolution mostly; 2 % of a hand's width is ~4 px of a "
         "1024 px film, ~1 input px at 256 px.",
     ]

@@ -16,6 +16,14 @@ is (j + 0.5, i + 0.5).
 - **normalised**: `x_n = 2 * x_in / S - 1`, the `align_corners=False` convention of
   `torch.nn.functional.grid_sample` and of DSNT: -1 is the left edge of the input, +1 the right.
 
+- **detail** (two-step models with a `detail_size` D): the film letterboxed to D x D by the same
+  rule, the image step 2 cuts its crops from. The S x S input is then the detail image
+  average-pooled by D/S (`detail_to_input`; D a multiple of S), not `resize_pad(S)` of the
+  film, so both are one frame at two scales: normalised coordinates are the same in both,
+  an input pixel is D/S detail pixels, and the film -> input letterbox is the detail one times
+  S/D (`scale`, `offset` of such a batch). `letterbox_params(w, h, D)` x S/D can differ from
+  `letterbox_params(w, h, S)` by a fraction of an input pixel (the short side is rounded at D).
+
 Functions take torch tensors or numpy arrays of points (..., K, 2) (a batch is (B, K, 2)) and
 return the same kind. `scale` and `offset` per film broadcast as (B,) or (B, 2) against (B, K, 2).
 """
@@ -45,6 +53,19 @@ def letterbox_params(
     new_w, new_h = (new_short, size) if width <= height else (size, new_short)
     scale = (new_w / width, new_h / height)
     return scale, float((size - new_w) // 2), float((size - new_h) // 2)
+
+
+def input_letterbox(
+    width: int, height: int, size: int, detail_size: int | None = None
+) -> tuple[tuple[float, float], float, float]:
+    """`letterbox_params` of the S x S input: of `resize_pad(size)`, or, with a detail image,
+    the detail letterbox (`resize_pad(detail_size)`) scaled by size / detail_size (the input
+    is the detail image pooled; see "detail" above)."""
+    if detail_size is None:
+        return letterbox_params(width, height, size)
+    k = detail_factor(detail_size, size)
+    (sx, sy), ox, oy = letterbox_params(width, height, detail_size)
+    return (sx / k, sy / k), ox / k, oy / k
 
 
 def _like(value, points: Array) -> Array:
@@ -99,3 +120,25 @@ def inside(points_in: Array, size: int) -> Array:
     p = _float(points_in)
     ok = (p >= 0) & (p < size)
     return ok.all(-1) if isinstance(ok, torch.Tensor) else ok.all(axis=-1)
+
+
+def detail_factor(detail_size: int | None, size: int) -> int:
+    """How many detail pixels a side of one input pixel spans (`detail_size // size`); 1
+    without a detail image. ValueError unless `detail_size` is a multiple of `size`."""
+    if detail_size is None:
+        return 1
+    detail_size, size = int(detail_size), int(size)
+    if detail_size < size or detail_size % size:
+        raise ValueError(
+            f"detail_size={detail_size} must be a multiple of image_size={size} (e.g. "
+            f"{4 * size}): the input is the detail image average-pooled by a whole factor"
+        )
+    return detail_size // size
+
+
+def detail_to_input(detail: torch.Tensor, size: int) -> torch.Tensor:
+    """The S x S input ((B,) C, S, S) of a D x D detail image ((B,) C, D, D) in the same
+    frame: average pooling over D/S x D/S blocks, so input pixel j covers detail pixels
+    [j D/S, (j + 1) D/S) exactly and normalised coordinates are shared (ONNX: AveragePool)."""
+    k = detail_factor(int(detail.shape[-1]), size)
+    return detail if k == 1 else torch.nn.functional.avg_pool2d(detail, k)

@@ -18,12 +18,18 @@ A sample / batch (B films, K landmarks, S = `image_size`):
 
 - `image` float32 (B, 1, S, S): `resize_pad(S)` letterbox (as the region task), augmented in
   training, normalised with `mean`/`std`;
+- `detail` float32 (B, 1, D, D), only with `detail_size` D (two-step models): the same film
+  through the same letterbox rule and augmentation at D (e.g. 1024, the stored films' longest
+  side), normalised alike; `image` is then `detail` average-pooled to S, so the two share one
+  frame (`regionnet.landmarks.coords`, "detail"): step 2 cuts its vertebra crops from `detail`
+  (a vertebra is ~44 px tall at 1024, ~11 px at 256);
 - `points` float32 (B, K, 2): (x, y) in normalised input coordinates [-1, 1]
   (`regionnet.landmarks.coords`), after augmentation; never NaN;
 - `points_px` float32 (B, K, 2): the annotation in pixels of the file as stored (not augmented);
 - `visible` bool (B, K): annotated and still on the S x S input after augmentation;
 - `scale` float32 (B, 2) and `offset` float32 (B, 2): per axis (x, y), input pixel =
-  original pixel * scale + offset (the letterbox; see `coords` for why scale has two axes);
+  original pixel * scale + offset (the letterbox; see `coords` for why scale has two axes;
+  with `detail`, the detail letterbox times S/D, `coords.input_letterbox`);
 - `size` int64 (B, 2): the file's (width, height); `cobb` float32 (B, 3): pt, mt, tl degrees,
   NaN where unknown; `index` int64 (B,): row in the dataset;
 - `path` list[str]: as in the manifest (relative to the landmark folder);
@@ -70,7 +76,14 @@ from torchvision.transforms import v2
 from regionnet.data.splits import assign_splits, check_no_patient_leak, read_split_file
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, RandomGamma, resize_pad
 from regionnet.io import RadiographReadError, read_radiograph
-from regionnet.landmarks.coords import inside, letterbox_params, to_input, to_normalised
+from regionnet.landmarks.coords import (
+    detail_factor,
+    detail_to_input,
+    inside,
+    letterbox_params,
+    to_input,
+    to_normalised,
+)
 from regionnet.landmarks.phantom import phantom_folder
 
 log = logging.getLogger(__name__)
@@ -294,7 +307,10 @@ class LandmarkAugment:
     landmarks; None: no flips), `brightness`, `contrast`, `gamma` range, `noise` sigma.
     The flip is done here, not by `v2.RandomHorizontalFlip`: torchvision 0.29 flips KeyPoints
     as x -> W - 1 - x (pixel indices), one pixel off the corner convention (x -> W - x) that its
-    own resize and affine use.
+    own resize and affine use. With a detail image (`LandmarkDataset`, `detail_size`) the
+    augmentation is made at the detail size D: `move` and `light` on the D x D image, which is
+    then pooled to the input, and `noise` on each of the two (the input's noise stays `noise`
+    per input pixel, as without detail).
     """
 
     def __init__(self, size: int, augment: Mapping | None, perm: np.ndarray | None):
@@ -316,18 +332,27 @@ class LandmarkAugment:
         self.geometric = v2.Compose(geometric)
         self.hflip = float(a.get("hflip", 0.5)) if perm is not None else 0.0
         self.perm = None if perm is None else torch.as_tensor(perm)
-        photometric: list[torch.nn.Module] = [
+        light: list[torch.nn.Module] = [
             v2.ColorJitter(brightness=a.get("brightness", 0.2), contrast=a.get("contrast", 0.2))
         ]
         if a.get("gamma"):
-            photometric.append(RandomGamma(a["gamma"]))
-        if a.get("noise"):
-            photometric.append(v2.GaussianNoise(sigma=float(a["noise"])))
-        self.photometric = v2.Compose(photometric)
+            light.append(RandomGamma(a["gamma"]))
+        self.light = v2.Compose(light)
+        self.noise = (
+            v2.GaussianNoise(sigma=float(a["noise"])) if a.get("noise") else torch.nn.Identity()
+        )
 
     def __call__(
         self, image: torch.Tensor, points: torch.Tensor, visible: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Geometry (`move`), then brightness, contrast and gamma (`light`), then `noise`."""
+        image, points, visible = self.move(image, points, visible)
+        return self.noise(self.light(image)), points, visible
+
+    def move(
+        self, image: torch.Tensor, points: torch.Tensor, visible: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The geometric part: crop, affine and flip of the image and its points together."""
         s = self.size
         image, kp = self.geometric(
             tv_tensors.Image(image), tv_tensors.KeyPoints(points, canvas_size=(s, s))
@@ -337,7 +362,7 @@ class LandmarkAugment:
             image = image.flip(-1)
             points[:, 0] = s - points[:, 0]
             points, visible = points[self.perm], visible[self.perm]
-        return self.photometric(image), points, visible
+        return image, points, visible
 
 
 class LandmarkDataset(Dataset):
@@ -346,7 +371,10 @@ class LandmarkDataset(Dataset):
     `augment` (a `LandmarkAugment`) is for training; without it a film is letterboxed and
     normalised only. `hidden` (N, K) bool: points never `visible` (`annotation_issues`). A
     file that cannot be read gives `{"path", "index", "error"}`, which
-    `collate` reports in `errors` and leaves out.
+    `collate` reports in `errors` and leaves out. `detail_size` D (a multiple of `image_size`):
+    the film is letterboxed and augmented at D x D (`augment` made at size D), given as
+    `detail`, and `image` is `detail` average-pooled to S (`coords.detail_to_input`), so both
+    share one frame; `points` and `visible` are of that frame, `scale`/`offset` in input pixels.
     """
 
     def __init__(
@@ -359,6 +387,7 @@ class LandmarkDataset(Dataset):
         std: float = GRAY_STD,
         augment: LandmarkAugment | None = None,
         hidden: np.ndarray | None = None,
+        detail_size: int | None = None,
     ):
         if len(records) != len(points):
             raise ValueError(f"{len(records)} records but {len(points)} point sets")
@@ -368,11 +397,16 @@ class LandmarkDataset(Dataset):
         shown = np.ones(points.shape[:2], bool) if hidden is None else ~np.asarray(hidden, bool)
         self.shown = torch.as_tensor(shown)
         cobb = records[list(COBB_COLUMNS)].to_numpy(np.float32)
-        self.cobb = torch.as_tensor(cobb, dtype=torch.float32)
+        self.cobb = torch.tensor(cobb, dtype=torch.float32)  # a copy: to_numpy may be read-only
         self.size = image_size
-        self.letterbox = resize_pad(image_size)
+        self.detail = None if detail_size is None else int(detail_size)
+        detail_factor(self.detail, image_size)  # a whole multiple, or ValueError
+        self.frame = self.detail or image_size  # the size letterboxed and augmented
+        self.letterbox = resize_pad(self.frame)
         self.mean, self.std = float(mean), float(std)
         self.augment = augment
+        if augment is not None and augment.size != self.frame:
+            raise ValueError(f"augmentation made for {augment.size} px, images are {self.frame}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -385,19 +419,32 @@ class LandmarkDataset(Dataset):
             log.warning("skipping unreadable landmark film: %s", e)
             return {"path": path, "index": i, "error": str(e.reason)}
         h, w = pixels.shape
-        scale, ox, oy = letterbox_params(w, h, self.size)
+        frame = self.frame  # S, or D with a detail image
+        scale, ox, oy = letterbox_params(w, h, frame)
         scale_t = torch.tensor(scale, dtype=torch.float32)
         offset = torch.tensor([ox, oy], dtype=torch.float32)
         image = self.letterbox(torch.from_numpy(pixels)[None])
         points_px = self.points[i]
         visible = torch.isfinite(points_px).all(-1) & self.shown[i]
         points = torch.nan_to_num(to_input(points_px, scale_t, offset), nan=0.0)
-        if self.augment is not None:
-            image, points, visible = self.augment(image, points, visible)
-        visible = visible & inside(points, self.size)
-        return {
+        aug = self.augment
+        if self.detail is None:
+            if aug is not None:
+                image, points, visible = aug(image, points, visible)
+            detail = None
+        else:
+            if aug is not None:
+                image, points, visible = aug.move(image, points, visible)
+                image = aug.light(image)
+            detail, image = image, detail_to_input(image, self.size)
+            if aug is not None:
+                detail, image = aug.noise(detail), aug.noise(image)
+            k = frame / self.size  # the letterbox in input pixels (`coords.input_letterbox`)
+            scale_t, offset = scale_t / k, offset / k
+        visible = visible & inside(points, frame)
+        sample = {
             "image": (image - self.mean) / self.std,
-            "points": to_normalised(points, self.size),
+            "points": to_normalised(points, frame),
             "points_px": points_px,
             "visible": visible,
             "scale": scale_t,
@@ -407,9 +454,13 @@ class LandmarkDataset(Dataset):
             "path": path,
             "index": i,
         }
+        if detail is not None:
+            sample["detail"] = (detail - self.mean) / self.std
+        return sample
 
 
 _STACKED = ("image", "points", "points_px", "visible", "scale", "offset", "size", "cobb")
+_OPTIONAL = ("detail",)  # stacked where the samples have it
 
 
 def collate(samples: list[dict]) -> dict:
@@ -421,7 +472,8 @@ def collate(samples: list[dict]) -> dict:
         "errors": [(s["path"], s["error"]) for s in samples if "error" in s],
     }
     if good:
-        batch.update({k: torch.stack([s[k] for s in good]) for k in _STACKED})
+        keys = (*_STACKED, *(k for k in _OPTIONAL if k in good[0]))
+        batch.update({k: torch.stack([s[k] for s in good]) for k in keys})
     return batch
 
 
@@ -433,7 +485,10 @@ class LandmarkDataModule(L.LightningDataModule):
     of `regionnet.data.splits`), or read from a previous run's `split_file` (its split.csv);
     `augment` see `LandmarkAugment` (plus `hflip_hands`); `limit`
     keeps the first films of the manifest (tests); `phantom` = {n, size: [height, width],
-    vertebrae, cache} for `dataset=phantom`. `batch_size` is per device.
+    vertebrae, cache} for `dataset=phantom`. `batch_size` is per device. `detail_size` D and
+    `detail`: with `detail` true and D set, batches also carry `detail`, the films at D x D in
+    the frame of `image` (`LandmarkDataset`): step 2 of a two-step model cuts its crops from
+    it (`conf/data/landmarks.yaml` makes it for models with `model.refine=true`).
     The model reads `landmark_names`, `skeleton` ("vertebrae": 4 corners per vertebra, head to
     foot; "points": independent points), `flip_pairs` and `dataset`.
     """
@@ -455,6 +510,8 @@ class LandmarkDataModule(L.LightningDataModule):
         split_file: str | None = None,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        detail_size: int | None = None,
+        detail: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -462,6 +519,17 @@ class LandmarkDataModule(L.LightningDataModule):
             raise ValueError(f"data.dataset={dataset!r}: choose one of {list(DATASETS)}")
         if image_size < 16:
             raise ValueError(f"data.image_size={image_size} is too small; use 16 or more")
+        self.detail_size = int(detail_size) if detail and detail_size else None
+        if self.detail_size == image_size:
+            self.detail_size = None  # the input itself: the frame of the input alone
+        if self.detail_size is not None and (
+            self.detail_size < image_size or self.detail_size % image_size
+        ):
+            raise ValueError(
+                f"data.detail_size={detail_size} must be a multiple of data.image_size="
+                f"{image_size} (e.g. {4 * image_size}), or null: the input is the detail image "
+                "average-pooled by a whole factor"
+            )
         if batch_size < 1 or num_workers < 0:
             raise ValueError(
                 f"data.batch_size={batch_size} must be >= 1, data.num_workers={num_workers} >= 0"
@@ -597,7 +665,7 @@ class LandmarkDataModule(L.LightningDataModule):
                 log.info("data.dataset=%s: no flips (all left hands); augment.hflip_hands=true "
                          "flips them into right hands", self.dataset)  # fmt: skip
             perm = None
-        return LandmarkAugment(self.hparams.image_size, a, perm)
+        return LandmarkAugment(self.detail_size or self.hparams.image_size, a, perm)
 
     def _loader(self, split: str | pd.DataFrame, train: bool | None = None) -> DataLoader:
         """The loader of a split (`train` augments and shuffles), or of any rows of `records`
@@ -617,6 +685,7 @@ class LandmarkDataModule(L.LightningDataModule):
             h.std,
             augment=self._augment() if train else None,
             hidden=self.hidden[frame.index.to_numpy()],
+            detail_size=self.detail_size,
         )
         sampler = None
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():

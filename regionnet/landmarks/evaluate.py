@@ -4,8 +4,9 @@
 training run: `<run_dir>/config.yaml` (its `data` node) with `<run_dir>/split.csv`
 (`data.split_file`), where the checkpoint lies in `<run_dir>/checkpoints/`; non-null `data.*`
 keys of the eval config that the landmark data module takes go on top, and `data=landmarks`
-(a group with `_target_`) replaces it. Input size and normalisation always follow the
-checkpoint. `split`: `test` (default), `val` or `all` (every film of the run's data).
+(a group with `_target_`) replaces it. Input size, normalisation and step 2's detail image
+(`detail_size`) always follow the checkpoint. `split`: `test` (default), `val` or `all` (every
+film of the run's data).
 
 Writes into `paths.output_dir`:
 
@@ -42,6 +43,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from regionnet.boxes.infer import attach_detector
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import read_radiograph
 from regionnet.landmarks.data import LandmarkDataModule
@@ -101,6 +103,9 @@ def landmark_data_config(cfg: DictConfig, model, run_dir: Path) -> DictConfig:
     h = model.hparams
     data.image_size = int(h.image_size)
     data.mean, data.std = float(h.get("mean", GRAY_MEAN)), float(h.get("std", GRAY_STD))
+    # step 2's detail image as the model was trained with (none for models without one)
+    data.detail_size = h.get("detail_size")
+    data.detail = h.get("detail_size") is not None
     data.batch_size, data.num_workers = int(cfg.batch_size), int(cfg.num_workers)
     return data
 
@@ -197,7 +202,7 @@ def evaluate_landmarks(cfg: DictConfig, ckpt_path: str | Path) -> dict:
         raise ValueError(
             f"split={split!r}: landmark data have {', '.join(SPLITS)} (no external test set)"
         )
-    model = load_landmark_model(ckpt_path)
+    model = attach_detector(load_landmark_model(ckpt_path), cfg.get("refine_detector"))
     refine = model.refiner is not None
     dm = build_datamodule(
         OmegaConf.create({"data": landmark_data_config(cfg, model, _run_dir(ckpt_path))})
@@ -231,6 +236,9 @@ def evaluate_landmarks(cfg: DictConfig, ckpt_path: str | Path) -> dict:
         "skeleton": model.skeleton,
         "landmarks": names,
         "refine": refine,
+        "detail_size": model.detail_size,  # step 2's crop source (None: the input)
+        # where step 2's crops are centred: a detector's boxes, or step 1's corners (None)
+        "refine_detector": str(cfg.refine_detector) if cfg.get("refine_detector") else None,
         "split": split,
         "bootstrap": {**boot, "ci": 0.95, "method": "percentile"},
         "per_level": {},

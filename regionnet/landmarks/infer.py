@@ -3,8 +3,11 @@ per-film result, shared by `regionnet-predict` and the Python API.
 
 A film is read by the region task's reader (`regionnet.io`, `load_image`), letterboxed and
 normalised by the checkpoint's `eval_transform`, and its points come back in its own pixels
-through the letterbox's `scale`/`offset` (`regionnet.landmarks.coords`). Angles: the three
-Cobb angles (PT, MT, TL, degrees; AASCE rule, `geometry.cobb_angles`) of a `vertebrae` model.
+through the letterbox's `scale`/`offset` (`regionnet.landmarks.coords`). A two-step model with
+a `detail_size` D is given what it was trained on: the film letterboxed to D x D (`detail`,
+step 2's crops) and that image average-pooled to the S x S input (`film_transform`,
+`prepare`). Angles: the three Cobb angles (PT, MT, TL, degrees; AASCE rule,
+`geometry.cobb_angles`) of a `vertebrae` model.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from regionnet.data.dataset import load_image
-from regionnet.data.transforms import eval_transform
+from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.io import RadiographReadError
-from regionnet.landmarks.coords import letterbox_params
+from regionnet.landmarks.coords import detail_to_input, input_letterbox
 from regionnet.landmarks.geometry import cobb_angles
 from regionnet.landmarks.metrics import COBB_POINTS
 from regionnet.model.checkpoint import checkpoint_task, refuse_file
@@ -57,13 +60,39 @@ def angles_of(points: np.ndarray, skeleton: str, height: float | None = None) ->
     return {a: round(float(v), 2) for a, v in zip(ANGLES, values, strict=True)}
 
 
-def prepare(pixels: np.ndarray, transform, size: int) -> dict:
+def detail_size_of(model) -> int | None:
+    """The detail image's side D of a two-step model that crops from one, else None (any
+    model with `hparams`: landmark and box models share the reader)."""
+    d = getattr(model, "hparams", {}).get("detail_size")
+    return None if d is None else int(d)
+
+
+def film_transform(model):
+    """The letterbox and normalisation a film goes through first: `eval_transform(model)` at
+    the model's detail size where it has one (`prepare` pools that to the input)."""
+    h = model.hparams
+    d = detail_size_of(model)
+    if d is None:
+        return eval_transform(model)
+    return eval_transform(
+        {"image_size": d, "mean": h.get("mean", GRAY_MEAN), "std": h.get("std", GRAY_STD)}
+    )
+
+
+def prepare(pixels: np.ndarray, transform, size: int, detail_size: int | None = None) -> dict:
     """One film's network input and letterbox: {"image" (1, S, S), "scale" (2,), "offset" (2,),
-    "size" (2,) = original (width, height)}."""
+    "size" (2,) = original (width, height)}. With `detail_size` D (`transform` is then
+    `film_transform`, at D) also "detail" (1, D, D), and "image" is it pooled to S; "scale"
+    and "offset" are always of the S x S input (`coords.input_letterbox`)."""
     h, w = pixels.shape
-    scale, ox, oy = letterbox_params(w, h, size)
+    scale, ox, oy = input_letterbox(w, h, size, detail_size)
+    image = transform(torch.from_numpy(np.ascontiguousarray(pixels))[None])
+    out = {}
+    if detail_size is not None:
+        out["detail"], image = image, detail_to_input(image, size)
     return {
-        "image": transform(torch.from_numpy(np.ascontiguousarray(pixels))[None]),
+        "image": image,
+        **out,
         "scale": torch.tensor(scale, dtype=torch.float32),
         "offset": torch.tensor([ox, oy], dtype=torch.float32),
         "size": torch.tensor([w, h], dtype=torch.long),
@@ -76,8 +105,9 @@ class LandmarkReader(Dataset):
 
     def __init__(self, paths: Sequence[str], model):
         self.paths = list(paths)
-        self.transform = eval_transform(model)
+        self.transform = film_transform(model)
         self.size = int(model.hparams.image_size)
+        self.detail_size = detail_size_of(model)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -88,7 +118,7 @@ class LandmarkReader(Dataset):
             pixels = load_image(path, phantom_size=self.size)
         except RadiographReadError as e:
             return {"path": path, "error": " ".join(e.reason.split())}
-        return {"path": path, **prepare(pixels, self.transform, self.size)}
+        return {"path": path, **prepare(pixels, self.transform, self.size, self.detail_size)}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -99,8 +129,9 @@ def collate(samples: list[dict]) -> dict:
         "errors": [(s["path"], s["error"]) for s in samples if "error" in s],
     }
     if good:
-        for key in ("image", "scale", "offset", "size"):
-            batch[key] = torch.stack([s[key] for s in good])
+        for key in ("image", "detail", "scale", "offset", "size"):
+            if key in good[0]:
+                batch[key] = torch.stack([s[key] for s in good])
     return batch
 
 
@@ -110,10 +141,14 @@ def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
     arrays in [0, 1] (the API's path)."""
     if not images:
         return []
-    transform, size = eval_transform(model), int(model.hparams.image_size)
-    batch = collate([{"path": str(k), **prepare(p, transform, size)} for k, p in enumerate(images)])
+    transform, size = film_transform(model), int(model.hparams.image_size)
+    d = detail_size_of(model)
+    batch = collate(
+        [{"path": str(k), **prepare(p, transform, size, d)} for k, p in enumerate(images)]
+    )
     device = next(model.parameters()).device
-    found = model.infer(batch["image"].to(device))["final"]
+    detail = batch["detail"].to(device) if "detail" in batch else None
+    found = model.infer(batch["image"].to(device), detail)["final"]
     points = model.to_original(found, batch["scale"].to(device), batch["offset"].to(device))
     out = []
     for pts, (_, h) in zip(points.cpu().numpy(), batch["size"].tolist(), strict=True):

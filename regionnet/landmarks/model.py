@@ -9,9 +9,11 @@ spatial softmax, then the expected position; Nibali et al. 2018, as in Cina et a
 The backbone is the region task's headless timm model (`build_backbone`: the same offline
 ImageNet weights, weights files and names); its stride-`stride`..32 maps come from timm's
 `forward_intermediates` and are fused by torchvision's `FeaturePyramidNetwork`, so a heatmap
-cell is `stride` input pixels. Two steps (`LandmarkRefiner`): a second network of the same
-kind looks at a crop around each group of points (a vertebra's four corners) and places them
-again; `torchvision.ops.roi_align` cuts the crops, so crop and map-back share one frame.
+cell is `stride` input pixels. Two steps: a second network of the same kind looks at a crop
+around each group of points (a vertebra's four corners) and places them again;
+`torchvision.ops.roi_align` cuts the crops, so crop and map-back share one frame. The crops
+come from the input, or from a detail image of the same frame at a higher resolution
+(`crop_groups(..., scale=D/S)`; `regionnet.landmarks.coords`, "detail").
 """
 
 from __future__ import annotations
@@ -167,20 +169,30 @@ def group_boxes(
     side = max(width, height, `min_side`) x (1 + 2 `margin`). Square, so a crop resized to the
     refiner's input keeps the film's aspect ratio."""
     pts = points[:, groups]  # (B, G, P, 2)
-    lo, hi = pts.amin(dim=2), pts.amax(dim=2)
+    return square_boxes(torch.cat([pts.amin(dim=2), pts.amax(dim=2)], dim=-1), margin, min_side)
+
+
+def square_boxes(boxes: torch.Tensor, margin: float, min_side: float) -> torch.Tensor:
+    """Square crop boxes (..., 4) around boxes (..., 4) [x1, y1, x2, y2]: the same centre,
+    side = max(width, height, `min_side`) x (1 + 2 `margin`) (NaN stays NaN)."""
+    lo, hi = boxes[..., :2], boxes[..., 2:]
     centre = (lo + hi) / 2
     side = (hi - lo).amax(dim=-1).clamp(min=min_side) * (1 + 2 * margin)
     half = side.unsqueeze(-1) / 2
     return torch.cat([centre - half, centre + half], dim=-1)
 
 
-def crop_groups(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crops (B*G, C, size, size) of `image` (B, C, S, S) inside `boxes` (B, G, 4), input pixels,
-    bilinear (`roi_align`, aligned=True: box edges are pixel edges, as in our coordinates)."""
+def crop_groups(
+    image: torch.Tensor, boxes: torch.Tensor, size: int, scale: float = 1.0
+) -> torch.Tensor:
+    """Crops (B*G, C, size, size) of `image` (B, C, H, W) inside `boxes` (B, G, 4), input pixels,
+    bilinear (`roi_align`, aligned=True: box edges are pixel edges, as in our coordinates).
+    `scale`: `image` pixels per input pixel (D/S for a detail image of the input's frame; the
+    boxes stay in input pixels and roi_align scales them, `spatial_scale`)."""
     b, g = boxes.shape[:2]
     index = torch.arange(b, device=boxes.device, dtype=boxes.dtype).repeat_interleave(g)
     rois = torch.cat([index[:, None], boxes.reshape(b * g, 4)], dim=1)
-    return roi_align(image, rois.to(image.dtype), (size, size), 1.0, 2, aligned=True)
+    return roi_align(image, rois.to(image.dtype), (size, size), float(scale), 2, aligned=True)
 
 
 def from_crops(coords: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,15 @@ around them and maps them back (`roi_align` crops; `from_crops`). Step 2 trains 
 the true points shifted and scaled by up to `refine_jitter` of the crop side (step 1's typical
 error), and runs on crops around step 1's points.
 
+Where step 2 crops from: with `detail_size` D (`conf/model/dsnt.yaml`: `data.detail_size`), from
+the batch's `detail` image, the film at D x D in the input's frame (`regionnet.landmarks.data`;
+the S x S input is it pooled, `coords.detail_to_input`), so a crop sees the vertebra at D/S
+times the input's resolution: at S = 256 a vertebra is ~11 px tall, and Cina's 2 % of its size
+is 0.2 input px; at D = 1024, 0.9 px. The boxes stay in input pixels (`roi_align`'s
+`spatial_scale` = D/S), `refine_size` is the crop's side in crop pixels, and everything after
+the crop is unchanged. Without `detail_size` (models trained before it, `detail_size: null`)
+step 2 crops from the input itself.
+
 Batches come from `regionnet.landmarks.data.LandmarkDataModule`: `points` are normalised input
 coordinates in [-1, 1] (align_corners=False), `points_px` the truth in the stored film's pixels,
 `scale`/`offset` the letterbox (x_in = x_orig * scale + offset). Metrics (`LandmarkMetrics`)
@@ -29,6 +38,7 @@ from torchmetrics import MeanMetric, MinMetric
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
 from regionnet.landmarks.coords import from_normalised, to_original
+from regionnet.landmarks.data import _vertebra_corners
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.model import (
     build_landmark_network,
@@ -37,6 +47,7 @@ from regionnet.landmarks.model import (
     from_crops,
     group_boxes,
     landmark_groups,
+    square_boxes,
 )
 from regionnet.model.optim import configure_optimizers
 
@@ -72,6 +83,7 @@ class LandmarkNet(L.LightningModule):
         refine_min_side: float = 0.05,
         refine_jitter: float = 0.15,
         refine_weight: float = 1.0,
+        detail_size: int | None = None,
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
         scheduler_interval: str = "epoch",
@@ -106,7 +118,16 @@ class LandmarkNet(L.LightningModule):
                 raise ValueError(f"model.{key}={value!r}: use a value in [{lo}, {hi}]")
         if int(refine_size) < 16:
             raise ValueError(f"model.refine_size={refine_size}: use 16 px or more (e.g. 64)")
+        # only step 2 uses the detail image; the input's own size is no detail
+        if not refine or detail_size is None or int(detail_size) == int(image_size):
+            detail_size = None
+        elif int(detail_size) < int(image_size) or int(detail_size) % int(image_size):
+            raise ValueError(
+                f"model.detail_size={detail_size}: use a multiple of image_size={image_size} "
+                f"(e.g. {4 * int(image_size)}), or null (step 2 crops from the input)"
+            )
         self.save_hyperparameters()
+        self.hparams["detail_size"] = None if detail_size is None else int(detail_size)
         self.hparams["landmark_names"] = names
         self.hparams["flip_pairs"] = [list(map(int, p)) for p in (flip_pairs or [])]
         self.landmark_names = names
@@ -155,29 +176,126 @@ class LandmarkNet(L.LightningModule):
     def image_size(self) -> int:
         return int(self.hparams.image_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised input coordinates (B, K, 2) of every landmark: step 2's where `refine`."""
-        return self.infer(x)["final"]
+    @property
+    def detail_size(self) -> int | None:
+        """D of the detail image step 2 crops from; None: it crops from the input."""
+        d = self.hparams.get("detail_size")
+        return None if d is None else int(d)
 
-    def infer(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, detail: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised input coordinates (B, K, 2) of every landmark: step 2's where `refine`."""
+        return self.infer(x, detail)["final"]
+
+    def infer(self, x: torch.Tensor, detail: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """{"step1": (B, K, 2), "final": (B, K, 2)} normalised input coordinates; "final" is
-        step 2's where the model refines, else step 1's."""
+        step 2's where the model refines, else step 1's. `x`: the (B, 1, S, S) input;
+        `detail`: the (B, 1, D, D) detail image of a model with `detail_size` (the batch's
+        `detail`; `x` is then `coords.detail_to_input(detail)`)."""
         step1, _ = self.net(x)
         if self.refiner is None:
             return {"step1": step1, "final": step1}
-        return {"step1": step1, "final": self.refine(x, step1.detach())}
+        boxes = self.detector_boxes(x) if self.detector is not None else None
+        return {"step1": step1, "final": self.refine(x, step1.detach(), detail, boxes)}
+
+    # -- step 2's crops from a vertebra detector ---------------------------------------------
+    @property
+    def detector(self):
+        """The box model (`task=boxes`) whose vertebra boxes place step 2's crops, or None
+        (crops around step 1's corners). Attached for inference by `use_detector`; not part
+        of this model's weights or checkpoint."""
+        return self._detector[0] if getattr(self, "_detector", ()) else None
+
+    def level_names(self) -> list[str]:
+        """The vertebrae of the `<vertebra>_<corner>` landmark names, head to foot (the data
+        module's own parse, `landmarks.data._vertebra_corners`); [] for other point sets."""
+        return [v for v, _ in _vertebra_corners(self.landmark_names) or []]
+
+    def use_detector(self, box_model) -> None:
+        """Take step 2's crops from `box_model`'s vertebra boxes (one per level, its best
+        box; step 1's corners where it finds none). It must detect this model's vertebrae on
+        this model's input: the same levels in order, input size and normalisation."""
+        if self.refiner is None or self.skeleton != "vertebrae":
+            raise ValueError(
+                "refine_detector: only a two-step vertebra model (model.refine=true on spine "
+                "data) takes step 2's crops from a detector"
+            )
+        theirs, ours = list(box_model.box_names), self.level_names()
+        if theirs != ours:
+            raise ValueError(
+                f"refine_detector: the detector finds {theirs}, this model's vertebrae are "
+                f"{ours}; use a box model trained on the same landmark set (task=boxes)"
+            )
+        h, b = self.hparams, box_model.hparams
+        mine = (self.image_size, float(h.get("mean", GRAY_MEAN)), float(h.get("std", GRAY_STD)))
+        other = (int(b.image_size), float(b.get("mean", GRAY_MEAN)), float(b.get("std", GRAY_STD)))
+        if mine != other:
+            raise ValueError(
+                f"refine_detector: the detector takes (image_size, mean, std) {other}, this "
+                f"model {mine}; train the box model with data.image_size={mine[0]}"
+            )
+        self._detector = (box_model.to(self.device).eval(),)  # a tuple: not a submodule
+
+    @torch.no_grad()
+    def detector_boxes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, G, 4) input-pixel boxes of each vertebra level from the detector on the input
+        `x` (its best-scoring box per level), NaN where it finds none."""
+        detector = self.detector
+        weight = next(detector.parameters(), None)
+        if weight is not None and weight.device != x.device:  # Lightning moved this model only
+            detector.to(x.device)
+        found = detector.net(x)
+        out = torch.full((len(x), len(self.groups), 4), float("nan"), device=x.device)
+        for k, d in enumerate(found):
+            for g in range(len(self.groups)):
+                mine = d["labels"] == g + 1
+                if mine.any():
+                    best = torch.argmax(torch.where(mine, d["scores"], -1.0))
+                    out[k, g] = d["boxes"][best].float()
+        return out
 
     def _min_side(self) -> float:
         return float(self.hparams.refine_min_side) * self.image_size
 
-    def refine(self, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Step 2: crop around each group of `coords` (normalised), place its points again,
-        and return all points as normalised input coordinates (B, K, 2)."""
+    def _crop_source(
+        self, x: torch.Tensor, detail: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float]:
+        """What step 2 crops from and its pixels per input pixel: the detail image (D/S) or,
+        for a model without `detail_size`, the input (1)."""
+        d = self.detail_size
+        if d is None:
+            return x, 1.0
+        if detail is None:
+            raise ValueError(
+                f"this model's step 2 crops from a {d} x {d} px detail image (model.detail_size="
+                f"{d}), but none was given: pass the batch's `detail` (data.detail=true, "
+                f"data.detail_size={d})"
+            )
+        if detail.shape[-1] != d or detail.shape[-2] != d:
+            raise ValueError(
+                f"detail image of {tuple(detail.shape[-2:])} px: this model takes {d} x {d}"
+            )
+        return detail, d / self.image_size
+
+    def refine(
+        self,
+        x: torch.Tensor,
+        coords: torch.Tensor,
+        detail: torch.Tensor | None = None,
+        detected: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Step 2: crop around each group of `coords` (normalised) from the detail image (or
+        the input `x` without `detail_size`), place its points again, and return all points
+        as normalised input coordinates (B, K, 2). `detected` (B, G, 4): input-pixel boxes of
+        the groups from a detector, NaN where none; a group with one is cropped around it."""
         size = self.image_size
         points = (coords.float() + 1) / 2 * size
         margin = float(self.hparams.refine_margin)
         boxes = group_boxes(points, self.groups, margin, self._min_side())
-        crops = crop_groups(x, boxes, int(self.hparams.refine_size))
+        if detected is not None:
+            squares = square_boxes(detected.to(boxes), margin, self._min_side())
+            boxes = torch.where(torch.isfinite(squares).all(-1, keepdim=True), squares, boxes)
+        source, scale = self._crop_source(x, detail)
+        crops = crop_groups(source, boxes, int(self.hparams.refine_size), scale)
         local, _ = self.refiner(crops)
         placed = from_crops(local.float(), boxes).flatten(1, 2)  # (B, G * P, 2), group order
         # back to landmark order with a gather (shapes from the tensors: an ONNX export keeps
@@ -201,7 +319,8 @@ class LandmarkNet(L.LightningModule):
 
     def _refine_loss(self, batch: dict, train: bool) -> torch.Tensor:
         """Step 2's DSNT loss on crops around the true groups, shifted and scaled at random by
-        up to `refine_jitter` of the crop side in training (fixed crops in validation)."""
+        up to `refine_jitter` of the crop side in training (fixed crops in validation), cut
+        from the batch's `detail` image where the model has `detail_size`."""
         h, size = self.hparams, self.image_size
         truth = (batch["points"].float() + 1) / 2 * size
         boxes = group_boxes(truth, self.groups, float(h.refine_margin), self._min_side())
@@ -213,7 +332,8 @@ class LandmarkNet(L.LightningModule):
             centre = (boxes[..., :2] + boxes[..., 2:]) / 2 + shift
             half = side * grow / 2
             boxes = torch.cat([centre - half, centre + half], dim=-1)
-        crops = crop_groups(batch["image"], boxes, int(h.refine_size))
+        source, scale = self._crop_source(batch["image"], batch.get("detail"))
+        crops = crop_groups(source, boxes, int(h.refine_size), scale)
         local, heat = self.refiner(crops)
         lo, hi = boxes[..., None, :2], boxes[..., None, 2:]
         target = ((truth[:, self.groups] - lo) / (hi - lo) * 2 - 1).flatten(0, 1)
@@ -244,7 +364,7 @@ class LandmarkNet(L.LightningModule):
         self._warn_errors(batch)
         if "image" not in batch:
             return
-        out = self.infer(batch["image"])
+        out = self.infer(batch["image"], batch.get("detail"))
         self.losses[stage].update(self._loss(batch, train=False), weight=len(batch["image"]))
         cobb = batch.get("cobb")
         heights = batch["size"][:, 1] if "size" in batch else None  # the Cobb rule's film height
@@ -291,7 +411,7 @@ class LandmarkNet(L.LightningModule):
         out = {"path": batch["path"], "errors": batch.get("errors", [])}
         if "image" not in batch:
             return {**out, "points": torch.empty(0, len(self.landmark_names), 2)}
-        found = self.infer(batch["image"])
+        found = self.infer(batch["image"], batch.get("detail"))
         for key, name in (("final", "points"), ("step1", "step1_points")):
             out[name] = self.to_original(found[key], batch["scale"], batch["offset"]).cpu()
         for key in ("size", "points_px", "visible", "cobb"):  # the truth, where a test has it

@@ -191,5 +191,8 @@ def predict_landmarks(
     refuse_resume(cfg, "landmark")
     if cam_dir is not None:
         cam_dir.mkdir(parents=True, exist_ok=True)
-    writer = LandmarkWriter(output, model, model_id(model), cam_dir)
+    mid = model_id(model)
+    if model.detector is not None:  # step 2's crops come from a detector: both name the rows
+        mid = f"{mid}+{model_id(model.detector)}"
+    writer = LandmarkWriter(output, model, mid, cam_dir)
     return predict_films(cfg, model, paths, output, trainer_kwargs, writer, "landmarks")

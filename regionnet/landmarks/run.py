@@ -91,6 +91,7 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
     """`model_card.json` of a landmark model (the region card's keys where they fit)."""
     h = model.hparams
     size = int(h.image_size)
+    detail = h.get("detail_size")
     return {
         "name": "regionnet",
         "version": regionnet.__version__,
@@ -99,7 +100,12 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
         "description": (
             f"{h.backbone} backbone, FPN and one DSNT heatmap per landmark "
             f"({len(model.landmark_names)} landmarks, {model.skeleton})"
-            + ("; step 2 refines each point group on a crop." if h.refine else ".")
+            + ("; step 2 refines each point group on a crop" if h.refine else "")
+            + (
+                f" of the film at {h.detail_size} px (the detail image)."
+                if h.get("detail_size")
+                else "."
+            )
         ),
         "pytorch_version": torch.__version__,
         "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
@@ -112,8 +118,20 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
                 "image": {
                     "shape": [1, size, size],
                     "value_range": "[0, 1] pixels letterboxed to the square, then "
-                    f"(x - {float(h.mean)}) / {float(h.std)}",
-                }
+                    f"(x - {float(h.mean)}) / {float(h.std)}"
+                    + ("; the detail image average-pooled to this size" if detail else ""),
+                },
+                **(
+                    {
+                        "detail": {
+                            "shape": [1, detail, detail],
+                            "value_range": "the film letterboxed to this size and normalised "
+                            "as the image: step 2's crops, in the image's frame",
+                        }
+                    }
+                    if detail
+                    else {}
+                ),
             },
             "outputs": {
                 "landmarks": {
