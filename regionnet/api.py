@@ -304,6 +304,7 @@ def load_model(
     ckpt: str | Path,
     device: str | torch.device = "cpu",
     thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
+    refine_detector: str | Path | None = None,
 ) -> RegionPredictor | LandmarkPredictor | BoxPredictor:
     """A `RegionPredictor` from a checkpoint written by `regionnet-train`, a
     `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`) or a `BoxPredictor` for a
@@ -311,13 +312,17 @@ def load_model(
 
     `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
     or a mapping region -> threshold); landmark and box models have none.
+    `refine_detector`: a box checkpoint whose vertebra boxes place a two-step landmark
+    model's step-2 crops (instead of step 1's corners).
     """
-    from regionnet.boxes.infer import load_box_model
+    from regionnet.boxes.infer import attach_detector, load_box_model
     from regionnet.landmarks.infer import load_landmark_model
     from regionnet.model.checkpoint import checkpoint_task
 
     path = Path(str(ckpt)).expanduser()
     task = checkpoint_task(path)
+    if refine_detector and task != "landmarks":
+        raise ValueError(f"{path.name}: refine_detector is for two-step landmark models")
     if task == "boxes":
         if thresholds is not None:
             raise ValueError(f"{path.name} is a box model: it has no thresholds to override")
@@ -325,5 +330,6 @@ def load_model(
     if task == "landmarks":
         if thresholds is not None:
             raise ValueError(f"{path.name} is a landmark model: it has no thresholds to override")
-        return LandmarkPredictor(load_landmark_model(path, device), device)
+        model = attach_detector(load_landmark_model(path, device), refine_detector)
+        return LandmarkPredictor(model, device)
     return RegionPredictor(load_checkpoint(ckpt, device), device, thresholds)

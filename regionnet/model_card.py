@@ -65,8 +65,9 @@ def _findings(model, metrics: Mapping[str, float]) -> dict:
     """Per finding head: its declaration, its threshold (chosen on validation; binary heads)
     and its metrics, over the films that carry its label."""
     out = {}
+    backbone = model.hparams.get("finding_backbone", "shared")  # older checkpoints: shared
     for k, f in enumerate(model.findings):
-        spec = dict(model.hparams.findings[f])
+        spec = {**dict(model.hparams.findings[f]), "backbone": backbone}
         found = {key: v for key, v in metrics.items() if key.endswith(f"/{f}") and "/" in key}
         if "grades" in spec:
             out[f] = {

@@ -69,7 +69,7 @@ from regionnet.backends import (
     check_onnxruntime_options,
     onnx_file_model,
 )
-from regionnet.boxes.infer import load_box_model
+from regionnet.boxes.infer import attach_detector, load_box_model
 from regionnet.boxes.predict import predict_boxes
 from regionnet.data.dataset import (
     RadiographDataset,
@@ -506,7 +506,12 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             if task == "landmarks"
             else (load_box_model, predict_boxes)
         )
-        return run(cfg, load(ckpt), paths, output, predict_trainer_config(cfg), cam_dir)
+        model = load(ckpt)
+        if cfg.get("refine_detector"):
+            if task != "landmarks":
+                raise ValueError("refine_detector= is for two-step landmark checkpoints")
+            attach_detector(model, cfg.refine_detector)
+        return run(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
 
     backend = backend_name(cfg.get("backend"))
     # before any ONNX Runtime session is made: it takes torch's thread count

@@ -318,3 +318,87 @@ def test_box_evaluation_reports_map_per_level_and_time_per_film(trained, tmp_pat
     assert (tmp_path / "ap_by_level.png").is_file()
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == saved["test/films"] and rows[0]["split"] == "test"
+
+
+def test_box_model_exports_to_onnx_with_its_post_processing(trained, tmp_path):
+    """regionnet-export on a box checkpoint: one ONNX graph with decoding, threshold and NMS;
+    onnxruntime gives PyTorch's detections on a held-out phantom film; the sidecar names the
+    classes and the letterbox; other formats and int8 are refused with the fix."""
+    pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime (export extra)")
+    import onnxruntime as ort
+
+    from regionnet.export import export
+
+    ckpt = trained["dir"] / "checkpoints" / "best.ckpt"
+    out = tmp_path / "boxes.onnx"
+    export(compose_config("export", [f"ckpt_path={ckpt}", f"output={out}"]))
+    meta = json.loads(out.with_name("boxes.onnx.json").read_text())
+    assert meta["task"] == "boxes" and meta["box_names"] == [f"V{i}" for i in range(1, 5)]
+    assert sum(meta["check_detections"]) > 0 and meta["check_max_abs_diff"] <= 1e-4
+    assert "not lesions" in meta["note"] and meta["input"]["shape"] == [1, 1, 96, 96]
+    # an unseen phantom spine through the file: the detections BoxNet.forward gives
+    from regionnet.data.transforms import eval_transform
+    from regionnet.landmarks.infer import prepare
+    from regionnet.landmarks.phantom import render_spine
+
+    model = regionnet.load_model(ckpt).model
+    pixels, _ = render_spine(seed=123, size=(128, 64), vertebrae=VERTEBRAE)
+    x = prepare(pixels, eval_transform(model), 96)["image"][None]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    boxes, scores, labels = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        want = model(x)[0]
+    assert len(boxes) == len(want["boxes"]) >= VERTEBRAE - 1
+    np.testing.assert_allclose(boxes, want["boxes"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(scores, want["scores"].numpy(), atol=1e-5)
+    assert labels.tolist() == want["labels"].tolist()
+    for bad, match in (("format=torchscript", "ONNX only"), ("quantize=int8", "region models")):
+        with pytest.raises(ValueError, match=match):
+            export(compose_config("export", [f"ckpt_path={ckpt}", f"output={tmp_path / 'b.onnx'}",
+                                             bad]))  # fmt: skip
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_two_step_landmark_model_takes_step_2_crops_from_the_box_model(trained, tmp_path):
+    """refine_detector=<box checkpoint> through the API, regionnet-predict and regionnet-eval:
+    a tiny two-step landmark model on the same phantoms and input size crops around the
+    detector's vertebra boxes; rows name both models."""
+    from regionnet.evaluate import evaluate
+    from regionnet.landmarks.phantom import render_spine
+    from regionnet.predict import predict
+
+    box_ckpt = trained["dir"] / "checkpoints" / "best.ckpt"
+    run = tmp_path / "landmarks"
+    train(compose_config("train", [
+        "task=landmarks", "debug=tiny", "data.dataset=phantom", "data.phantom.n=24",
+        "data.phantom.size=[128,64]", f"data.phantom.vertebrae={VERTEBRAE}",
+        f"data.phantom.cache={tmp_path / 'phantoms'}", "data.image_size=96",
+        "data.batch_size=8", "model.backbone=resnet18", "model.head_width=32",
+        "model.refine=true", "model.refine_size=32", "data.detail_size=null",
+        f"paths.output_dir={run}",
+    ]))  # fmt: skip
+    ckpt = run / "checkpoints" / "best.ckpt"
+    film = tmp_path / "film.png"
+    pixels, _ = render_spine(seed=99, size=(128, 64), vertebrae=VERTEBRAE)
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(film)
+
+    plain = regionnet.load_model(ckpt).predict(film)[0]
+    guided = regionnet.load_model(ckpt, refine_detector=box_ckpt)
+    assert guided.model.detector is not None
+    got = guided.predict(film)[0]
+    assert len(got.landmarks) == len(plain.landmarks) == 4 * VERTEBRAE
+    assert got.landmarks != plain.landmarks  # other crops, other step-2 points
+    with pytest.raises(ValueError, match="refine_detector is for two-step landmark"):
+        regionnet.load_model(box_ckpt, refine_detector=box_ckpt)
+
+    out = tmp_path / "rows.csv"
+    summary = predict(compose_config("predict", [
+        f"ckpt_path={ckpt}", f"input={film}", f"output={out}", f"refine_detector={box_ckpt}",
+        "num_workers=0", "accelerator=cpu",
+    ]))  # fmt: skip
+    assert summary["ok"] == 1 and "+" in summary["model_id"]
+    result = evaluate(compose_config("eval", [
+        f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'eval'}", "num_workers=0",
+        "trainer.accelerator=cpu", "bootstrap.resamples=20", f"refine_detector={box_ckpt}",
+    ]))  # fmt: skip
+    assert result["refine_detector"] == str(box_ckpt) and result["test/films"] > 0

@@ -131,13 +131,57 @@ def test_finding_heads_sit_on_their_regions_backbone():
     for shared in (True, False):
         model = _model(findings=KNEE_OA, shared_backbone=shared).eval()
         x = torch.randn(3, 1, 32, 32)
-        features = model.net.forward_features(x)
+        features = model.net.forward_features(x, findings=True)
         found = model.net.forward_findings(features)
         assert list(found) == ["knee_oa"] and found["knee_oa"].shape == (3,)
         expected = model.net.finding_heads["knee_oa"](model.net.backbone_for("knee")(x))
         torch.testing.assert_close(found["knee_oa"], expected.squeeze(1))
         # the region outputs (what export holds) do not change
         assert set(model.net(x)) == set(REGIONS) and model.predict_proba(x).shape == (3, 2)
+
+
+def test_a_separate_finding_backbone_keeps_region_and_finding_heads_apart(tmp_path):
+    """finding_backbone=separate: the finding head reads a backbone of its own; the finding
+    loss reaches that backbone only and the region loss the region backbone only; region
+    outputs (what export holds) run the region backbone alone; the checkpoint round-trips."""
+    model = _model(findings=KNEE_OA, finding_backbone="separate").eval()
+    assert list(model.net.backbones) == ["shared", "findings"]
+    x = torch.randn(3, 1, 32, 32)
+    assert set(model.net.forward_features(x)) == set(REGIONS)
+    found = model.net.forward_findings(model.net.forward_features(x, findings=True))
+    expected = model.net.finding_heads["knee_oa"](model.net.backbones["findings"](x))
+    torch.testing.assert_close(found["knee_oa"], expected.squeeze(1))
+
+    def touched(loss_of) -> dict[str, bool]:
+        model.zero_grad()
+        loss_of(*model._all_logits(x)).backward()
+        return {
+            name: any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in b.parameters())
+            for name, b in model.net.backbones.items()
+        }
+
+    assert touched(lambda regions, findings: findings.sum()) == {"shared": False, "findings": True}
+    assert touched(lambda regions, findings: regions.sum()) == {"shared": True, "findings": False}
+    # the study's design (a backbone per region) plus the findings' own
+    study = _model(findings=KNEE_OA, finding_backbone="separate", shared_backbone=False)
+    assert list(study.net.backbones) == ["hand", "knee", "findings"]
+    # without findings there is nothing to separate: no extra backbone
+    assert list(_model(finding_backbone="separate").net.backbones) == ["shared"]
+    with pytest.raises(ValueError, match="finding_backbone='own'"):
+        _model(findings=KNEE_OA, finding_backbone="own")
+    ckpt = tmp_path / "separate.ckpt"
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": "2.4.0",
+        },
+        ckpt,
+    )
+    loaded = load_regionnet(ckpt)
+    assert list(loaded.net.backbones) == ["shared", "findings"]
+    for a, b in zip(loaded.inference_all(x), model.inference_all(x), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_a_checkpoint_without_findings_still_loads(tmp_path):
@@ -317,6 +361,7 @@ def test_predict_api_and_eval_carry_the_finding(finding_run, tmp_path):
     assert "p_knee_oa" in pd.read_csv(tmp_path / "eval" / "predictions.csv").columns
     card = json.loads((run / "checkpoints" / "model_card.json").read_text())
     assert card["findings"]["knee_oa"]["region"] == "knee"
+    assert card["findings"]["knee_oa"]["backbone"] == "shared"
     assert card["findings"]["knee_oa"]["metrics"]["test/auroc/knee_oa"] >= 0.9
 
 

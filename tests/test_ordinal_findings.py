@@ -107,7 +107,7 @@ def test_the_cumulative_targets_spread_a_grade_over_its_cuts():
 def test_the_ordinal_head_gives_ordered_cumulative_logits_and_keeps_binary_keys():
     model = _model(findings={**KNEE_OA, **KL}).eval()
     x = torch.randn(3, 1, 32, 32)
-    found = model.net.forward_findings(model.net.forward_features(x))
+    found = model.net.forward_findings(model.net.forward_features(x, findings=True))
     assert found["knee_oa"].shape == (3,) and found["kl_grade"].shape == (3, 4)
     assert (found["kl_grade"].diff(dim=1) < 0).all()  # P(>k) falls with k by construction
     _, finding_logits = model._all_logits(x)

@@ -41,6 +41,19 @@ def load_box_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval()
 
 
+def attach_detector(landmark_model, box_ckpt: str | Path | None):
+    """`landmark_model` (a two-step vertebra model) takes step 2's crops from the vertebra
+    boxes of the box checkpoint `box_ckpt` (`refine_detector=`); nothing when None."""
+    if box_ckpt:
+        if checkpoint_task(box_ckpt) != "boxes":
+            raise ValueError(
+                f"refine_detector={box_ckpt}: not a box model; give a checkpoint of "
+                "regionnet-train task=boxes"
+            )
+        landmark_model.use_detector(load_box_model(box_ckpt, landmark_model.device))
+    return landmark_model
+
+
 def box_list(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, names: Sequence[str]
 ) -> list[dict]:

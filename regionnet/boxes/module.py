@@ -12,6 +12,11 @@ the un-augmented boxes in film pixels: `stage/map` (mAP@[.5:.95]), `stage/map_50
 `stage/map_75`, `stage/mar_100`, and per level `stage/ap/<level>` (AP@[.5:.95]) and
 `stage/ap_50/<level>` (AP@0.5, from a second metric at IoU 0.5 alone). The best checkpoint
 follows `val/map_50` (higher is better).
+
+Under DDP each process keeps its films' boxes and, at the end of the stage, all processes
+exchange them in one `all_gather_object` and score the same whole set: torchmetrics' own sync
+of MeanAveragePrecision gathers its per-film list states one tensor at a time, which hangs or
+fails when processes saw different numbers of films (the unpadded sampler of odd splits).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ SUMMARY = ("map", "map_50", "map_75", "mar_100")
 
 
 def box_metric(iou_thresholds: Sequence[float] | None = None) -> MeanAveragePrecision:
-    """COCO box mAP in [x1, y1, x2, y2] pixels, per class too (`class_metrics`)."""
+    """COCO box mAP in [x1, y1, x2, y2] pixels, per class too (`class_metrics`); it never syncs
+    across processes itself (`gather_films` gives it every process's films)."""
     # faster_coco_eval logs its 24-line COCO table at INFO on every compute; we log the numbers
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
     return MeanAveragePrecision(
@@ -47,7 +53,19 @@ def box_metric(iou_thresholds: Sequence[float] | None = None) -> MeanAveragePrec
         iou_thresholds=None if iou_thresholds is None else list(iou_thresholds),
         class_metrics=True,
         backend="faster_coco_eval",
+        sync_on_compute=False,
     )
+
+
+def gather_films(items: list) -> list:
+    """Every process's items in rank order (one `all_gather_object`, whatever each process
+    holds, none included); the items themselves outside DDP."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def boxes_to_original(boxes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
@@ -118,6 +136,8 @@ class BoxNet(L.LightningModule):
         stages = ("val", "test")
         self.metrics = nn.ModuleDict({s: box_metric() for s in stages})
         self.metrics_50 = nn.ModuleDict({s: box_metric([0.5]) for s in stages})
+        # this process's (prediction, truth) per film of the stage, scored at its end
+        self.films: dict[str, list] = {s: [] for s in stages}
         self.val_best = MaxMetric()
 
     @property
@@ -164,6 +184,8 @@ class BoxNet(L.LightningModule):
     def on_train_start(self) -> None:
         for m in (*self.metrics.values(), *self.metrics_50.values()):
             m.reset()
+        for films in self.films.values():
+            films.clear()
         self.val_best.reset()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
@@ -171,11 +193,10 @@ class BoxNet(L.LightningModule):
         if "image" not in batch:
             return
         found = self.detect(batch)
-        preds = [{k: d[k] for k in ("boxes", "scores", "labels")} for d in found]
         truth = zip(batch["boxes_px"], batch["box_labels_px"], strict=True)
-        target = [{"boxes": b, "labels": c} for b, c in truth]
-        self.metrics[stage].update(preds, target)
-        self.metrics_50[stage].update(preds, target)
+        for d, (b, c) in zip(found, truth, strict=True):
+            pred = {k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")}
+            self.films[stage].append((pred, {"boxes": b.cpu(), "labels": c.cpu()}))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -184,11 +205,16 @@ class BoxNet(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _end_stage(self, stage: str) -> dict[str, float]:
-        metric, metric_50 = self.metrics[stage], self.metrics_50[stage]
-        if not metric.groundtruth_labels and not metric.detection_labels:
+        films = gather_films(self.films[stage])  # every process, so every process scores all
+        self.films[stage] = []
+        if not films:
             return {}
+        metric, metric_50 = self.metrics[stage], self.metrics_50[stage]
+        preds, targets = [p for p, _ in films], [t for _, t in films]
+        for m in (metric, metric_50):
+            m.update(preds, targets)
         values = map_values(metric.compute(), metric_50.compute(), self.box_names, stage)
-        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        self.log_dict(values, sync_dist=False)  # the same on every process
         metric.reset()
         metric_50.reset()
         return values

@@ -18,9 +18,11 @@ images). Exports (`regionnet.export`) hold the plain forward, `predict_proba`, w
 
 Finding heads (`findings`, e.g. `{knee_oa: {region: knee, from: finding, positive: [KL2, KL3,
 KL4]}}`; see `regionnet.data.sources.validate_findings`): one binary head per finding on the
-features of its region's backbone, trained with the region heads on the same batches. The
-training loss is the region loss + `finding_weight` x a masked BCE (`masked_bce`: the mean over
-the labelled entries only, so a film without a label gives that head no gradient). Metrics
+features of its region's backbone, trained with the region heads on the same batches
+(`finding_backbone=separate`: on a backbone of their own, so the two never share weights;
+`regionnet.model.net`). The training loss is the region loss + `finding_weight` x a masked
+BCE (`masked_bce`: the mean over the labelled entries only, so a film without a label gives
+that head no gradient). Metrics
 `stage/auroc/<finding>` etc. (`FindingMetrics`), thresholds chosen on validation
 (`finding_thresholds`, a buffer in the checkpoint); they never enter `stage/auroc_mean`.
 
@@ -107,6 +109,7 @@ class RegionNet(L.LightningModule):
         findings: Mapping[str, Mapping] | None = None,
         finding_weight: float = 1.0,
         finding_thresholds: Sequence[float] | None = None,
+        finding_backbone: str = "shared",
     ):
         super().__init__()
         regions = list(validate_regions(regions))
@@ -165,6 +168,7 @@ class RegionNet(L.LightningModule):
             channels_last,
             {f: spec["region"] for f, spec in findings.items()},
             {f: len(g) for f, g in self.ordinal_findings.items()},
+            finding_backbone,
         )
         # Where the backbone's starting weights came from (package, version, sha256): built
         # now when weights were loaded, else kept from the checkpoint being restored.
@@ -249,7 +253,7 @@ class RegionNet(L.LightningModule):
     def _all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Region logits (B, R) and finding logits (B, L) from one backbone pass: one column
         per binary finding, G-1 per ordinal one (`regionnet.model.ordinal.logit_widths`)."""
-        features = self.net.forward_features(x)
+        features = self.net.forward_features(x, findings=bool(self.findings))
         heads = self.net.forward_head(features)
         found = self.net.forward_findings(features)
         logits = torch.stack([heads[r] for r in self.regions], dim=1)

@@ -16,10 +16,13 @@ that reads the same backbone's features; see docs/architecture.md.
 
 Finding heads (`finding_heads`, one per declared finding, `model.findings`): a binary head of
 the same kind on the pooled features of the backbone of the finding's region, e.g. `knee_oa`
-on the knee head's features. `forward_findings(features)` gives their logits; `forward`,
-`logits` and `predict_proba` (what an export holds) stay region-only. An ordinal finding
-(`grades`, `ordinal`: name -> number of grades G) has an `OrdinalHead` instead, G-1 logits of
-P(grade > k) (`regionnet.model.ordinal`).
+on the knee head's features, or, with `finding_backbone=separate`, on a backbone of their own
+(`findings`, same architecture and starting weights) that the region heads never see: region
+and finding heads then train separately in one checkpoint, at the cost of a second backbone
+pass. `forward_findings(features)` gives their logits; `forward`, `logits` and
+`predict_proba` (what an export holds) stay region-only and run the region backbones only.
+An ordinal finding (`grades`, `ordinal`: name -> number of grades G) has an `OrdinalHead`
+instead, G-1 logits of P(grade > k) (`regionnet.model.ordinal`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from regionnet.model.heads import region_head, region_heads
 from regionnet.model.ordinal import OrdinalHead
 
 SHARED = "shared"
+#: the backbone of the finding heads with finding_backbone=separate
+FINDINGS = "findings"
+FINDING_BACKBONES = ("shared", "separate")
 
 
 class RegionClassifier(nn.Module):
@@ -57,7 +63,11 @@ class RegionClassifier(nn.Module):
         bad = {f: r for f, r in self.finding_regions.items() if r not in self.regions}
         if bad:
             raise ValueError(f"findings {bad} name regions outside the heads {self.regions}")
-        missing = [r for r in self.regions if backbone_of.get(r) not in backbones]
+        # a finding reads its region's backbone unless backbone_of names another
+        own = {f: backbone_of.get(r) for f, r in self.finding_regions.items()}
+        backbone_of = {**own, **backbone_of}
+        heads = [*self.regions, *self.finding_regions]
+        missing = [h for h in heads if backbone_of.get(h) not in backbones]
         if missing:
             raise ValueError(f"heads {missing} have no backbone in {list(backbones)}")
         self.backbones = backbones
@@ -96,12 +106,15 @@ class RegionClassifier(nn.Module):
     def unique_backbones(self) -> Iterator[nn.Module]:
         return iter(self.backbones.values())
 
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pooled features (B, F) per head; a shared backbone runs once for all heads."""
+    def forward_features(self, x: torch.Tensor, findings: bool = False) -> dict[str, torch.Tensor]:
+        """Pooled features (B, F) per region head, and with `findings` per finding head too;
+        each backbone those heads read runs once."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        by_backbone = {name: b(x) for name, b in self.backbones.items()}
-        return {r: by_backbone[self.backbone_of[r]] for r in self.regions}
+        heads = [*self.regions, *(self.finding_regions if findings else ())]
+        names = dict.fromkeys(self.backbone_of[h] for h in heads)  # in order, once each
+        by_backbone = {name: self.backbones[name](x) for name in names}
+        return {h: by_backbone[self.backbone_of[h]] for h in heads}
 
     def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logit (B,) per region from `forward_features`' output."""
@@ -109,8 +122,8 @@ class RegionClassifier(nn.Module):
 
     def forward_findings(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logit (B,) per binary finding, logits (B, G-1) of P(grade > k) per ordinal one, from
-        `forward_features`' output (its region's features)."""
-        out = {f: self.finding_heads[f](features[r]) for f, r in self.finding_regions.items()}
+        `forward_features(x, findings=True)`' output."""
+        out = {f: self.finding_heads[f](features[f]) for f in self.finding_regions}
         return {f: v if f in self.finding_grades else v.squeeze(1) for f, v in out.items()}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -139,17 +152,29 @@ def build_region_classifier(
     channels_last: bool = False,
     findings: Mapping[str, str] | None = None,
     ordinal: Mapping[str, int] | None = None,
+    finding_backbone: str = "shared",
 ) -> tuple[RegionClassifier, dict]:
     """The network and where its backbone's starting weights came from (`build_backbone`).
     `findings`: finding name -> region, one finding head each; `ordinal`: finding name ->
-    number of grades, for the ordinal ones."""
+    number of grades, for the ordinal ones; `finding_backbone`: `shared` (the finding reads
+    its region's backbone) or `separate` (one more backbone, `findings`, for them all)."""
+    if finding_backbone not in FINDING_BACKBONES:
+        raise ValueError(
+            f"model.finding_backbone={finding_backbone!r}: use shared (the finding heads read "
+            "their region's backbone) or separate (a backbone of their own)"
+        )
     names = [SHARED] if shared_backbone else list(regions)
+    separate = finding_backbone == "separate" and bool(findings)
+    if separate:
+        names.append(FINDINGS)
     built = {
         n: build_backbone(backbone, pretrained, weights_file, in_chans, drop_path_rate)
         for n in names
     }
     backbones = nn.ModuleDict({n: net for n, (net, _) in built.items()})
     backbone_of = {r: SHARED if shared_backbone else r for r in regions}
+    if separate:
+        backbone_of.update(dict.fromkeys(findings, FINDINGS))
     model = RegionClassifier(
         regions, backbones, backbone_of, head_hidden, head_dropout, channels_last, findings,
         ordinal,
