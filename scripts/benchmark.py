@@ -30,11 +30,19 @@ script is its command line. Sections:
   landmarks  DSNT landmark heads (task=landmarks) on spine_aasce and hand_dha: step 1 vs
              2-step, corner errors, MRE, PCK, Cobb MAE/SMAPE with patient-bootstrap CIs, films/s,
              within --landmarks-minutes (regionnet/bench/landmarks.py)
+  findings   finding heads on the region model (task=knee_oa + an ordinal KL-grade head):
+             knee OA test AUROC with its CI, sensitivity/specificity at the validation
+             threshold, KL-grade accuracy/kappa/MAE/confusion; region accuracy with and without
+             the finding heads (task=regions, task=knee_oa alone, same budget); vertebra
+             boxes (task=boxes, vertebrae, not lesions) mAP@0.5, mAP@[.5:.95] and per-level
+             AP; predict time per film; within --findings-minutes (regionnet/bench/findings.py)
 
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
                                            # only the transfer section, into the existing results
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer --merge
                                            # only the landmarks section (about 25 min)
+    python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
+        --merge                            # only the findings section (about 40 min)
 """
 
 from __future__ import annotations
@@ -115,6 +123,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--landmarks-image-size", type=int, default=256, help="landmark input size (px)")
     p.add_argument(
+        "--findings-minutes",
+        type=float,
+        default=25.0,
+        help="findings section: the budget its trainings' shares are taken of (minutes; "
+        "28 %% per region run, 30 %% for the box run, 114 %% in all)",
+    )
+    p.add_argument(
+        "--predict-ckpt",
+        type=Path,
+        default=None,
+        help="region checkpoint of the speed section's end-to-end predict and int8 figures "
+        "(default: the accuracy section's; e.g. a 224 px model to measure at the study's size)",
+    )
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep the sections of <out>/results.json that this run skips (each section "
@@ -150,6 +172,8 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
         transfer_accelerator=args.transfer_accelerator,
         landmarks_minutes=args.landmarks_minutes,
         landmarks_image_size=args.landmarks_image_size,
+        findings_minutes=args.findings_minutes,
+        predict_ckpt=args.predict_ckpt,
         repo=ROOT,
         command=" ".join(["python", "scripts/benchmark.py", *argv]),
     )

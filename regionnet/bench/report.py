@@ -629,6 +629,10 @@ def markdown_report(res: dict) -> str:
         from regionnet.bench.landmarks import landmarks_markdown
 
         lines += landmarks_markdown(res["landmarks"])
+    if "findings" in res:
+        from regionnet.bench.findings import findings_markdown
+
+        lines += findings_markdown(res["findings"])
     if "speed" in res:
         lines += _speed(res["speed"])
     if "scaling" in res:

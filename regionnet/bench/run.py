@@ -87,6 +87,9 @@ def written_checkpoints(results: dict, settings: BenchSettings) -> list[str]:
         lm = results["landmarks"]
         paths += [r["checkpoint"] for g in ("spine", "hand") for r in lm.get(g, {}).values()
                   if "checkpoint" in r]  # fmt: skip
+    if settings.runs("findings") and "findings" in results:
+        paths += [r["checkpoint"] for r in results["findings"].get("runs", {}).values()
+                  if "checkpoint" in r]  # fmt: skip
     return [p for p in paths if Path(p).is_file()]
 
 
@@ -152,6 +155,12 @@ def _landmarks(settings: BenchSettings) -> dict:
     return landmark_section(settings)
 
 
+def _findings(settings: BenchSettings) -> dict:
+    from regionnet.bench.findings import findings_section
+
+    return findings_section(settings)
+
+
 def _run_benchmark(settings: BenchSettings) -> dict:
     from regionnet.bench.accuracy import accuracy_section
     from regionnet.bench.backbones import backbones_section
@@ -197,11 +206,14 @@ def _run_benchmark(settings: BenchSettings) -> dict:
 
     def speed(settings: BenchSettings) -> dict:
         sp = speed_section(settings)
-        if settings.runs("accuracy"):
-            log("speed: end-to-end regionnet-predict on real radiographs")
-            acc = results["accuracy"]["yi2019"]
-            sp["predict"] = predict_throughput(settings, Path(acc["checkpoint"]))
-            fastest_predict(settings, sp, results, Path(acc["checkpoint"]))
+        acc = results["accuracy"]["yi2019"] if settings.runs("accuracy") else None
+        ckpt = settings.predict_ckpt or (Path(acc["checkpoint"]) if acc else None)
+        if ckpt is not None:
+            log(f"speed: end-to-end regionnet-predict on real radiographs ({ckpt})")
+            sp["predict"] = predict_throughput(settings, ckpt)
+            sp["predict"]["checkpoint"] = str(ckpt)
+            fastest_predict(settings, sp, results, ckpt)
+        if acc is not None:
             sp["training"] = {
                 "images_per_s": acc["train_images_per_s"],
                 "seconds_to_val_auroc_mean_0.99": acc["seconds_to_val_auroc_mean_0.99"],
@@ -227,6 +239,7 @@ def _run_benchmark(settings: BenchSettings) -> dict:
         "ssl": ssl_section,
         "transfer": transfer_section,
         "landmarks": _landmarks,
+        "findings": _findings,
         # timing sections last: they want a quiet machine, the training sections do not mind
         "speed": speed,
         "scaling": scaling,

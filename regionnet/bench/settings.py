@@ -8,7 +8,16 @@ from pathlib import Path
 
 # the repository of an editable install (regionnet/bench/settings.py -> the repository root)
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("accuracy", "speed", "scaling", "backbones", "ssl", "transfer", "landmarks")
+SECTIONS = (
+    "accuracy",
+    "speed",
+    "scaling",
+    "backbones",
+    "ssl",
+    "transfer",
+    "landmarks",
+    "findings",
+)
 #: input size (px) of every training with `--quick`: a smoke test, no meaningful number
 QUICK_SIZE = 32
 
@@ -65,6 +74,12 @@ class BenchSettings:
     #: the landmarks section: wall-clock budget of all its trainings (min) and input size (px)
     landmarks_minutes: float = 20.0
     landmarks_image_size: int = 256
+    #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
+    #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
+    findings_minutes: float = 25.0
+    #: the checkpoint of the speed section's end-to-end predict and int8 figures; None: the
+    #: accuracy section's (measured only when that section runs)
+    predict_ckpt: Path | None = None
     #: the repository whose code is measured (git commit, working directory of sub-runs)
     repo: Path = REPO
     #: the command line recorded in the results
@@ -86,6 +101,7 @@ class BenchSettings:
             transfer=FineTune(QUICK_SIZE, 1, 1),
             landmarks_minutes=1.0,
             landmarks_image_size=QUICK_SIZE,
+            findings_minutes=1.0,
         )
 
     def runs(self, section: str) -> bool:
