@@ -60,3 +60,23 @@ def test_no_module_imports_a_module_that_imports_it_back():
     graph = import_graph()
     assert "regionnet.run" in graph["regionnet.train"]  # the graph sees real imports
     assert cycles(graph) == []
+
+
+def test_every_head_type_runs_on_the_one_loop():
+    """Region, landmark and box models are HeadLoops: the steps, logging, best tracking and
+    optimizer live in `regionnet.model.loop` only, so a head type cannot grow a second copy
+    of the training loop."""
+    from regionnet.boxes.module import BoxNet
+    from regionnet.landmarks.module import LandmarkNet
+    from regionnet.model.loop import HeadLoop
+    from regionnet.model.module import RegionNet
+
+    loop = ("training_step", "validation_step", "test_step", "predict_step",
+            "on_validation_epoch_end", "on_test_epoch_end", "configure_optimizers")  # fmt: skip
+    hooks = ("training_loss", "update_metrics", "end_stage", "predict_batch",
+             "empty_prediction", "reset_metrics", "head_parameters")  # fmt: skip
+    for cls in (RegionNet, LandmarkNet, BoxNet):
+        assert issubclass(cls, HeadLoop)
+        assert not [m for m in loop if m in vars(cls)], f"{cls.__name__} copies the loop"
+        assert all(m in vars(cls) for m in hooks), f"{cls.__name__} misses a head-type hook"
+    assert {RegionNet.task, LandmarkNet.task, BoxNet.task} == {"regions", "landmarks", "boxes"}

@@ -24,17 +24,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from regionnet.boxes.model import build_box_network
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
 from regionnet.landmarks.coords import to_original
-from regionnet.model.optim import configure_optimizers
+from regionnet.model.loop import HeadLoop, check_intensity
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +73,12 @@ def boxes_to_original(boxes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     return corners.reshape(-1, 4)
 
 
-class BoxNet(L.LightningModule):
-    """Vertebra detection with FCOS (see the module docstring)."""
+class BoxNet(HeadLoop):
+    """Vertebra detection with FCOS (see the module docstring); the loop is `HeadLoop`'s."""
 
     task = "boxes"
+    monitor = MONITOR
+    monitor_mode = "max"
 
     def __init__(
         self,
@@ -110,12 +110,7 @@ class BoxNet(L.LightningModule):
         names = [str(n) for n in box_names]
         if not names:
             raise ValueError("a box model needs box_names (from the data module)")
-        if intensity != INTENSITY:
-            raise ValueError(
-                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
-                f"{INTENSITY!r} rule only; use the regionnet version the checkpoint was "
-                "trained with"
-            )
+        check_intensity(intensity)
         if not 0.0 <= float(score_thresh) < 1.0 or not 0.0 < float(nms_thresh) <= 1.0:
             raise ValueError(
                 f"model.score_thresh={score_thresh} must be in [0, 1) and model.nms_thresh="
@@ -138,7 +133,6 @@ class BoxNet(L.LightningModule):
         self.metrics_50 = nn.ModuleDict({s: box_metric([0.5]) for s in stages})
         # this process's (prediction, truth) per film of the stage, scored at its end
         self.films: dict[str, list] = {s: [] for s in stages}
-        self.val_best = MaxMetric()
 
     @property
     def image_size(self) -> int:
@@ -162,49 +156,28 @@ class BoxNet(L.LightningModule):
             d["boxes"] = boxes
         return found
 
-    # -- training -------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return None
+    # -- the head type's part of the loop (regionnet.model.loop) ---------------------------
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of FCOS's losses, and each of them (`train/loss_classification`, ...)."""
         targets = [{"boxes": b, "labels": c}
                    for b, c in zip(batch["boxes"], batch["box_labels"], strict=True)]  # fmt: skip
         losses = self.net(batch["image"], targets)
-        loss = sum(losses.values())
-        n = len(batch["image"])
-        for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
-        return loss
+        return sum(losses.values()), {f"loss_{k}": v for k, v in losses.items()}
 
-    def _warn_errors(self, batch: dict) -> None:
-        for path, why in batch.get("errors", []):
-            log.warning("skipped unreadable radiograph %s: %s", path, why)
-
-    def on_train_start(self) -> None:
+    def reset_metrics(self) -> None:
         for m in (*self.metrics.values(), *self.metrics_50.values()):
             m.reset()
         for films in self.films.values():
             films.clear()
-        self.val_best.reset()
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return
+    def update_metrics(self, batch: dict, stage: str) -> None:
         found = self.detect(batch)
         truth = zip(batch["boxes_px"], batch["box_labels_px"], strict=True)
         for d, (b, c) in zip(found, truth, strict=True):
             pred = {k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")}
             self.films[stage].append((pred, {"boxes": b.cpu(), "labels": c.cpu()}))
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
-
-    def _end_stage(self, stage: str) -> dict[str, float]:
+    def end_stage(self, stage: str) -> dict[str, float]:
         films = gather_films(self.films[stage])  # every process, so every process scores all
         self.films[stage] = []
         if not films:
@@ -214,50 +187,29 @@ class BoxNet(L.LightningModule):
         for m in (metric, metric_50):
             m.update(preds, targets)
         values = map_values(metric.compute(), metric_50.compute(), self.box_names, stage)
-        self.log_dict(values, sync_dist=False)  # the same on every process
         metric.reset()
         metric_50.reset()
-        return values
+        return values  # the same on every process
 
-    def on_validation_epoch_end(self) -> None:
-        values = self._end_stage("val")
-        if MONITOR in values and not self.trainer.sanity_checking:
-            self.val_best.update(torch.tensor(values[MONITOR]))
-            self.log(f"{MONITOR}_best", self.val_best.compute(), prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self._end_stage("test")
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Boxes of a batch's readable films in their own pixels: {"path": [...], "boxes",
-        "scores", "labels": per film CPU tensors (N, 4), (N,), (N,) (labels 1..V, `box_names`
-        order), "size" (B, 2), "errors": [(path, reason)]}; labelled batches also pass their
-        truth on ("boxes_px", "box_labels_px")."""
-        out = {"path": batch["path"], "errors": batch.get("errors", [])}
-        if "image" not in batch:
-            return {**out, "boxes": [], "scores": [], "labels": []}
+    def predict_batch(self, batch: dict) -> dict:
+        """Boxes of a batch's readable films in their own pixels: "boxes", "scores", "labels":
+        per film CPU tensors (N, 4), (N,), (N,) (labels 1..V, `box_names` order), "size"
+        (B, 2); labelled batches also pass their truth on ("boxes_px", "box_labels_px")."""
         found = self.detect(batch)
-        for key in ("boxes", "scores", "labels"):
-            out[key] = [d[key].cpu() for d in found]
+        out = {key: [d[key].cpu() for d in found] for key in ("boxes", "scores", "labels")}
         out["size"] = batch["size"].cpu()
         for key in ("boxes_px", "box_labels_px"):
             if key in batch:
                 out[key] = [t.cpu() for t in batch[key]]
         return out
 
-    def configure_optimizers(self):
-        h = self.hparams
-        heads = [p for n, p in self.net.named_parameters()
-                 if not n.startswith("backbone.backbone.")]  # fmt: skip
-        return configure_optimizers(
-            self,
-            heads,
-            h.optimizer,
-            h.scheduler,
-            h.scheduler_interval,
-            MONITOR,
-            h.backbone_lr_scale,
-        )
+    def empty_prediction(self) -> dict:
+        return {"boxes": [], "scores": [], "labels": []}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything but the timm backbone: FPN and FCOS head train at the full rate."""
+        return [p for n, p in self.net.named_parameters()
+                if not n.startswith("backbone.backbone.")]  # fmt: skip
 
 
 def build_network(h: Mapping):

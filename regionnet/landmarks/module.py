@@ -30,10 +30,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MinMetric
+from torchmetrics import MeanMetric
 
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
@@ -49,7 +48,7 @@ from regionnet.landmarks.model import (
     landmark_groups,
     square_boxes,
 )
-from regionnet.model.optim import configure_optimizers
+from regionnet.model.loop import HeadLoop, check_intensity
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +56,13 @@ SKELETONS = ("vertebrae", "points")
 MONITOR = "val/mre_pct"
 
 
-class LandmarkNet(L.LightningModule):
-    """Landmark localisation with DSNT, optionally in two steps (see the module docstring)."""
+class LandmarkNet(HeadLoop):
+    """Landmark localisation with DSNT, optionally in two steps (see the module docstring);
+    the loop is `HeadLoop`'s."""
 
     task = "landmarks"
+    monitor = MONITOR
+    monitor_mode = "min"
 
     def __init__(
         self,
@@ -102,12 +104,7 @@ class LandmarkNet(L.LightningModule):
             raise ValueError("a landmark model needs landmark_names (from the data module)")
         if skeleton not in SKELETONS:
             raise ValueError(f"model.skeleton={skeleton!r}: use one of {SKELETONS}")
-        if intensity != INTENSITY:
-            raise ValueError(
-                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
-                f"{INTENSITY!r} rule only; use the regionnet version the checkpoint was "
-                "trained with"
-            )
+        check_intensity(intensity)
         for key, value, lo, hi in (
             ("sigma", sigma, 0.0, 100.0),
             ("refine_margin", refine_margin, 0.0, 5.0),
@@ -169,7 +166,6 @@ class LandmarkNet(L.LightningModule):
         self.metrics = nn.ModuleDict({s: LandmarkMetrics(skeleton) for s in stages})
         self.step1_metrics = nn.ModuleDict({s: LandmarkMetrics(skeleton) for s in stages})
         self.losses = nn.ModuleDict({s: MeanMetric() for s in stages})
-        self.val_best = MinMetric()
 
     # -- inference ------------------------------------------------------------------------
     @property
@@ -341,29 +337,15 @@ class LandmarkNet(L.LightningModule):
         visible = visible & (target.abs() <= 1).all(-1)  # a point outside its crop: no target
         return dsnt_loss(local, heat, target, visible, h.sigma, h.js_weight)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return None
-        loss = self._loss(batch, train=True)
-        # not on the progress bar: that turns the loss into a Python number every step (a GPU
-        # sync per step)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["image"]))
-        return loss
+    # -- the head type's part of the loop (regionnet.model.loop) ---------------------------
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self._loss(batch, train=True), {}
 
-    def _warn_errors(self, batch: dict) -> None:
-        for path, why in batch.get("errors", []):
-            log.warning("skipped unreadable radiograph %s: %s", path, why)
-
-    def on_train_start(self) -> None:
+    def reset_metrics(self) -> None:
         for m in (*self.metrics.values(), *self.step1_metrics.values(), *self.losses.values()):
             m.reset()
-        self.val_best.reset()
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return
+    def update_metrics(self, batch: dict, stage: str) -> None:
         out = self.infer(batch["image"], batch.get("detail"))
         self.losses[stage].update(self._loss(batch, train=False), weight=len(batch["image"]))
         cobb = batch.get("cobb")
@@ -374,13 +356,7 @@ class LandmarkNet(L.LightningModule):
             pred = self.to_original(out[key], batch["scale"], batch["offset"])
             metrics[stage].update(pred, batch["points_px"], batch["visible"], cobb, heights)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "test")
-
-    def _end_stage(self, stage: str) -> dict[str, float]:
+    def end_stage(self, stage: str) -> dict[str, float]:
         metrics = self.metrics[stage]
         if not self.losses[stage].update_count:
             return {}
@@ -389,28 +365,16 @@ class LandmarkNet(L.LightningModule):
         if self.refiner is not None:
             values.update(self.step1_metrics[stage].compute_all(f"{stage}/step1"))
             self.step1_metrics[stage].reset()
-        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
         metrics.reset()
         self.losses[stage].reset()
         return values
 
-    def on_validation_epoch_end(self) -> None:
-        values = self._end_stage("val")
-        if MONITOR in values and not self.trainer.sanity_checking:
-            self.val_best.update(torch.tensor(values[MONITOR]))
-            self.log(f"{MONITOR}_best", self.val_best.compute(), prog_bar=True)
-
-    def on_test_epoch_end(self) -> None:
-        self._end_stage("test")
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Landmarks of a batch's readable films in their own pixels: {"path": [...], "points":
-        (B, K, 2) CPU float tensor, "step1_points" (the same as "points" without `refine`),
-        "size" (B, 2) original width and height, "errors": [(path, reason)]}; labelled batches
-        also pass their truth on ("points_px", "visible", "cobb")."""
-        out = {"path": batch["path"], "errors": batch.get("errors", [])}
-        if "image" not in batch:
-            return {**out, "points": torch.empty(0, len(self.landmark_names), 2)}
+    def predict_batch(self, batch: dict) -> dict:
+        """Landmarks of a batch's readable films in their own pixels: "points" (B, K, 2) CPU
+        float tensor, "step1_points" (the same as "points" without `refine`), "size" (B, 2)
+        original width and height; labelled batches also pass their truth on ("points_px",
+        "visible", "cobb")."""
+        out = {}
         found = self.infer(batch["image"], batch.get("detail"))
         for key, name in (("final", "points"), ("step1", "step1_points")):
             out[name] = self.to_original(found[key], batch["scale"], batch["offset"]).cpu()
@@ -419,17 +383,13 @@ class LandmarkNet(L.LightningModule):
                 out[key] = batch[key].cpu()
         return out
 
-    def configure_optimizers(self):
-        h = self.hparams
+    def empty_prediction(self) -> dict:
+        return {"points": torch.empty(0, len(self.landmark_names), 2)}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The heatmap heads of both steps train at the full rate, the backbones and FPNs at
+        `backbone_lr_scale` x it."""
         heads = list(self.net.head.parameters())
         if self.refiner is not None:
             heads += list(self.refiner.head.parameters())
-        return configure_optimizers(
-            self,
-            heads,
-            h.optimizer,
-            h.scheduler,
-            h.scheduler_interval,
-            MONITOR,
-            h.backbone_lr_scale,
-        )
+        return heads

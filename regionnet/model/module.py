@@ -40,20 +40,18 @@ import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
-from torchmetrics import MaxMetric
 
 from regionnet.data.sources import is_ordinal, validate_findings
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
 from regionnet.model.checkpoint import refuse_file
+from regionnet.model.loop import HeadLoop, check_intensity
 from regionnet.model.metrics import FindingMetrics, OrdinalMetrics, RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
-from regionnet.model.optim import configure_optimizers
 from regionnet.model.ordinal import expand_targets, prob_slices, prob_widths, to_probs
 from regionnet.model.thresholds import calibrate, choose_threshold, parse_method
 from regionnet.regions import REGIONS, validate_regions
@@ -75,8 +73,14 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
     return loss.sum() / mask.sum().clamp(min=1)
 
 
-class RegionNet(L.LightningModule):
-    """Shared-backbone multi-head region classifier (see module docstring)."""
+class RegionNet(HeadLoop):
+    """Shared-backbone multi-head region classifier (see module docstring); the loop is
+    `HeadLoop`'s."""
+
+    task = "regions"
+    monitor = "val/auroc_mean"
+    monitor_mode = "max"
+    stages = ("val", "test", "external")
 
     def __init__(
         self,
@@ -116,12 +120,7 @@ class RegionNet(L.LightningModule):
         # The pixel intensity rule the training images were read with (regionnet.io). Old
         # checkpoints lack it and get the default: every film they were trained on (8-bit PNGs,
         # phantoms) reads the same under it.
-        if intensity != INTENSITY:
-            raise ValueError(
-                f"model.intensity={intensity!r}: this regionnet reads pixels by the "
-                f"{INTENSITY!r} rule only (regionnet.io); use the regionnet version the "
-                "checkpoint was trained with"
-            )
+        check_intensity(intensity)
         parse_method(threshold_method)
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(
@@ -203,7 +202,6 @@ class RegionNet(L.LightningModule):
         self.ordinal_metrics = nn.ModuleDict(
             {s: OrdinalMetrics(self.ordinal_findings) for s in ("val", "test", "external")}
         )
-        self.val_auroc_best = MaxMetric()
 
     # -- model ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -331,41 +329,26 @@ class RegionNet(L.LightningModule):
             logits.float(), targets, weight=weight, pos_weight=pos_weight
         )
 
-    def _warn_errors(self, batch: dict) -> None:
-        for path, why in batch.get("errors", []):
-            log.warning("skipped unreadable radiograph %s: %s", path, why)
+    # -- the head type's part of the loop (regionnet.model.loop) ---------------------------
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The region loss (with the recipe's smoothing and `other` weight), plus
+        `finding_weight` x the finding heads' masked loss (`train/finding_loss`)."""
+        if not self.findings:
+            return self._loss(self.logits(batch["image"]), batch["labels"], train=True), {}
+        logits, finding_logits = self._all_logits(batch["image"])
+        loss = self._loss(logits, batch["labels"], train=True)
+        finding_loss = self.finding_loss(
+            finding_logits, batch["finding_labels"], batch["finding_mask"]
+        )
+        loss = loss + float(self.hparams.get("finding_weight", 1.0)) * finding_loss
+        return loss, {"finding_loss": finding_loss}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return None
-        if self.findings:
-            logits, finding_logits = self._all_logits(batch["image"])
-            loss = self._loss(logits, batch["labels"], train=True)
-            finding_loss = self.finding_loss(
-                finding_logits, batch["finding_labels"], batch["finding_mask"]
-            )
-            self.log("train/finding_loss", finding_loss, on_epoch=True, batch_size=len(logits))
-            loss = loss + float(self.hparams.get("finding_weight", 1.0)) * finding_loss
-        else:
-            loss = self._loss(self.logits(batch["image"]), batch["labels"], train=True)
-        # Not on the progress bar: Lightning turns a step's progress-bar values into Python
-        # numbers after every batch (`.item()`, a GPU sync per step); the loggers read
-        # train/loss_step every trainer.log_every_n_steps and train/loss_epoch once per epoch.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["labels"]))
-        return loss
+    def reset_metrics(self) -> None:
+        for group in (self.metrics, self.finding_metrics, self.ordinal_metrics):
+            for m in group.values():
+                m.reset()
 
-    def on_train_start(self) -> None:
-        # Sanity-check validation must not leak into the best-so-far tracker.
-        self.metrics["val"].reset()
-        self.finding_metrics["val"].reset()
-        self.ordinal_metrics["val"].reset()
-        self.val_auroc_best.reset()
-
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        self._warn_errors(batch)
-        if "image" not in batch:
-            return
+    def update_metrics(self, batch: dict, stage: str) -> None:
         logits, probs, _, finding_probs = self._infer_all(batch["image"])
         labels = batch["labels"]
         if self.findings and "finding_labels" in batch:
@@ -398,24 +381,14 @@ class RegionNet(L.LightningModule):
             mask[:, ordinal],
         )
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, self._test_stage(dataloader_idx))
-
-    def _test_stage(self, dataloader_idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = dm.test_stage_names() if hasattr(dm, "test_stage_names") else ["test"]
-        return names[dataloader_idx] if dataloader_idx < len(names) else f"test{dataloader_idx}"
-
-    def _end_stage(self, stage: str) -> dict[str, float]:
+    def end_stage(self, stage: str) -> dict[str, float]:
         metrics = self.metrics[stage]
         if not metrics.counts.update_count:
             return {}
         values = metrics.compute(stage)
         values.update(self._end_findings(stage))
-        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        if stage == "val" and "val/auroc_mean" not in values and not self.trainer.sanity_checking:
+            self._no_val_auroc(values)
         curves = metrics.roc_curves()  # every rank computes (a sync); rank 0 logs
         other = metrics.other_probs()  # a sync too: every rank, whatever the method
         if not self.trainer.sanity_checking:
@@ -481,14 +454,6 @@ class RegionNet(L.LightningModule):
         (log.warning if no_other else log.info)(note)
         self.thresholds.copy_(torch.tensor(chosen, dtype=self.thresholds.dtype))
 
-    def on_validation_epoch_end(self) -> None:
-        values = self._end_stage("val")
-        if values and "val/auroc_mean" not in values and not self.trainer.sanity_checking:
-            self._no_val_auroc(values)
-        if "val/auroc_mean" in values and not self.trainer.sanity_checking:
-            self.val_auroc_best.update(torch.tensor(values["val/auroc_mean"]))
-            self.log("val/auroc_mean_best", self.val_auroc_best.compute(), prog_bar=True)
-
     def _no_val_auroc(self, values: dict[str, float]) -> None:
         """A validation pass where no head saw both classes has no val/auroc_mean; where a
         callback monitors it (best checkpoint, early stopping), say why and what to change
@@ -505,36 +470,25 @@ class RegionNet(L.LightningModule):
             "films by PatientID)"
         )
 
-    def on_test_epoch_end(self) -> None:
-        for stage in ("test", "external"):
-            self._end_stage(stage)
-
     def _log_roc(self, stage: str, curves: dict) -> None:
         from regionnet.loggers import log_roc_curves
 
         points = {r: (fpr.tolist(), tpr.tolist()) for r, (fpr, tpr, _) in curves.items()}
         log_roc_curves(self.loggers, stage, points, self.global_step)
 
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        """Probabilities per head for the readable images of a batch, plus its read errors:
-        {"path": [...], "probs": (B, R) float tensor on CPU, "errors": [(path, reason)]}."""
+    def predict_batch(self, batch: dict) -> dict:
+        """Probabilities per head of a batch's readable films: "probs" (B, R) float tensor on
+        CPU, and with finding heads "finding_probs" (B, P) (`inference_all`)."""
         if self.findings:
-            probs, finding_probs = (
-                tuple(p.cpu() for p in self.inference_all(batch["image"]))
-                if "image" in batch
-                else (
-                    torch.empty(0, len(self.regions)),
-                    torch.empty(0, sum(prob_widths(self.hparams.findings))),
-                )
-            )
-            out = {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
-            return {**out, "finding_probs": finding_probs}
-        probs = (
-            self.inference_proba(batch["image"]).cpu()
-            if "image" in batch
-            else torch.empty(0, len(self.regions))
-        )
-        return {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+            probs, finding_probs = (p.cpu() for p in self.inference_all(batch["image"]))
+            return {"probs": probs, "finding_probs": finding_probs}
+        return {"probs": self.inference_proba(batch["image"]).cpu()}
+
+    def empty_prediction(self) -> dict:
+        out = {"probs": torch.empty(0, len(self.regions))}
+        if self.findings:
+            out["finding_probs"] = torch.empty(0, sum(prob_widths(self.hparams.findings)))
+        return out
 
     # -- weight averaging (callbacks.ema) ---------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -564,18 +518,8 @@ class RegionNet(L.LightningModule):
         ):
             checkpoint["current_model_state"] = checkpoint["state_dict"]
 
-    def configure_optimizers(self):
-        h = self.hparams
-        heads = [*self.net.heads.parameters(), *self.net.finding_heads.parameters()]
-        return configure_optimizers(
-            self,
-            heads,
-            h.optimizer,
-            h.scheduler,
-            h.scheduler_interval,
-            "val/auroc_mean",
-            h.get("backbone_lr_scale", 1.0),
-        )
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.net.heads.parameters(), *self.net.finding_heads.parameters()]
 
 
 def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") -> RegionNet:

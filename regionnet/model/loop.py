@@ -1,0 +1,163 @@
+"""HeadLoop: the one Lightning training loop every head type runs on.
+
+Region (`regionnet.model.module.RegionNet`, with its finding heads), landmark
+(`regionnet.landmarks.module.LandmarkNet`) and box (`regionnet.boxes.module.BoxNet`) models
+are HeadLoops: the loop owns the steps, what is logged and when, the best-so-far tracker of
+the monitored validation metric, the test stages, the predict step's film bookkeeping and the
+optimizer; a head type gives only what differs between them:
+
+- `training_loss(batch)`: the loss of a batch, and named terms logged per epoch
+  (`train/<name>`);
+- `update_metrics(batch, stage)`: one evaluated batch into its metrics;
+- `end_stage(stage)`: the stage's metric values (`stage/metric[/name]`; none where no batch
+  reached the stage), its metrics reset;
+- `predict_batch(batch)` / `empty_prediction()`: what predict returns for a batch's readable
+  films, and for a batch where none was readable;
+- `reset_metrics()`, `head_parameters()` (the parameters at the full learning rate;
+  everything else trains at `backbone_lr_scale` x it), and the class attributes `task`,
+  `monitor`, `monitor_mode` and `stages`.
+
+Batches (`regionnet.data.dataset.collate_readable` and its landmark/box twins) hold the
+readable films under `image` and the unreadable ones under `errors` ((path, reason) pairs):
+a batch of only unreadable films has no `image`, and the loop skips it after logging why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torchmetrics import MaxMetric, MinMetric
+
+from regionnet.io import INTENSITY
+from regionnet.model.optim import configure_optimizers
+
+log = logging.getLogger(__name__)
+
+
+def check_intensity(intensity: str) -> None:
+    """Refuse a checkpoint whose films were read by another pixel intensity rule
+    (`regionnet.io.INTENSITY`): its weights would see other numbers than in training."""
+    if intensity != INTENSITY:
+        raise ValueError(
+            f"model.intensity={intensity!r}: this regionnet reads pixels by the "
+            f"{INTENSITY!r} rule only (regionnet.io); use the regionnet version the "
+            "checkpoint was trained with"
+        )
+
+
+class HeadLoop(L.LightningModule):
+    """The training, evaluation and predict loop of every head type (module docstring)."""
+
+    #: the head type (checkpoints, predict and eval dispatch on it)
+    task = "regions"
+    #: the validation metric the best checkpoint, early stopping and a plateau scheduler follow
+    monitor = "val/auroc_mean"
+    #: "max" or "min": whether a higher `monitor` is better
+    monitor_mode = "max"
+    #: the evaluation stages with metrics: validation first, then the test stages
+    stages = ("val", "test")
+
+    def __init__(self):
+        super().__init__()
+        # best-so-far of `monitor`, logged as `<monitor>_best` (sweeps read it)
+        self.val_best = MaxMetric() if self.monitor_mode == "max" else MinMetric()
+
+    # -- what a head type gives -------------------------------------------------------------
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def update_metrics(self, batch: dict, stage: str) -> None:
+        raise NotImplementedError
+
+    def end_stage(self, stage: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict_batch(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def empty_prediction(self) -> dict:
+        raise NotImplementedError
+
+    def reset_metrics(self) -> None:
+        raise NotImplementedError
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _warn_errors(self, batch: dict) -> None:
+        for path, why in batch.get("errors", []):
+            log.warning("skipped unreadable radiograph %s: %s", path, why)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self._warn_errors(batch)
+        if "image" not in batch:
+            return None
+        loss, terms = self.training_loss(batch)
+        n = len(batch["image"])
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        # Not on the progress bar: Lightning turns a step's progress-bar values into Python
+        # numbers after every batch (`.item()`, a GPU sync per step); the loggers read
+        # train/loss_step every trainer.log_every_n_steps and train/loss_epoch once per epoch.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=n)
+        return loss
+
+    def on_train_start(self) -> None:
+        # the sanity check's validation must not leak into the metrics or the best-so-far
+        self.reset_metrics()
+        self.val_best.reset()
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        self._warn_errors(batch)
+        if "image" in batch:
+            self.update_metrics(batch, stage)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self._test_stage(dataloader_idx))
+
+    def _test_stage(self, dataloader_idx: int) -> str:
+        """The stage of a test loader: the data module's names in order (`test`, then
+        `external` where it has an external test set)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        names = dm.test_stage_names() if hasattr(dm, "test_stage_names") else ["test"]
+        return names[dataloader_idx] if dataloader_idx < len(names) else f"test{dataloader_idx}"
+
+    def _log_stage(self, stage: str) -> dict[str, float]:
+        values = self.end_stage(stage)
+        self.log_dict(values, sync_dist=False)  # torchmetrics already synced across processes
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_stage("val")
+        if self.monitor in values and not self.trainer.sanity_checking:
+            self.val_best.update(torch.tensor(values[self.monitor]))
+            self.log(f"{self.monitor}_best", self.val_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        for stage in self.stages[1:]:  # a stage no batch reached gives no values
+            self._log_stage(stage)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """{"path": [...] of the readable films, "errors": [(path, reason)]} and the head
+        type's outputs (`predict_batch`; `empty_prediction` when no film was readable)."""
+        out = {"path": batch["path"], "errors": batch.get("errors", [])}
+        found = self.predict_batch(batch) if "image" in batch else self.empty_prediction()
+        return {**out, **found}
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return configure_optimizers(
+            self,
+            self.head_parameters(),
+            h.optimizer,
+            h.scheduler,
+            h.scheduler_interval,
+            self.monitor,
+            h.get("backbone_lr_scale", 1.0),
+        )
