@@ -39,6 +39,15 @@ def test_debug_tiny_composes_for_train_and_pretrain(task, tmp_path):
     assert cfg.trainer.max_epochs == 3 and not cfg.get("logger")
 
 
+def test_pretrain_keeps_its_own_trainer_settings():
+    """pretrain.yaml's trainer values (20 epochs, no validation: nothing is labelled) win over
+    trainer/default.yaml's; they were silently replaced by its 10 epochs and validation on."""
+    cfg = compose_config("pretrain", [])
+    assert cfg.trainer.max_epochs == 20
+    assert cfg.trainer.limit_val_batches == 0 and cfg.trainer.num_sanity_val_steps == 0
+    assert compose_config("pretrain", ["trainer.max_epochs=3"]).trainer.max_epochs == 3
+
+
 def test_dict_valued_keys_take_a_dict_from_the_command_line(tmp_path):
     """`data.aliases={wrist: hand}` (the form the config's comment gives) composes and maps a
     wrist folder to the hand head; a `{}` default would refuse the new key as not in struct."""
