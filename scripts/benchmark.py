@@ -41,6 +41,8 @@ script is its command line. Sections:
                                            # only the transfer section, into the existing results
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer --merge
                                            # only the landmarks section (about 25 min)
+    python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer findings \
+        --merge --landmarks-rows hand.two_step  # one landmarks row, the others kept
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
         --merge                            # only the findings section (about 40 min)
 """
@@ -123,6 +125,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--landmarks-image-size", type=int, default=256, help="landmark input size (px)")
     p.add_argument(
+        "--landmarks-rows",
+        nargs="+",
+        default=(),
+        metavar="GROUP.ROW",
+        help="landmarks section: train only these rows (e.g. hand.two_step) and keep the others "
+        "from the existing results.json",
+    )
+    p.add_argument(
         "--findings-minutes",
         type=float,
         default=25.0,
@@ -172,6 +182,7 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
         transfer_accelerator=args.transfer_accelerator,
         landmarks_minutes=args.landmarks_minutes,
         landmarks_image_size=args.landmarks_image_size,
+        landmarks_rows=tuple(args.landmarks_rows),
         findings_minutes=args.findings_minutes,
         predict_ckpt=args.predict_ckpt,
         repo=ROOT,

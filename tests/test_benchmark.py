@@ -204,3 +204,39 @@ def test_landmark_section_names_its_figures_for_what_they_are(tmp_path):
                    "spine.two_step.test.cobb_smape": False}  # fmt: skip
     text = "\n".join(landmarks_markdown(res))
     assert "## Landmarks (issue 17)" in text and "25.0" in text and "budget" in text
+
+
+def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
+    """--landmarks-rows hand.two_step trains that row only; the other rows come from the
+    existing results.json, marked as from an earlier run, and the hand table shows both."""
+    import json
+    from dataclasses import replace
+
+    from regionnet.bench.landmarks import landmarks_markdown, previous_rows, rows
+
+    s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
+    assert ("hand", "two_step") not in rows(s)  # left out by default (CPU budget)
+    one = replace(s, landmarks_rows=("hand.two_step",))
+    assert rows(one) == [("hand", "two_step")]
+    with pytest.raises(ValueError, match="hand.three_step"):
+        rows(replace(s, landmarks_rows=("hand.three_step",)))
+    assert previous_rows(s) == {}  # a full run keeps nothing
+    run = {"epochs": 15, "max_epochs": 15, "train_seconds": 60.0, "budget_minutes": 5.0,
+           "val_mre_pct_best": 4.0, "checkpoint": "best.ckpt"}  # fmt: skip
+    step1 = {"test": {"mre_pct": 4.4, "films": 16}, **run}
+    old = {"landmarks": {"hand": {"step1": step1, "two_step": {"skipped": "budget"}},
+                         "data": {"hand": {"films": 109}}}}  # fmt: skip
+    one.out_dir.mkdir(parents=True)
+    (one.out_dir / "results.json").write_text(json.dumps(old))
+    kept = previous_rows(one)
+    assert kept["hand"] == {"step1": {**step1, "from_earlier_run": True}}  # skipped rows go
+    assert kept["data"] == {"hand": {"films": 109}}
+    two = {"test": {"mre_pct": 3.1, "films": 16}, "test_step1": {"mre_pct": 4.0}, **run}
+    res = {"settings": {"image_size": 256, "backbone": "resnet18", "pretrained": "ImageNet",
+                        "stride": 8, "head_width": 128, "batch_size": 8, "optimizer": "AdamW",
+                        "precision": "32-true", "budget_minutes": 20, "torch_threads": 2},
+           "hand": {**kept["hand"], "two_step": two}, "wall_seconds": 60.0}  # fmt: skip
+    text = "\n".join(landmarks_markdown(res))
+    assert "| step 1 | 2-step: its step 1 | 2-step: final |" in text
+    assert "| 4.40 | 4.00 | 3.10 |" in text
+    assert text.count("kept from an earlier run") == 1  # hand step1 only

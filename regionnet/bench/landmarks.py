@@ -8,7 +8,8 @@ then `regionnet-eval` of its best checkpoint on the run's held-out test patients
   spine.step1     data.dataset=spine_aasce                      (one network, the whole film)
   spine.two_step  data.dataset=spine_aasce model.refine=true    (+ step 2 on vertebra crops)
   hand.step1      data.dataset=hand_dha
-  hand.two_step   left out by default (`HAND_TWO_STEP`): see `TWO_STEP_HAND_NOTE`
+  hand.two_step   left out by default (`HAND_TWO_STEP`): see `TWO_STEP_HAND_NOTE`; run it alone
+                  with --landmarks-rows hand.two_step (the other rows kept from results.json)
 
 Runs live in `<out>/artifacts/landmarks/<dataset>_<row>/` (git-ignored); their
 `checkpoints/best.ckpt` loads with `regionnet.load_model`. The two-step row reports step 1 of
@@ -67,7 +68,7 @@ EPOCHS = {
     ("spine", "step1"): 5,
     ("spine", "two_step"): 4,
     ("hand", "step1"): 15,
-    ("hand", "two_step"): 8,
+    ("hand", "two_step"): 15,
 }
 #: --quick: films per data set (patient split 70/15/15 of the first ones), batches per epoch
 QUICK_FILMS = 30
@@ -104,7 +105,32 @@ FIGURES = {
 
 
 def rows(settings: BenchSettings) -> list[tuple[str, str]]:
+    """The rows this run trains: `--landmarks-rows` where given, else the default ones."""
+    if settings.landmarks_rows:
+        chosen = [tuple(r.split(".", 1)) for r in settings.landmarks_rows]
+        unknown = [".".join(r) for r in chosen if r not in ROWS]
+        if unknown:
+            names = ", ".join(".".join(r) for r in ROWS)
+            raise ValueError(f"--landmarks-rows {unknown}: use some of {names}")
+        return chosen
     return [r for r in ROWS if r != ("hand", "two_step") or HAND_TWO_STEP]
+
+
+def previous_rows(settings: BenchSettings) -> dict:
+    """The landmarks section of `<out>/results.json` where only some rows run
+    (`--landmarks-rows`): the rows kept, each marked with the run it comes from."""
+    if not settings.landmarks_rows:
+        return {}
+    previous = settings.out_dir / "results.json"
+    old = json.loads(previous.read_text()).get("landmarks", {}) if previous.is_file() else {}
+    kept = {}
+    for group in ("spine", "hand"):
+        for name, values in old.get(group, {}).items():
+            if "skipped" not in values:
+                kept.setdefault(group, {})[name] = {**values, "from_earlier_run": True}
+    if old.get("data"):
+        kept["data"] = old["data"]
+    return kept
 
 
 def row_minutes(settings: BenchSettings, row: tuple[str, str]) -> float:
@@ -316,6 +342,8 @@ def landmark_section(settings: BenchSettings) -> dict:
         },
         "data": {},
     }
+    for key, value in previous_rows(settings).items():
+        res[key] = value
     for row in rows(settings):
         group, name = row
         values = one_row(settings, row, root, figures)
@@ -323,7 +351,7 @@ def landmark_section(settings: BenchSettings) -> dict:
         if group not in res["data"]:
             skeleton = SKELETONS[ROWS[row]["dataset"]]
             res["data"][group] = annotation_summary(Path(values["run_dir"]), skeleton)
-    if not HAND_TWO_STEP:
+    if "two_step" not in res.get("hand", {}):
         res.setdefault("hand", {})["two_step"] = {"skipped": TWO_STEP_HAND_NOTE}
     res["targets"] = targets(res)
     res["settings"]["load_average_at_end"] = os.getloadavg()[0]
@@ -395,6 +423,11 @@ def _run_line(label: str, r: dict) -> str:
         f"`regionnet.load_model(ckpt).predict(paths)` {_v(rate)} films/s over "
         f"{r.get('predict_films', 0)} test films ({r.get('predict_torch_threads')} torch threads); "
         f"checkpoint `{r['checkpoint']}`"
+        + (
+            " (kept from an earlier run: --landmarks-rows reran other rows)"
+            if r.get("from_earlier_run")
+            else ""
+        )  # fmt: skip
     )
 
 
@@ -436,14 +469,19 @@ def landmarks_markdown(lm: dict) -> list[str]:
         lines.append("")
     hand = lm.get("hand", {})
     if hand.get("step1"):
-        h = hand["step1"]
+        h, two = hand["step1"], hand.get("two_step", {})
+        # the 2-step columns where that row ran (step 2: each landmark on its own crop)
+        cols = [h["test"]] + ([two["test_step1"], two["test"]] if "test" in two else [])
+        head = "step 1 | 2-step: its step 1 | 2-step: final" if len(cols) > 1 else "step 1"
         lines += [
             f"### Hand (hand_dha, {h['test'].get('films')} test films)",
             "",
-            "| figure | target | step 1 |",
-            "| --- | --- | ---: |",
+            f"| figure | target | {head} |",
+            "| --- | --- |" + " ---: |" * len(cols),
             *[
-                f"| {label} | {target} | {_cell(h['test'], key, nd, scale)} |"
+                f"| {label} | {target} | "
+                + " | ".join(_cell(c, key, nd, scale) for c in cols)
+                + " |"
                 for label, key, nd, scale, target in HAND_ROWS
             ],
             "",

@@ -74,6 +74,9 @@ class BenchSettings:
     #: the landmarks section: wall-clock budget of all its trainings (min) and input size (px)
     landmarks_minutes: float = 20.0
     landmarks_image_size: int = 256
+    #: landmarks rows to run ("hand.two_step", ...), the others kept from `<out>/results.json`;
+    #: empty: the default rows
+    landmarks_rows: tuple[str, ...] = ()
     #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
     #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
     findings_minutes: float = 25.0
