@@ -24,7 +24,12 @@ from regionnet.distributed import DistributedJob
 from regionnet.evaluate import test_predictions
 from regionnet.landmarks import run as landmark_run
 from regionnet.loggers import finish_wandb, loggable_config, wandb_summary
-from regionnet.model.checkpoint import check_resumable, inference_checkpoint, load_plain
+from regionnet.model.checkpoint import (
+    check_resumable,
+    inference_checkpoint,
+    init_from,
+    load_plain,
+)
 from regionnet.model_card import write_model_card
 from regionnet.run import (
     build_datamodule,
@@ -67,6 +72,7 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
             "data=phantom: SYNTHETIC radiographs for trying regionnet, not clinical evidence"
         )
     model = build_model(cfg, dm)
+    start_from(model, cfg)
     task_run = TASK_RUNS.get(getattr(model, "task", "regions"))
     callbacks = instantiate_list(cfg.get("callbacks")) + list(extra_callbacks or [])
     apply_sweep_group(cfg)
@@ -125,6 +131,29 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         log.info("run directory: %s (best checkpoint: %s)", out, best)
     finish_wandb(loggers)
     return metrics
+
+
+def start_from(model: L.LightningModule, cfg: DictConfig) -> None:
+    """`init_from=<checkpoint>`: the new model starts from that run's weights where names and
+    shapes match (`regionnet.model.checkpoint.init_from`); a resume (`ckpt_path`) restores
+    everything instead, so the two together are refused."""
+    source = cfg.get("init_from")
+    if not source:
+        return
+    if cfg.get("ckpt_path"):
+        raise ValueError(
+            "init_from= and ckpt_path= together: ckpt_path resumes a run (weights, optimizer, "
+            "epoch), init_from starts a new one from another run's weights; give one"
+        )
+    counts = init_from(model, source)
+    log.info(
+        "init_from %s: %d tensors copied, %d of another shape and %d not in it keep their "
+        "initialisation",
+        Path(str(source)).name,
+        counts["copied"],
+        counts["shape_differs"],
+        counts["not_in_checkpoint"],
+    )
 
 
 def strip_for_inference(best: Path) -> None:

@@ -124,6 +124,42 @@ def test_two_step_model_trains_and_logs_step_one_apart(tmp_path):
     assert model.refiner is not None and model.detail_size is None
 
 
+def test_two_step_model_starts_from_a_step_one_run(trained, tmp_path):
+    """init_from=<step-1 best.ckpt>: the two-step run starts with step 1 trained (its network
+    copied, step 2 fresh), so after one epoch its step 1 is far closer to the trained model's
+    error than to an untrained one's; nothing fits -> refused; with ckpt_path -> refused."""
+    from regionnet.model.checkpoint import init_from
+
+    best = trained["dir"] / "checkpoints" / "best.ckpt"
+    extra = ("model.refine=true", "model.refine_size=32", "data.detail_size=null")
+    over = overrides(tmp_path / "run", trained["cache"], *extra)
+    cfg = compose_config("train", over)
+    dm = build_datamodule(cfg)
+    dm.setup()
+    model = build_model(cfg, dm)
+    counts = init_from(model, best)
+    assert counts["copied"] > 0 and counts["shape_differs"] == 0
+    assert counts["not_in_checkpoint"] == len([k for k in model.state_dict() if "refiner" in k])
+    step1 = regionnet.load_model(best).model
+    own = model.state_dict()
+    assert all(
+        torch.equal(own[k], v) for k, v in step1.state_dict().items() if k.startswith("net.")
+    )
+
+    done = trained["metrics"]["test/mre_pct"]
+    metrics = train(compose_config("train", [*over, f"init_from={best}"]))
+    assert metrics["test/step1/mre_pct"] < (done + trained["untrained"]) / 2, (metrics, done)
+
+    with pytest.raises(ValueError, match="none of its"):
+        init_from(torch.nn.Linear(2, 2), best)
+    with pytest.raises(FileNotFoundError, match="init_from="):
+        init_from(model, tmp_path / "missing.ckpt")
+    both = overrides(tmp_path / "both", trained["cache"], *extra)
+    both = compose_config("train", [*both, f"init_from={best}", f"ckpt_path={best}"])
+    with pytest.raises(ValueError, match="init_from= and ckpt_path="):
+        train(both)
+
+
 def test_two_step_model_with_detail_crops_end_to_end(tmp_path):
     """Step 2 crops from the 128 px detail image (the phantoms' own height; input 64 px):
     training, the checkpoint, the Python API and regionnet-predict (the same points as the

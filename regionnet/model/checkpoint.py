@@ -86,3 +86,35 @@ def checkpoint_task(path: str | Path) -> str:
     if "landmark_names" in hparams:
         return "landmarks"
     return "boxes" if "box_names" in hparams else "regions"
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> dict[str, int]:
+    """Start `model` from a regionnet checkpoint's weights (`init_from=`): every tensor whose
+    name and shape match is copied, the rest keep their initialisation (e.g. a two-step
+    landmark model from a step-1 run: step 1's network is copied, step 2's starts from
+    ImageNet). Not a resume: optimizer, schedule and epochs start afresh. Returns the counts
+    {"copied", "shape_differs", "not_in_checkpoint"}; a checkpoint of which nothing fits is
+    refused, naming the file."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init_from={str(path)!r}: no such file; give a regionnet checkpoint (a run's "
+            "checkpoints/best.ckpt or last.ckpt)"
+        )
+    state = load_plain(path, "init_from").get("state_dict")
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from={str(path)!r} holds no state_dict: {UNSAFE_FILE}")
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    counts = {
+        "copied": len(fits),
+        "shape_differs": sum(1 for k, v in state.items() if k in own and k not in fits),
+        "not_in_checkpoint": sum(1 for k in own if k not in state),
+    }
+    if not fits:
+        raise ValueError(
+            f"init_from={str(path)!r}: none of its {len(state)} tensors fits this model "
+            "(other head type or backbone); give a checkpoint of the same backbone"
+        )
+    model.load_state_dict(fits, strict=False)
+    return counts
