@@ -212,10 +212,15 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     import json
     from dataclasses import replace
 
-    from regionnet.bench.landmarks import landmarks_markdown, previous_rows, rows
+    from regionnet.bench.landmarks import (
+        landmarks_markdown,
+        previous_rows,
+        rows,
+        start_checkpoint,
+    )
 
     s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
-    assert ("hand", "two_step") not in rows(s)  # left out by default (CPU budget)
+    assert rows(s)[-1] == ("hand", "two_step")  # after the step-1 row it starts from
     one = replace(s, landmarks_rows=("hand.two_step",))
     assert rows(one) == [("hand", "two_step")]
     with pytest.raises(ValueError, match="hand.three_step"):
@@ -239,4 +244,11 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     text = "\n".join(landmarks_markdown(res))
     assert "| step 1 | 2-step: its step 1 | 2-step: final |" in text
     assert "| 4.40 | 4.00 | 3.10 |" in text
-    assert text.count("kept from an earlier run") == 1  # hand step1 only
+    assert text.count("kept from an earlier run") == 2  # hand step1's line, the wall time
+    # a two-step row trained alone starts from ImageNet: the kept step-1 file is elsewhere
+    assert start_checkpoint(res, ("hand", "two_step")) is None
+    best = tmp_path / "best.ckpt"
+    best.write_bytes(b"")
+    fresh = {"hand": {"step1": {"checkpoint": str(best)}}}
+    assert start_checkpoint(fresh, ("hand", "two_step")) == best
+    assert start_checkpoint(fresh, ("hand", "step1")) is None

@@ -8,14 +8,19 @@ then `regionnet-eval` of its best checkpoint on the run's held-out test patients
   spine.step1     data.dataset=spine_aasce                      (one network, the whole film)
   spine.two_step  data.dataset=spine_aasce model.refine=true    (+ step 2 on vertebra crops)
   hand.step1      data.dataset=hand_dha
-  hand.two_step   left out by default (`HAND_TWO_STEP`): see `TWO_STEP_HAND_NOTE`; run it alone
-                  with --landmarks-rows hand.two_step (the other rows kept from results.json)
+  hand.two_step   data.dataset=hand_dha model.refine=true       (+ step 2 per landmark)
+
+A two-step row starts from its group's step-1 checkpoint of the same run
+(`init_from=<step1 best.ckpt>`, `ROWS[...]["start_from"]`): its step 1 continues training and
+its step 2 starts from ImageNet, so its budget goes mostly to step 2. Its "its step 1"
+column is that continued step 1; the step-1 row is step 1 alone. `--landmarks-rows GROUP.ROW`
+trains only those rows and keeps the others from `<out>/results.json` (a two-step row trained
+alone starts from ImageNet: the kept step-1 checkpoint may not be on this machine).
 
 Runs live in `<out>/artifacts/landmarks/<dataset>_<row>/` (git-ignored); their
-`checkpoints/best.ckpt` loads with `regionnet.load_model`. The two-step row reports step 1 of
-the same model beside its step 2, and the step-1 row trains step 1 alone: the honest
-"step 1 vs 2-step" comparison at one budget. Each row also times `regionnet.load_model(ckpt)
-.predict(paths)` over its test films (films/s, read + letterbox + network + map-back).
+`checkpoints/best.ckpt` loads with `regionnet.load_model`. Each row also times
+`regionnet.load_model(ckpt).predict(paths)` over its test films (films/s, read + letterbox +
+network + map-back).
 
 Only the error-by-level plots (no patient pixels) are copied to `<out>/figures/landmarks/`:
 spine_aasce and hand_dha are "internal use, do not redistribute" (../shared/data/README.md),
@@ -43,12 +48,14 @@ from regionnet.train import train
 #: (group, row) -> data set and two steps; `share`: the row's part of --landmarks-minutes
 ROWS = {
     ("spine", "step1"): {"dataset": "spine_aasce", "refine": False, "share": 0.30},
-    ("spine", "two_step"): {"dataset": "spine_aasce", "refine": True, "share": 0.45},
+    ("spine", "two_step"): {"dataset": "spine_aasce", "refine": True, "share": 0.45,
+                            "start_from": "step1"},
     ("hand", "step1"): {"dataset": "hand_dha", "refine": False, "share": 0.25},
-    ("hand", "two_step"): {"dataset": "hand_dha", "refine": True, "share": 0.25},
-}
+    ("hand", "two_step"): {"dataset": "hand_dha", "refine": True, "share": 0.25,
+                           "start_from": "step1"},
+}  # fmt: skip
 #: whether the hand two-step row runs (its share comes on top of the others')
-HAND_TWO_STEP = False
+HAND_TWO_STEP = True
 TWO_STEP_HAND_NOTE = (
     "left out of the 20-minute CPU budget: step 2 places each of the 37 hand landmarks alone "
     "(37 crops per film, about 1.5 full-film passes more per step), and the spine rows already "
@@ -114,6 +121,18 @@ def rows(settings: BenchSettings) -> list[tuple[str, str]]:
             raise ValueError(f"--landmarks-rows {unknown}: use some of {names}")
         return chosen
     return [r for r in ROWS if r != ("hand", "two_step") or HAND_TWO_STEP]
+
+
+def start_checkpoint(res: dict, row: tuple[str, str]) -> Path | None:
+    """The checkpoint a row starts from (`ROWS[row]["start_from"]`): that row's best.ckpt when
+    this benchmark run trained it (not one kept from an earlier run, whose file a fresh
+    checkout lacks), else None (the row starts from ImageNet)."""
+    source = ROWS[row].get("start_from")
+    done = res.get(row[0], {}).get(source) if source else None
+    if not done or done.get("from_earlier_run") or "checkpoint" not in done:
+        return None
+    ckpt = Path(done["checkpoint"])
+    return ckpt if ckpt.is_file() else None
 
 
 def previous_rows(settings: BenchSettings) -> dict:
@@ -241,12 +260,22 @@ def annotation_summary(run_dir: Path, skeleton: str) -> dict:
     return out
 
 
-def one_row(settings: BenchSettings, row: tuple[str, str], root: Path, figures: Path) -> dict:
+def one_row(
+    settings: BenchSettings,
+    row: tuple[str, str],
+    root: Path,
+    figures: Path,
+    start: Path | None = None,
+) -> dict:
+    """Train, evaluate and time one row; `start`: the checkpoint it starts from
+    (`init_from`, a two-step row from its group's step-1 run of this same benchmark run)."""
     group, name = row
     spec = ROWS[row]
     run_dir = root / f"{spec['dataset']}_{name}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun trains afresh (skip_if_done)
     overrides = row_overrides(settings, row, run_dir)
+    if start is not None:
+        overrides.append(f"init_from={start}")
     log(f"landmarks: {group}.{name}: regionnet-train {' '.join(overrides)}")
     timeline = Timeline(("val/mre_pct",))
     start = time.perf_counter()
@@ -271,6 +300,8 @@ def one_row(settings: BenchSettings, row: tuple[str, str], root: Path, figures: 
         "eval_seconds": round(eval_s, 1),
         "test": test_figures(result, "test"),
     }
+    if start is not None:
+        out["init_from"] = str(start)
     if spec["refine"]:
         out["test_step1"] = test_figures(result, "test/step1")
     data_root = settings.data_dir / "landmarks"
@@ -346,7 +377,7 @@ def landmark_section(settings: BenchSettings) -> dict:
         res[key] = value
     for row in rows(settings):
         group, name = row
-        values = one_row(settings, row, root, figures)
+        values = one_row(settings, row, root, figures, start_checkpoint(res, row))
         res.setdefault(group, {})[name] = values
         if group not in res["data"]:
             skeleton = SKELETONS[ROWS[row]["dataset"]]
@@ -427,7 +458,7 @@ def _run_line(label: str, r: dict) -> str:
             " (kept from an earlier run: --landmarks-rows reran other rows)"
             if r.get("from_earlier_run")
             else ""
-        )  # fmt: skip
+        )
     )
 
 
@@ -439,13 +470,22 @@ def landmarks_markdown(lm: dict) -> list[str]:
     s = lm["settings"]
     lines += [
         f"`regionnet-train task=landmarks` (Cina et al. 2021: DSNT heads; step 2 on vertebra "
-        f"crops) with {s['backbone']} ({s['pretrained']}), {s['image_size']} px letterbox, "
+        "crops, or one crop per hand landmark; a two-step row starts from its step-1 row's "
+        "checkpoint, `init_from`, so its step 1 trained longer) with "
+        f"{s['backbone']} ({s['pretrained']}), {s['image_size']} px letterbox, "
         f"heatmap stride {s['stride']}, FPN width {s['head_width']}, batch {s['batch_size']}, "
         f"{s['optimizer']}, {s['precision']}, a wall-clock budget of "
         f"{s['budget_minutes']:g} CPU minutes in all (`trainer.max_time` per row); then "
         "`regionnet-eval` on each run's held-out test patients. 95 % intervals bootstrap whole "
         "patients. Section wall time "
-        f"{lm['wall_seconds'] / 60:.1f} min.",
+        f"{lm['wall_seconds'] / 60:.1f} min"
+        + (
+            " (the rows this run trained; the others are kept from an earlier run)."
+            if any(
+                r.get("from_earlier_run") for g in ("spine", "hand") for r in lm.get(g, {}).values()
+            )
+            else "."
+        ),  # fmt: skip
         "",
     ]
     spine = lm.get("spine", {})
