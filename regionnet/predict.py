@@ -497,6 +497,21 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
 
     ckpt = cfg.get("ckpt_path")
     task = checkpoint_task(ckpt) if ckpt and not cfg.get("onnx_path") else "regions"
+    backend = backend_name(cfg.get("backend")) if task == "regions" else "torch"
+    # before any ONNX Runtime session is made: it takes torch's thread count. Every head type
+    # reads with the same rule (regionnet.data.dataset.loader_threads)
+    gpu = backend == "torch" and torch.cuda.is_available()
+    gpu = gpu and predict_trainer_config(cfg)["accelerator"] not in ("cpu",)
+    workers, threads = loader_threads(cfg.get("num_workers"), cfg.get("torch_threads"), gpu=gpu)
+    torch.set_num_threads(threads)
+    log.info(
+        "predict: %d cores -> %d reader worker%s, %d torch thread%s",
+        usable_cores(),
+        workers,
+        "s" * (workers != 1),
+        threads,
+        "s" * (threads != 1),
+    )
     if task != "regions":
         # landmark or box heads: the same inputs, reader and predict loop, their own rows
         if server is not None:
@@ -511,22 +526,9 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             if task != "landmarks":
                 raise ValueError("refine_detector= is for two-step landmark checkpoints")
             attach_detector(model, cfg.refine_detector)
-        return run(cfg, model, paths, output, predict_trainer_config(cfg), cam_dir)
+        chosen = OmegaConf.merge(cfg, {"num_workers": workers, "torch_threads": threads})
+        return run(chosen, model, paths, output, predict_trainer_config(cfg), cam_dir)
 
-    backend = backend_name(cfg.get("backend"))
-    # before any ONNX Runtime session is made: it takes torch's thread count
-    gpu = backend == "torch" and torch.cuda.is_available()
-    gpu = gpu and predict_trainer_config(cfg)["accelerator"] not in ("cpu",)
-    workers, threads = loader_threads(cfg.get("num_workers"), cfg.get("torch_threads"), gpu=gpu)
-    torch.set_num_threads(threads)
-    log.info(
-        "predict: %d cores -> %d reader worker%s, %d torch thread%s",
-        usable_cores(),
-        workers,
-        "s" * (workers != 1),
-        threads,
-        "s" * (threads != 1),
-    )
     if cfg.get("onnx_path"):  # an exported file: its model_id (regionnet.backends)
         if backend != "onnxruntime":
             raise ValueError("onnx_path needs backend=onnxruntime")

@@ -15,6 +15,7 @@ from PIL import Image
 
 import regionnet
 from regionnet.config import compose_config
+from regionnet.data.dataset import loader_threads
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.run import build_datamodule, build_model
 from regionnet.train import train

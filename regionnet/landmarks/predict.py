@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
@@ -177,6 +178,8 @@ def predict_films(
         "seconds": round(seconds, 3),
         "per_second": round(len(paths) / seconds, 2) if seconds else None,
         "output": str(output),
+        "num_workers": loader.num_workers,
+        "torch_threads": torch.get_num_threads(),
     }
     log.info("%s: %d films, %d errors, %.1f films/s -> %s", what, summary["ok"],
              summary["errors"], summary["per_second"] or 0, output)  # fmt: skip
