@@ -11,8 +11,12 @@ checkpoint's `tta`, each batch's probabilities are averaged with those of its ho
 flipped images, as `RegionNet.inference_proba` does. Rows agree with the torch backend's
 within 1e-4 (tests/test_onnx_backend.py).
 
-Not with onnxruntime: finding heads (the export holds region heads only), `cam=true` (Grad-CAM
-needs torch's gradients), precision other than 32-true; it always runs on the CPU.
+Finding heads run too: the export's second output `finding_probs` (`regionnet.export`: the
+finding sigmoids, an ordinal head's cumulative P(grade > k)), one backbone pass with the
+region heads, averaged with the flip under `tta` and decoded to grades as `RegionNet` does
+(`ordinal.to_probs`), gives the rows' finding columns as the torch backend does. Not with
+onnxruntime: `cam=true` (Grad-CAM needs torch's gradients), precision other than 32-true; it
+always runs on the CPU.
 onnxruntime and onnx are the optional `export` extra: pip install 'regionnet[export]'.
 
 `onnx_path=FILE` runs an exported file (`regionnet-export`, e.g. its `model.int8.onnx`) instead
@@ -35,6 +39,8 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+
+from regionnet.model.ordinal import prob_widths, to_probs
 
 BACKENDS = ("torch", "onnxruntime")
 INSTALL_HINT = "pip install 'regionnet[export]' (or pip install onnx onnxruntime)"
@@ -65,12 +71,6 @@ def check_onnxruntime_options(cfg, model) -> None:
         raise ValueError(
             "cam=true needs torch (Grad-CAM takes gradients through the network); "
             "use backend=torch for class activation maps"
-        )
-    findings = list(getattr(model, "findings", []) or [])
-    if findings:
-        raise ValueError(
-            f"backend=onnxruntime runs the exported region heads only; this checkpoint also has "
-            f"finding heads {findings}: use backend=torch"
         )
     if cfg.get("onnx_path") and (cfg.get("dicomweb") or {}).get("store_sr"):
         raise ValueError(
@@ -105,12 +105,20 @@ def onnx_bytes(model) -> bytes:
 
 class OnnxRuntimeModule(L.LightningModule):
     """An ONNX Runtime session in Lightning's predict loop: `predict_step` gives
-    {"path", "probs" (B, R) float32 CPU tensor, "errors"}, like `RegionNet.predict_step`."""
+    {"path", "probs" (B, R) float32 CPU tensor, "errors"} and, for a graph with finding heads,
+    "finding_probs" (B, P), like `RegionNet.predict_step`."""
 
-    def __init__(self, graph: bytes, regions: list[str], tta: bool, threads: int | None = None):
+    def __init__(
+        self,
+        graph: bytes,
+        regions: list[str],
+        tta: bool,
+        threads: int | None = None,
+        findings: dict | None = None,
+    ):
         super().__init__()
         ort = import_onnxruntime()
-        from regionnet.export import INPUT_NAME, OUTPUT_NAME
+        from regionnet.export import FINDING_OUTPUT, INPUT_NAME, OUTPUT_NAME
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -119,24 +127,49 @@ class OnnxRuntimeModule(L.LightningModule):
         )
         self.regions, self.tta = list(regions), bool(tta)
         self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._findings = FINDING_OUTPUT in outputs
+        # the finding declarations decode an ordinal head's cumulative outputs into grades
+        self.findings = {f: dict(v) for f, v in (findings or {}).items()}
+        if self._findings and not self.findings:
+            raise ValueError(
+                "the ONNX graph has finding outputs but no finding declarations came with it: "
+                "export the checkpoint again with regionnet-export (its sidecar has them)"
+            )
+        self._width = sum(prob_widths(self.findings)) if self._findings else 0
 
     @classmethod
     def from_file(cls, graph: bytes, meta: dict) -> OnnxRuntimeModule:
         """A session of an exported file (`onnx_file_model`); no test-time flip (the export
         holds the plain network only)."""
-        return cls(graph, list(meta["regions"]), tta=False)
+        return cls(graph, list(meta["regions"]), tta=False, findings=meta.get("findings"))
 
     @classmethod
     def from_regionnet(cls, model) -> OnnxRuntimeModule:
         import_onnxruntime()  # say what to install before exporting
         tta = bool(model.hparams.get("tta", False))
-        return cls(onnx_bytes(model), list(model.regions), tta)
+        findings = {f: model.hparams.findings[f] for f in getattr(model, "findings", [])}
+        return cls(onnx_bytes(model), list(model.regions), tta, findings=findings)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self._output], {self._input: x})[0]
 
+    def run_all(self, x: np.ndarray) -> list[torch.Tensor]:
+        """[region probabilities (B, R), finding probabilities (B, P) where the graph has
+        them], averaged with the flipped films' under `tta` before an ordinal head's grades
+        are decoded (`RegionNet._infer_all`'s order)."""
+        out = [torch.from_numpy(o).float() for o in self.session.run(None, {self._input: x})]
+        if self.tta:
+            flipped = self.session.run(None, {self._input: np.ascontiguousarray(x[..., ::-1])})
+            out = [(a + torch.from_numpy(b).float()) / 2 for a, b in zip(out, flipped)]
+        if len(out) > 1:
+            out[1] = to_probs(out[1], self.findings)
+        return out
+
     def proba(self, image: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(image.detach().cpu().float().numpy())
+        if self._findings:
+            return self.run_all(x)[0]
         probs = torch.from_numpy(self.run(x)).float()
         if self.tta:
             flipped = torch.from_numpy(self.run(np.ascontiguousarray(x[..., ::-1]))).float()
@@ -147,10 +180,20 @@ class OnnxRuntimeModule(L.LightningModule):
         return self.proba(image)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        probs = (
-            self.proba(batch["image"]) if "image" in batch else torch.empty(0, len(self.regions))
-        )
-        return {"path": batch["path"], "probs": probs, "errors": batch.get("errors", [])}
+        out = {"path": batch["path"], "errors": batch.get("errors", [])}
+        if not self._findings:
+            probs = (
+                self.proba(batch["image"])
+                if "image" in batch
+                else torch.empty(0, len(self.regions))
+            )
+            return {**out, "probs": probs}
+        if "image" not in batch:
+            empty = torch.empty(0, len(self.regions)), torch.empty(0, int(self._width))
+            return {**out, "probs": empty[0], "finding_probs": empty[1]}
+        x = np.ascontiguousarray(batch["image"].detach().cpu().float().numpy())
+        probs, finding_probs = self.run_all(x)
+        return {**out, "probs": probs, "finding_probs": finding_probs}
 
 
 # -- an exported file: onnx_path= -----------------------------------------------------------
@@ -207,11 +250,18 @@ def check_sidecar(meta: dict, model, file) -> None:
         "mean": float(h.get("mean", GRAY_MEAN)),
         "std": float(h.get("std", GRAY_STD)),
     }
-    wrong = {k: (meta[k], v) for k, v in ours.items() if meta[k] != v}
-    theirs = [float(t) for t in meta["thresholds"]]
-    mine = [float(t) for t in model.thresholds]
-    if len(theirs) != len(mine) or max(abs(a - b) for a, b in zip(theirs, mine)) > 1e-5:
-        wrong["thresholds"] = (theirs, [round(t, 6) for t in mine])
+    findings = list(getattr(model, "findings", []) or [])
+    ours["findings"] = {f: dict(h.findings[f]) for f in findings} or None
+    wrong = {k: (meta.get(k), v) for k, v in ours.items() if meta.get(k) != v}
+    pairs = [("thresholds", meta["thresholds"], model.thresholds)]
+    if findings:
+        file_values = meta.get("finding_thresholds")
+        pairs.append(("finding_thresholds", file_values, model.finding_thresholds))
+    for key, file_values, checkpoint_values in pairs:
+        theirs = [float(t) for t in file_values or []]
+        mine = [float(t) for t in checkpoint_values]
+        if len(theirs) != len(mine) or max(abs(a - b) for a, b in zip(theirs, mine)) > 1e-5:
+            wrong[key] = (theirs, [round(t, 6) for t in mine])
     if wrong:
         detail = "; ".join(f"{k}: file {a}, checkpoint {b}" for k, (a, b) in wrong.items())
         raise ValueError(
@@ -222,20 +272,25 @@ def check_sidecar(meta: dict, model, file) -> None:
 
 
 def sidecar_model(meta: dict) -> SimpleNamespace:
-    """What the predict loop reads of a model (regions, thresholds, hparams), from the
-    metadata of an exported file; no finding heads, no test-time flip."""
+    """What the predict loop reads of a model (regions, thresholds, finding heads, hparams),
+    from the metadata of an exported file; no test-time flip."""
+    findings = dict(meta.get("findings") or {})
     hparams = {
         "image_size": int(meta["image_size"]),
         "mean": float(meta["mean"]),
         "std": float(meta["std"]),
         "tta": False,
         "backbone": meta.get("backbone", "onnx"),
+        "findings": findings,
     }
     return SimpleNamespace(
         regions=list(meta["regions"]),
         thresholds=torch.tensor([float(t) for t in meta["thresholds"]]),
         hparams=OmegaConf.create(hparams),
-        findings=[],
+        findings=list(findings),
+        finding_thresholds=torch.tensor(
+            [float(t) for t in meta.get("finding_thresholds") or []], dtype=torch.float32
+        ),
     )
 
 

@@ -2,7 +2,9 @@
 
 The exported graph takes a normalised batch (B, 1, S, S) float32 — the radiograph resized so
 its longest side is S, centre-padded with black to S x S, then `(x - mean) / std` — and
-returns probabilities (B, R), one sigmoid per region head in head order. A head says "my
+returns probabilities (B, R), one sigmoid per region head in head order (and, for a model
+with finding heads, `finding_probs` (B, L): the finding sigmoids from the same backbone pass,
+an ordinal head's as cumulative P(grade > k), decoded outside the graph). A head says "my
 region" when its probability reaches its threshold (chosen on validation, stored in the
 checkpoint); when no head does, the radiograph is `unknown`. Everything deployment code needs
 for this lies in a sidecar `<output>.json` (and inside the file: ONNX metadata_props /
@@ -41,24 +43,46 @@ from regionnet.landmarks.export import export_landmarks
 from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.identity import model_id
 from regionnet.model.module import RegionNet, load_regionnet
+from regionnet.model.ordinal import logit_slices
 from regionnet.onnx_graph import export_graph, quiet_export, set_onnx_metadata, write_sidecar
 from regionnet.quantize import import_quantization, int8_path, quantize_int8, quantize_mode
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INPUT_NAME, OUTPUT_NAME = "image", "probs"
+#: the second output of a model with finding heads
+FINDING_OUTPUT = "finding_probs"
 
 
 class ProbabilityModel(nn.Module):
     """RegionNet's plain network (`RegionClassifier`) as (B, 1, S, S) -> (B, R) probabilities
-    in head order. Plain so tracing does not touch Lightning or torchmetrics."""
+    in head order and, with finding heads, (B, L) finding sigmoids from the same backbone
+    pass: a binary finding's probability, an ordinal finding's G-1 cumulative P(grade > k)
+    (`regionnet.model.ordinal.logit_slices`; grades decode outside the graph, as
+    `ordinal.to_probs` does: ONNX has no cumulative minimum). Plain so tracing does not touch
+    Lightning or torchmetrics; no test-time flip."""
 
     def __init__(self, model: RegionNet):
         super().__init__()
         self.regions = list(model.regions)
+        self.findings = {f: dict(model.hparams.findings[f]) for f in model.findings}
         self.net = model.net
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net.predict_proba(image)
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.findings:
+            return self.net.predict_proba(image)
+        logits, finding_logits = self.net.all_logits(image)
+        return torch.sigmoid(logits.float()), torch.sigmoid(finding_logits.float())
+
+
+def output_names(model: RegionNet) -> list[str]:
+    """The graph's outputs: `probs`, and `finding_probs` where the model has finding heads."""
+    return [OUTPUT_NAME, FINDING_OUTPUT] if model.findings else [OUTPUT_NAME]
+
+
+def torch_outputs(model: RegionNet, x: torch.Tensor) -> list[np.ndarray]:
+    """What the exported graph should give for `x`, from PyTorch (no test-time flip)."""
+    out = ProbabilityModel(model).eval()(x)
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
 def load_checkpoint(path: str | Path) -> tuple[RegionNet, dict]:
@@ -82,6 +106,7 @@ def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -
         "std": norm["std"],
         "input": {"name": INPUT_NAME, "shape": ["batch", 1, size, size], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.regions)], "dtype": "float32"},
+        "outputs": output_names(model),
         "preprocessing": (
             "grey radiograph in [0, 1] (MONOCHROME2: bone bright); resize the longest side to "
             "image_size (antialiased bilinear), centre-pad with 0 to image_size x image_size; "
@@ -93,13 +118,41 @@ def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -
         ),
         "backbone": model.hparams.backbone,
         "shared_backbone": bool(model.hparams.shared_backbone),
+        **finding_metadata(model),
+    }
+
+
+def finding_metadata(model: RegionNet) -> dict:
+    """The finding heads' part of the sidecar: their declarations, thresholds (binary ones;
+    chosen on validation) and columns of `finding_probs`; nothing without finding heads."""
+    if not model.findings:
+        return {}
+    specs = {f: dict(model.hparams.findings[f]) for f in model.findings}
+    columns = {f: [sl.start, sl.stop] for f, sl in logit_slices(specs).items()}
+    width = max(stop for _, stop in columns.values())
+    return {
+        "findings": specs,
+        "finding_thresholds": [round(float(t), 6) for t in model.finding_thresholds],
+        "finding_columns": columns,
+        "finding_backbone": model.hparams.get("finding_backbone", "shared"),
+        "finding_output": {"name": FINDING_OUTPUT, "shape": ["batch", width], "dtype": "float32"},
+        "finding_decision": (
+            "binary finding f: finding_probs[:, columns[f][0]] >= its threshold (in "
+            "finding_thresholds, finding order). Ordinal finding f with grades g_0..g_(G-1): "
+            "columns[f] hold c_k = P(grade > g_k), k = 0..G-2; make them non-increasing "
+            "(c_k = min(c_0..c_k)), then P(g_0) = 1 - c_0, P(g_k) = c_(k-1) - c_k, "
+            "P(g_(G-1)) = c_(G-2); the predicted grade is the number of c_k >= 0.5. "
+            "Meaningful only on films of the finding's region"
+        ),
     }
 
 
 def export_onnx(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict, opset: int):
-    """The region heads' graph: (B, 1, S, S) -> (B, R), a dynamic batch axis."""
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    export_graph(net, (example,), output, [INPUT_NAME], [OUTPUT_NAME], axes, opset)
+    """The graph: (B, 1, S, S) -> (B, R) region probabilities (and (B, P) finding
+    probabilities with finding heads), a dynamic batch axis."""
+    names = [OUTPUT_NAME, FINDING_OUTPUT] if net.findings else [OUTPUT_NAME]
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *names)}
+    export_graph(net, (example,), output, [INPUT_NAME], names, axes, opset)
     set_onnx_metadata(output, meta)
 
 
@@ -115,6 +168,7 @@ def file_model_id(path: Path, meta: dict) -> str:
     del graph.metadata_props[:]
     digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
     keys = ("regions", "thresholds", "image_size", "mean", "std")
+    keys += tuple(k for k in ("findings", "finding_thresholds") if k in meta)  # finding heads
     digest.update(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -126,7 +180,8 @@ def export_torchscript(net: ProbabilityModel, example: torch.Tensor, output: Pat
 
 
 def exported_runner(fmt: str, output: Path):
-    """A function numpy (B, 1, S, S) -> numpy (B, R) running the exported file."""
+    """A function numpy (B, 1, S, S) -> [numpy (B, R), numpy (B, P) with finding heads]
+    running the exported file."""
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -136,13 +191,14 @@ def exported_runner(fmt: str, output: Path):
                 "(or check=false)"
             ) from e
         session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        return lambda x: session.run(None, {INPUT_NAME: x})
     with quiet_export():
         loaded = torch.jit.load(str(output), map_location="cpu")
 
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
-            return loaded(torch.from_numpy(x)).numpy()
+            out = loaded(torch.from_numpy(x))
+        return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
     return run
 
@@ -166,19 +222,21 @@ def sample_inputs(model: RegionNet, norm: dict, batch_size: int) -> dict[str, to
 
 
 def check_export(fmt: str, output: Path, model: RegionNet, inputs: dict, atol: float) -> float:
-    """Largest |exported - PyTorch| probability over the inputs; raises above `atol`."""
+    """Largest |exported - PyTorch| probability over the inputs and outputs (region and
+    finding probabilities); raises above `atol`."""
     run = exported_runner(fmt, output)
     diffs = {}
     with torch.no_grad():
         for name, x in inputs.items():
-            expected = model.predict_proba(x).numpy()
+            expected = torch_outputs(model, x)
             got = run(x.numpy())
-            if got.shape != expected.shape:
+            shapes = [g.shape for g in got], [e.shape for e in expected]
+            if shapes[0] != shapes[1]:
                 raise RuntimeError(
-                    f"{output}: exported model gives shape {got.shape} for {name} input "
-                    f"{tuple(x.shape)}, PyTorch {expected.shape}"
+                    f"{output}: exported model gives shapes {shapes[0]} for {name} input "
+                    f"{tuple(x.shape)}, PyTorch {shapes[1]}"
                 )
-            diffs[name] = float(np.abs(got - expected).max())
+            diffs[name] = max(float(np.abs(g - e).max()) for g, e in zip(got, expected))
     worst = max(diffs.values())
     detail = ", ".join(f"{k} (batch {len(inputs[k])}): {v:.2e}" for k, v in diffs.items())
     print(f"check {fmt}: max |exported - pytorch| probability = {worst:.2e} ({detail})")

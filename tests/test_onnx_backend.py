@@ -7,16 +7,13 @@ from __future__ import annotations
 import builtins
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 from phantom_model import phantom_checkpoint  # noqa: F401  (session fixture)
 from test_predict import predict_config, write_mixed_folder
 
-from regionnet.backends import check_onnxruntime_options
 from regionnet.predict import predict
 
 pytest.importorskip("onnxruntime")
@@ -118,12 +115,6 @@ def test_onnxruntime_refuses_cam_and_precision(phantom_checkpoint, mixed_folder,
     with pytest.raises(ValueError, match="backend='tensorrt'"):
         predict(predict_config(phantom_checkpoint, mixed_folder, out, "backend=tensorrt"))
     assert not out.exists()
-
-
-def test_onnxruntime_refuses_finding_heads():
-    model = SimpleNamespace(findings=["fracture"])
-    with pytest.raises(ValueError, match=r"finding heads \['fracture'\].*backend=torch"):
-        check_onnxruntime_options(OmegaConf.create({}), model)
 
 
 def test_missing_onnxruntime_says_how_to_install(

@@ -359,6 +359,64 @@ def test_predict_api_and_eval_carry_the_grade(grade_run, tmp_path):
     assert {"p_knee_oa", *grade_cols, "kl_grade"} <= set(table.columns)
 
 
+def test_export_and_onnxruntime_carry_the_findings(grade_run, tmp_path):
+    """The ONNX export holds the finding heads as a second output (`finding_probs`, one
+    backbone pass), checked against PyTorch; its sidecar declares them. regionnet-predict
+    backend=onnxruntime, in memory or from the exported file without the checkpoint, writes
+    the torch backend's rows: the same columns and decisions, probabilities within 1e-4."""
+    pytest.importorskip("onnxruntime")
+    from regionnet.export import export
+    from regionnet.predict import predict
+
+    run, _ = grade_run
+    ckpt = run / "checkpoints" / "best.ckpt"
+    onnx_file = export(compose_config("export", [
+        f"ckpt_path={ckpt}", f"output={tmp_path / 'm.onnx'}", f"paths.output_dir={tmp_path}",
+    ]))  # fmt: skip
+    meta = json.loads(onnx_file.with_name("m.onnx.json").read_text())
+    assert meta["outputs"] == ["probs", "finding_probs"] and meta["check_max_abs_diff"] <= 1e-4
+    assert list(meta["findings"]) == ["knee_oa", "kl_grade"]
+    # the graph gives the sigmoids: an ordinal head's G-1 cumulative P(grade > k)
+    assert meta["finding_columns"] == {"knee_oa": [0, 1], "kl_grade": [1, 5]}
+    assert meta["finding_output"]["shape"] == ["batch", 5]
+
+    split = pd.read_csv(run / "split.csv")
+    test = split[split["split"] == "test"]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    knee, hand = test[test["region"] == "knee"]["path"], test[test["region"] == "hand"]["path"]
+    chosen = [*knee[:6], *hand[:3]]
+    for p in chosen:
+        (inputs / Path(p).name).write_bytes(Path(p).read_bytes())
+    frames = {}
+    for name, extra in {
+        "torch": [f"ckpt_path={ckpt}"],
+        "onnxruntime": [f"ckpt_path={ckpt}", "backend=onnxruntime"],
+        "file": ["ckpt_path=null", "backend=onnxruntime", f"onnx_path={onnx_file}"],
+    }.items():
+        out = tmp_path / f"{name}.csv"
+        predict(compose_config("predict", [
+            *extra, f"input={inputs}", f"output={out}", "num_workers=0", "accelerator=cpu",
+        ]))  # fmt: skip
+        frames[name] = pd.read_csv(out, dtype=str, keep_default_na=False).sort_values("path")
+    torch_rows = frames["torch"].reset_index(drop=True)
+    assert "p_knee_oa" in torch_rows and "p_kl_grade_KL4" in torch_rows
+    assert (torch_rows["region"] == "knee").sum() >= 4
+    for name in ("onnxruntime", "file"):
+        rows = frames[name].reset_index(drop=True)
+        assert list(rows.columns) == list(torch_rows.columns)
+        probs = [c for c in rows.columns if c.startswith("p_")]
+        rest = [c for c in rows.columns if c not in probs and c != "model_id"]
+        pd.testing.assert_frame_equal(rows[rest], torch_rows[rest])
+        filled = torch_rows[probs] != ""
+        assert ((rows[probs] != "") == filled).all().all()
+        diff = (rows[probs][filled].astype(float) - torch_rows[probs][filled].astype(float)).abs()
+        assert float(diff.max().max()) <= 1e-4, name
+    # the file's own model id (another file than the checkpoint), the checkpoint's in memory
+    assert (frames["onnxruntime"]["model_id"].values == torch_rows["model_id"].values).all()
+    assert frames["file"]["model_id"].iloc[0] == meta["onnx_model_id"]
+
+
 @pytest.mark.shared_data
 @pytest.mark.slow
 def test_kl_grade_head_on_real_kellgren_lawrence_grades(shared_data, tmp_path, fast):

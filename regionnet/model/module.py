@@ -251,13 +251,7 @@ class RegionNet(HeadLoop):
     def _all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Region logits (B, R) and finding logits (B, L) from one backbone pass: one column
         per binary finding, G-1 per ordinal one (`regionnet.model.ordinal.logit_widths`)."""
-        features = self.net.forward_features(x, findings=bool(self.findings))
-        heads = self.net.forward_head(features)
-        found = self.net.forward_findings(features)
-        logits = torch.stack([heads[r] for r in self.regions], dim=1)
-        if not self.findings:
-            return logits, logits[:, :0]
-        return logits, torch.cat([found[f].reshape(len(logits), -1) for f in self.findings], 1)
+        return self.net.all_logits(x)
 
     def finding_loss(
         self, finding_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor

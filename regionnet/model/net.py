@@ -129,6 +129,20 @@ class RegionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
+    def all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region logits (B, R) in head order and finding logits (B, L) in finding order (one
+        column per binary finding, G-1 per ordinal one) from one pass of each backbone; the
+        finding part is (B, 0) without finding heads."""
+        features = self.forward_features(x, findings=bool(self.finding_regions))
+        heads = self.forward_head(features)
+        logits = torch.stack([heads[r] for r in self.regions], dim=1)
+        if not self.finding_regions:
+            return logits, logits[:, :0]
+        found = self.forward_findings(features)
+        # (B,) binary, (B, G-1) ordinal; no batch size in the shapes (an ONNX export keeps
+        # its batch axis dynamic)
+        return logits, torch.cat([v.unsqueeze(1) if v.dim() == 1 else v for v in found.values()], 1)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits stacked in head order, (B, R)."""
         out = self(x)
