@@ -191,10 +191,13 @@ def test_two_step_model_with_detail_crops_end_to_end(tmp_path):
 
     output = tmp_path / "points.csv"
     summary = predict(compose_config("predict", [
-        f"ckpt_path={ckpt}", f"input={paths[0].parent}", f"output={output}", "num_workers=0",
-        f"paths.output_dir={tmp_path / 'predict'}",
+        f"ckpt_path={ckpt}", f"input={paths[0].parent}", f"output={output}",
+        f"paths.output_dir={tmp_path / 'predict'}", "accelerator=cpu",
     ]))  # fmt: skip
     assert summary["ok"] == len(list(paths[0].parent.glob("*.png")))
+    # readers and threads by the region task's rule (num_workers/torch_threads null = auto)
+    chosen = loader_threads(None, None)
+    assert (summary["num_workers"], summary["torch_threads"]) == chosen
     rows = {Path(r["path"]).name: r for r in csv.DictReader(output.open())}
     assert {"landmarks", "step1_landmarks"} <= set(next(iter(rows.values())))
     for k, path in enumerate(paths):
