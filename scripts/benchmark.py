@@ -37,6 +37,7 @@ script is its command line. Sections:
              boxes (task=boxes, vertebrae, not lesions) mAP@0.5, mAP@[.5:.95] and per-level
              AP; predict time per film; within --findings-minutes (regionnet/bench/findings.py)
 
+    python scripts/benchmark.py --render-only   # RESULTS.md again from results.json, no run
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
                                            # only the transfer section, into the existing results
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer --merge
@@ -147,6 +148,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(default: the accuracy section's; e.g. a 224 px model to measure at the study's size)",
     )
     p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: write RESULTS.md again from the existing results.json (after a "
+        "change to the report's wording)",
+    )
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep the sections of <out>/results.json that this run skips (each section "
@@ -193,7 +200,17 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    settings = settings_from(parse_args(argv), argv)
+    args = parse_args(argv)
+    if args.render_only:
+        import json
+
+        from regionnet.bench.report import markdown_report
+
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "RESULTS.md").write_text(markdown_report(results))
+        print(f"wrote {args.out / 'RESULTS.md'} from {args.out / 'results.json'}")
+        return 0
+    settings = settings_from(args, argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from regionnet.bench.run import run_benchmark

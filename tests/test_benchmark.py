@@ -244,6 +244,10 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     text = "\n".join(landmarks_markdown(res))
     assert "| step 1 | 2-step: its step 1 | 2-step: final |" in text
     assert "| 4.40 | 4.00 | 3.10 |" in text
+    assert "- Hands: more epochs and resolution mostly" in text  # no targets given: not met
+    res["targets"] = [{"key": "hand.two_step.test.mre_pct", "value": 1.0, "ci": None,
+                       "target": "≤ 2", "published": None, "met": True}]  # fmt: skip
+    assert "target is met by the two_step row" in "\n".join(landmarks_markdown(res))
     assert text.count("kept from an earlier run") == 2  # hand step1's line, the wall time
     # a two-step row trained alone starts from ImageNet: the kept step-1 file is elsewhere
     assert start_checkpoint(res, ("hand", "two_step")) is None
@@ -252,3 +256,16 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     fresh = {"hand": {"step1": {"checkpoint": str(best)}}}
     assert start_checkpoint(fresh, ("hand", "two_step")) == best
     assert start_checkpoint(fresh, ("hand", "step1")) is None
+
+
+def test_committed_results_md_is_what_the_report_makes_of_results_json(tmp_path):
+    """benchmarks/RESULTS.md is regenerated from benchmarks/results.json by the report code
+    (`--render-only`), so every committed number comes from the committed results and the
+    wording is the current code's: a stale RESULTS.md fails here."""
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.json").write_bytes((ROOT / "benchmarks" / "results.json").read_bytes())
+    cmd = [sys.executable, "scripts/benchmark.py", "--render-only", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    rendered = (out / "RESULTS.md").read_text()
+    assert rendered == (ROOT / "benchmarks" / "RESULTS.md").read_text()
