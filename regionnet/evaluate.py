@@ -254,24 +254,16 @@ def predictions_table(
     return table
 
 
-def test_predictions(trainer, model, datamodule, ckpt_path: str | None) -> pd.DataFrame | None:
-    """Per-image test-split probabilities of `ckpt_path` (all processes gathered): the columns
-    of `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
+def test_predictions(trainer, model, datamodule) -> pd.DataFrame | None:
+    """Per-image test-split probabilities of the model `trainer.test` just tested (its best
+    checkpoint; `HeadLoop.test_outputs`, every process's films): the columns of
+    `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
     Returned on rank 0, None on the other processes and without a test split."""
     frame = datamodule.split_frame("test")
-    if frame.empty:
+    if frame.empty or not trainer.is_global_zero:
         return None
-    loader = datamodule._loader(frame, train=False)
-    outputs = (
-        trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path, weights_only=True) or []
-    )
-    rows = [(p, q) for o in outputs for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]
-    if trainer.world_size > 1:
-        parts = [None] * trainer.world_size
-        torch.distributed.all_gather_object(parts, rows)
-        rows = [row for part in parts for row in part]
-    if not trainer.is_global_zero:
-        return None
+    rows = [(p, q) for o in model.test_outputs
+            for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]  # fmt: skip
     probs = dict(rows)
     kept = frame[frame["path"].isin(probs)].reset_index(drop=True)  # unreadable files dropped
     regions = list(model.regions)

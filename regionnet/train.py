@@ -110,8 +110,9 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         metrics.update(numbers(trainer.callback_metrics, ("test/", "external/")))
     predictions = None
     if cfg.get("test", True):
+        # from the test pass just run (HeadLoop.test_outputs): no second pass over the films
         tested = task_run.test_predictions if task_run else test_predictions
-        predictions = tested(trainer, model, dm, best)
+        predictions = tested(trainer, model, dm)
 
     if trainer.is_global_zero:
         if predictions is not None:

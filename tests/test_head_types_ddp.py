@@ -92,6 +92,10 @@ def test_ddp_runs_every_head_type_in_two_processes(ddp_runs, task, tmp_path):
         )
     )
     assert single["test/films"] == n_test
+    # test_predictions.csv holds every test film once: both processes' films, gathered
+    rows = pd.read_csv(run / "test_predictions.csv")
+    assert len(rows) == n_test and rows["path"].is_unique
+    assert set(rows["path"]) == set(split.loc[split["split"] == "test", "path"])
     for key in COMPARED[task]:
         assert reported[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
 

@@ -170,12 +170,13 @@ class BoxNet(HeadLoop):
         for films in self.films.values():
             films.clear()
 
-    def update_metrics(self, batch: dict, stage: str) -> None:
+    def update_metrics(self, batch: dict, stage: str) -> dict:
         found = self.detect(batch)
         truth = zip(batch["boxes_px"], batch["box_labels_px"], strict=True)
         for d, (b, c) in zip(found, truth, strict=True):
             pred = {k: d[k].detach().cpu() for k in ("boxes", "scores", "labels")}
             self.films[stage].append((pred, {"boxes": b.cpu(), "labels": c.cpu()}))
+        return self._outputs(batch, found)
 
     def end_stage(self, stage: str) -> dict[str, float]:
         films = gather_films(self.films[stage])  # every process, so every process scores all
@@ -195,8 +196,11 @@ class BoxNet(HeadLoop):
         """Boxes of a batch's readable films in their own pixels: "boxes", "scores", "labels":
         per film CPU tensors (N, 4), (N,), (N,) (labels 1..V, `box_names` order), "size"
         (B, 2); labelled batches also pass their truth on ("boxes_px", "box_labels_px")."""
-        found = self.detect(batch)
-        out = {key: [d[key].cpu() for d in found] for key in ("boxes", "scores", "labels")}
+        return self._outputs(batch, self.detect(batch))
+
+    def _outputs(self, batch: dict, found: list[dict[str, torch.Tensor]]) -> dict:
+        """`predict_batch`'s dict from `detect`'s output for the batch."""
+        out = {key: [d[key].detach().cpu() for d in found] for key in ("boxes", "scores", "labels")}
         out["size"] = batch["size"].cpu()
         for key in ("boxes_px", "box_labels_px"):
             if key in batch:

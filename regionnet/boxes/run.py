@@ -39,12 +39,13 @@ def found_at_50(boxes, labels, true_boxes, true_labels) -> int:
     return int(((iou >= 0.5) & same).any(1).sum())
 
 
-def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
-    """One row per readable test film (see the module docstring), from `ckpt_path`'s weights."""
-    outputs = trainer.predict(
-        model, dataloaders=dm.test_dataloader(), ckpt_path=ckpt_path, weights_only=True
-    )
-    return pd.DataFrame(prediction_rows(outputs or [], model.box_names))
+def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
+    """One row per readable test film (see the module docstring), from the test pass just
+    run (`HeadLoop.test_outputs`, every process's films); None off rank 0."""
+    if not trainer.is_global_zero:
+        return None
+    rows = prediction_rows(model.test_outputs, model.box_names)
+    return pd.DataFrame(rows).drop_duplicates("path") if rows else pd.DataFrame(rows)
 
 
 def prediction_rows(outputs, names) -> list[dict]:

@@ -345,7 +345,7 @@ class LandmarkNet(HeadLoop):
         for m in (*self.metrics.values(), *self.step1_metrics.values(), *self.losses.values()):
             m.reset()
 
-    def update_metrics(self, batch: dict, stage: str) -> None:
+    def update_metrics(self, batch: dict, stage: str) -> dict:
         out = self.infer(batch["image"], batch.get("detail"))
         self.losses[stage].update(self._loss(batch, train=False), weight=len(batch["image"]))
         cobb = batch.get("cobb")
@@ -355,6 +355,7 @@ class LandmarkNet(HeadLoop):
                 continue
             pred = self.to_original(out[key], batch["scale"], batch["offset"])
             metrics[stage].update(pred, batch["points_px"], batch["visible"], cobb, heights)
+        return self._outputs(batch, out)
 
     def end_stage(self, stage: str) -> dict[str, float]:
         metrics = self.metrics[stage]
@@ -374,8 +375,11 @@ class LandmarkNet(HeadLoop):
         float tensor, "step1_points" (the same as "points" without `refine`), "size" (B, 2)
         original width and height; labelled batches also pass their truth on ("points_px",
         "visible", "cobb")."""
+        return self._outputs(batch, self.infer(batch["image"], batch.get("detail")))
+
+    def _outputs(self, batch: dict, found: dict[str, torch.Tensor]) -> dict:
+        """`predict_batch`'s dict from `infer`'s output for the batch."""
         out = {}
-        found = self.infer(batch["image"], batch.get("detail"))
         for key, name in (("final", "points"), ("step1", "step1_points")):
             out[name] = self.to_original(found[key], batch["scale"], batch["offset"]).cpu()
         for key in ("size", "points_px", "visible", "cobb"):  # the truth, where a test has it

@@ -36,14 +36,17 @@ def points_json(points: np.ndarray) -> str:
     return json.dumps([[round(float(x), 1), round(float(y), 1)] for x, y in points])
 
 
-def test_predictions(trainer, model, dm, ckpt_path) -> pd.DataFrame:
-    """One row per readable test film (see the module docstring), from `ckpt_path`'s weights."""
-    outputs = trainer.predict(
-        model, dataloaders=dm.test_dataloader(), ckpt_path=ckpt_path, weights_only=True
-    )
-    rows = []
-    for out in outputs or []:
+def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
+    """One row per readable test film (see the module docstring), from the test pass just
+    run (`HeadLoop.test_outputs`, every process's films); None off rank 0."""
+    if not trainer.is_global_zero:
+        return None
+    rows, seen = [], set()
+    for out in model.test_outputs:
         for k, path in enumerate(out["path"]):
+            if path in seen:  # a film the distributed sampler gave two processes
+                continue
+            seen.add(path)
             pred = out["points"][k].numpy()
             height = float(out["size"][k][1])
             row = {"path": path, "landmarks": points_json(pred)}

@@ -8,7 +8,9 @@ optimizer; a head type gives only what differs between them:
 
 - `training_loss(batch)`: the loss of a batch, and named terms logged per epoch
   (`train/<name>`);
-- `update_metrics(batch, stage)`: one evaluated batch into its metrics;
+- `update_metrics(batch, stage)`: one evaluated batch into its metrics; it returns what
+  `predict_batch` would for the batch (from the same forward pass), which the loop keeps for
+  the test stage (`test_outputs`: the run's `test_predictions.csv`, without a second pass);
 - `end_stage(stage)`: the stage's metric values (`stage/metric[/name]`; none where no batch
   reached the stage), its metrics reset;
 - `predict_batch(batch)` / `empty_prediction()`: what predict returns for a batch's readable
@@ -63,12 +65,14 @@ class HeadLoop(L.LightningModule):
         super().__init__()
         # best-so-far of `monitor`, logged as `<monitor>_best` (sweeps read it)
         self.val_best = MaxMetric() if self.monitor_mode == "max" else MinMetric()
+        # the test stage's per-film outputs, every process's after the stage (`test_outputs`)
+        self._test_outputs: list[dict] = []
 
     # -- what a head type gives -------------------------------------------------------------
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def update_metrics(self, batch: dict, stage: str) -> None:
+    def update_metrics(self, batch: dict, stage: str) -> dict:
         raise NotImplementedError
 
     def end_stage(self, stage: str) -> dict[str, float]:
@@ -112,8 +116,11 @@ class HeadLoop(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._warn_errors(batch)
-        if "image" in batch:
-            self.update_metrics(batch, stage)
+        if "image" not in batch:
+            return
+        found = self.update_metrics(batch, stage)
+        if stage == "test":
+            self._test_outputs.append({"path": list(batch["path"]), **found})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -139,9 +146,24 @@ class HeadLoop(L.LightningModule):
             self.val_best.update(torch.tensor(values[self.monitor]))
             self.log(f"{self.monitor}_best", self.val_best.compute(), prog_bar=True)
 
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+
     def on_test_epoch_end(self) -> None:
         for stage in self.stages[1:]:  # a stage no batch reached gives no values
             self._log_stage(stage)
+        # every process's test films, on every process (a collective: all of them call it)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, self._test_outputs)
+            self._test_outputs = [out for part in parts for out in part]
+
+    @property
+    def test_outputs(self) -> list[dict]:
+        """The last test stage's outputs per batch, `predict_step`'s form ({"path": [...], ...}
+        of the readable films), gathered from every process; a film the distributed sampler
+        gave two processes appears twice (readers keep the first)."""
+        return self._test_outputs
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """{"path": [...] of the readable films, "errors": [(path, reason)]} and the head

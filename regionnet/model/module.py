@@ -342,7 +342,7 @@ class RegionNet(HeadLoop):
             for m in group.values():
                 m.reset()
 
-    def update_metrics(self, batch: dict, stage: str) -> None:
+    def update_metrics(self, batch: dict, stage: str) -> dict:
         logits, probs, _, finding_probs = self._infer_all(batch["image"])
         labels = batch["labels"]
         if self.findings and "finding_labels" in batch:
@@ -352,6 +352,10 @@ class RegionNet(HeadLoop):
         # it is the plain forward's, with or without tta
         loss = self._loss(logits, labels)
         self.metrics[stage].update(probs, labels, self.thresholds, loss)
+        found = {"probs": probs.detach().cpu()}  # predict_batch's, from this pass
+        if self.findings:
+            found["finding_probs"] = finding_probs.detach().cpu()
+        return found
 
     def _update_findings(self, stage: str, finding_probs: torch.Tensor, batch: dict) -> None:
         """Binary findings to `FindingMetrics`, ordinal ones to `OrdinalMetrics`."""
