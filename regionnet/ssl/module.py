@@ -108,7 +108,10 @@ class SelfSupervised(L.LightningModule):
                 self.criterion(p0.float(), t1.float()) + self.criterion(p1.float(), t0.float())
             )
             self.log("train/momentum", m, on_step=True, on_epoch=False)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        # as the supervised loop (regionnet.model.loop): not on the progress bar (a Python
+        # number, so a GPU sync, every step) and no all-reduce per step under DDP; the epoch
+        # value is this process's mean
+        self.log("train/loss", loss, on_step=True, on_epoch=True)
         return loss
 
     def configure_optimizers(self):
