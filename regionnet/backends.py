@@ -118,7 +118,7 @@ class OnnxRuntimeModule(L.LightningModule):
     ):
         super().__init__()
         ort = import_onnxruntime()
-        from regionnet.export import FINDING_OUTPUT, INPUT_NAME, OUTPUT_NAME
+        from regionnet.export import FINDING_OUTPUT, INPUT_NAME
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
@@ -126,7 +126,7 @@ class OnnxRuntimeModule(L.LightningModule):
             graph, sess_options=options, providers=["CPUExecutionProvider"]
         )
         self.regions, self.tta = list(regions), bool(tta)
-        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        self._input = INPUT_NAME
         outputs = [o.name for o in self.session.get_outputs()]
         self._findings = FINDING_OUTPUT in outputs
         # the finding declarations decode an ordinal head's cumulative outputs into grades
@@ -151,9 +151,6 @@ class OnnxRuntimeModule(L.LightningModule):
         findings = {f: model.hparams.findings[f] for f in getattr(model, "findings", [])}
         return cls(onnx_bytes(model), list(model.regions), tta, findings=findings)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self._output], {self._input: x})[0]
-
     def run_all(self, x: np.ndarray) -> list[torch.Tensor]:
         """[region probabilities (B, R), finding probabilities (B, P) where the graph has
         them], averaged with the flipped films' under `tta` before an ordinal head's grades
@@ -162,38 +159,24 @@ class OnnxRuntimeModule(L.LightningModule):
         if self.tta:
             flipped = self.session.run(None, {self._input: np.ascontiguousarray(x[..., ::-1])})
             out = [(a + torch.from_numpy(b).float()) / 2 for a, b in zip(out, flipped)]
-        if len(out) > 1:
+        if self._findings:
             out[1] = to_probs(out[1], self.findings)
         return out
 
     def proba(self, image: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(image.detach().cpu().float().numpy())
-        if self._findings:
-            return self.run_all(x)[0]
-        probs = torch.from_numpy(self.run(x)).float()
-        if self.tta:
-            flipped = torch.from_numpy(self.run(np.ascontiguousarray(x[..., ::-1]))).float()
-            probs = (probs + flipped) / 2
-        return probs
+        return self.run_all(np.ascontiguousarray(image.detach().cpu().float().numpy()))[0]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.proba(image)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         out = {"path": batch["path"], "errors": batch.get("errors", [])}
-        if not self._findings:
-            probs = (
-                self.proba(batch["image"])
-                if "image" in batch
-                else torch.empty(0, len(self.regions))
-            )
-            return {**out, "probs": probs}
         if "image" not in batch:
-            empty = torch.empty(0, len(self.regions)), torch.empty(0, int(self._width))
-            return {**out, "probs": empty[0], "finding_probs": empty[1]}
-        x = np.ascontiguousarray(batch["image"].detach().cpu().float().numpy())
-        probs, finding_probs = self.run_all(x)
-        return {**out, "probs": probs, "finding_probs": finding_probs}
+            found = [torch.empty(0, len(self.regions)), torch.empty(0, int(self._width))]
+        else:
+            found = self.run_all(np.ascontiguousarray(batch["image"].cpu().float().numpy()))
+        names = ("probs", "finding_probs") if self._findings else ("probs",)
+        return {**out, **dict(zip(names, found))}
 
 
 # -- an exported file: onnx_path= -----------------------------------------------------------
