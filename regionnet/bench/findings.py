@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from regionnet.bench.keys import flat_keys as numbered_keys
 from regionnet.bench.protocol import protocol_overrides, timed_evaluate
 from regionnet.bench.settings import QUICK_SIZE, BenchSettings, FineTune, log
 from regionnet.bench.timeline import Timeline, max_time
@@ -560,14 +561,7 @@ def flat_keys(res: dict, prefix: str = "findings") -> dict[str, object]:
     `findings.kl_grade.test_kappa_quadratic`, `findings.boxes.map_50`,
     `findings.boxes.per_level.L1.ap_50`, `findings.region_accuracy.paired.delta_test_auroc_mean`,
     `findings.predict.knee_oa.ms_per_film` (lists and texts left out)."""
-    out: dict[str, object] = {}
-    for key, value in res.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            out.update(flat_keys(value, name))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[name] = value
-    return out
+    return numbered_keys(res, prefix)
 
 
 # -- RESULTS.md ----------------------------------------------------------------------------------

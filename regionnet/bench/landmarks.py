@@ -38,6 +38,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from regionnet.bench.keys import flat_keys as numbered_keys
 from regionnet.bench.protocol import timed_evaluate
 from regionnet.bench.settings import BenchSettings, log
 from regionnet.bench.timeline import Timeline, max_time
@@ -396,14 +397,7 @@ def flat_keys(res: dict, prefix: str = "landmarks") -> dict[str, object]:
     """The section's figures under dotted names, e.g. `landmarks.spine.step1.test.
     err_x_median_pct`, `landmarks.spine.two_step.test.cobb_smape`,
     `landmarks.spine.step1.predict_films_per_s` (lists and texts left out)."""
-    out: dict[str, object] = {}
-    for key, value in res.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            out.update(flat_keys(value, name))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[name] = value
-    return out
+    return numbered_keys(res, prefix)
 
 
 # -- RESULTS.md ------------------------------------------------------------------------------
