@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
+from regionnet.callbacks import ImagesPerSecond
 
 
 def max_time(minutes: float) -> str:
@@ -14,31 +14,27 @@ def max_time(minutes: float) -> str:
     return f"{s // 86400:02d}:{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class Timeline(L.Callback):
+class Timeline(ImagesPerSecond):
     """Epochs reached, wall seconds and chosen validation figures after each validation pass
-    of the fit, and films per second in training batches (data loading counted)."""
+    of the fit, and films per second in training batches (data loading counted; the counting
+    is `ImagesPerSecond`'s, this process's films)."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
+        super().__init__()
         self.keys = keys
         self.start = 0.0
         self.points: list[dict] = []
-        self.films, self.seconds, self._mark = 0, 0.0, 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
         self.start = time.perf_counter()
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._mark = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self.seconds += now - self._mark
-        self._mark = now
-        self.films += len(batch["image"]) if "image" in batch else 0
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the run's own ImagesPerSecond logs train/images_per_s; this one only counts
 
     @property
     def films_per_s(self) -> float | None:
-        return self.films / self.seconds if self.seconds > 0 else None
+        return self.images / self.seconds if self.seconds > 0 else None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # the fit's passes only (train() validates the best checkpoint again afterwards)
