@@ -74,7 +74,7 @@ class ProbabilityModel(nn.Module):
         return torch.sigmoid(logits.float()), torch.sigmoid(finding_logits.float())
 
 
-def output_names(model: RegionNet) -> list[str]:
+def output_names(model: RegionNet | ProbabilityModel) -> list[str]:
     """The graph's outputs: `probs`, and `finding_probs` where the model has finding heads."""
     return [OUTPUT_NAME, FINDING_OUTPUT] if model.findings else [OUTPUT_NAME]
 
@@ -150,7 +150,7 @@ def finding_metadata(model: RegionNet) -> dict:
 def export_onnx(net: ProbabilityModel, example: torch.Tensor, output: Path, meta: dict, opset: int):
     """The graph: (B, 1, S, S) -> (B, R) region probabilities (and (B, P) finding
     probabilities with finding heads), a dynamic batch axis."""
-    names = [OUTPUT_NAME, FINDING_OUTPUT] if net.findings else [OUTPUT_NAME]
+    names = output_names(net)
     axes = {name: {0: "batch"} for name in (INPUT_NAME, *names)}
     export_graph(net, (example,), output, [INPUT_NAME], names, axes, opset)
     set_onnx_metadata(output, meta)
