@@ -55,6 +55,10 @@ class Prediction:
     A box model (`task=boxes`) fills `boxes`: a list of `{"label", "score", "box": [x1, y1,
     x2, y2]}` in the input image's pixels, best score first; the labels are vertebrae
     (T1..L5, `BoxPredictor.box_names`), not lesions. No probabilities, region None.
+
+    A composed model (`task=multi`: region heads with landmark and box parts on one backbone)
+    fills the region fields and, on films its parts apply to (`MultiPredictor`), `landmarks`,
+    `angles` and `boxes` from the same backbone pass.
     """
 
     probabilities: dict[str, float]
@@ -167,28 +171,20 @@ class RegionPredictor:
         size = max(1, int(batch_size))
         out: list[Prediction | None] = [None] * len(inputs)
         for start in range(0, len(inputs), size):
-            good, tensors = [], []
+            good, pixels = [], []
             for k in range(start, min(start + size, len(inputs))):
                 path = str(inputs[k]) if isinstance(inputs[k], str | Path) else None
                 try:
-                    path, pixels = self._load(inputs[k], k)
+                    path, image = self._load(inputs[k], k)
                 except RadiographReadError as e:
                     why = " ".join(e.reason.split())  # one line, as in the CLI's status
                     out[k] = Prediction({}, None, [], path, f"error: {why}", why)
                     continue
                 good.append((k, path))
-                tensors.append(self.transform(torch.from_numpy(pixels)[None]))
-            if not tensors:
+                pixels.append(image)
+            if not pixels:
                 continue
-            batch = torch.stack(tensors)
-            if self.finding_regions:
-                with torch.inference_mode():
-                    probs, found = self.model.inference_all(batch.to(self.device))
-                probs, found = probs.float().cpu().tolist(), found.float().cpu().tolist()
-            else:
-                probs = self.probabilities(batch).tolist()
-                found = [[] for _ in probs]
-            for (k, path), p, fp in zip(good, probs, found, strict=True):
+            for (k, path), (p, fp, parts) in zip(good, self._infer(pixels), strict=True):
                 region, above = decide(p, self._thresholds, self.regions)
                 findings, grades = self._findings(region, fp)
                 out[k] = Prediction(
@@ -198,8 +194,26 @@ class RegionPredictor:
                     path,
                     findings=findings,
                     grades=grades,
+                    **self._parts(region, parts),
                 )
         return out  # type: ignore[return-value]
+
+    def _infer(self, pixels: list[np.ndarray]) -> list[tuple[list, list, dict]]:
+        """Per film (region probabilities, finding probabilities, part results) of a batch of
+        read films (`_load`): one backbone pass (two with `tta`)."""
+        batch = torch.stack([self.transform(torch.from_numpy(p)[None]) for p in pixels])
+        if self.finding_regions:
+            with torch.inference_mode():
+                probs, found = self.model.inference_all(batch.to(self.device))
+            probs, found = probs.float().cpu().tolist(), found.float().cpu().tolist()
+        else:
+            probs = self.probabilities(batch).tolist()
+            found = [[] for _ in probs]
+        return [(p, fp, {}) for p, fp in zip(probs, found, strict=True)]
+
+    def _parts(self, region: str, parts: dict) -> dict:
+        """The `Prediction` fields of the part results of a film called `region`."""
+        return parts
 
     def predict_one(self, x: Input) -> Prediction:
         """The prediction for one path or array."""
@@ -291,6 +305,37 @@ class BoxPredictor(LandmarkPredictor):
         )
 
 
+class MultiPredictor(RegionPredictor):
+    """A composed model (`task=multi`): region heads (and finding heads) with landmark and box
+    parts on one backbone. `predict(inputs)` gives one `Prediction` per input from one pass:
+    `probabilities`, `region`, `findings` as a region model's, and `landmarks`/`angles` and
+    `boxes` (in the input's pixels) on films the parts apply to (films called the landmark
+    set's region, or `unknown` for a set of no region head such as spines; empty elsewhere)."""
+
+    def __init__(self, model, device: str | torch.device = "cpu", thresholds=None):
+        super().__init__(model, device, thresholds)
+        self.parts: tuple[str, ...] = tuple(model.parts)
+        self.landmark_names: tuple[str, ...] = tuple(model.landmark_names)
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiPredictor(regions={list(self.regions)}, parts={list(self.parts)}, "
+            f"backbone={self.model.hparams.backbone!r}, image_size={self.image_size}, "
+            f"device={self.device})"
+        )
+
+    def _load(self, x: Input, k: int) -> tuple[str | None, np.ndarray]:
+        return _read(x, k, self.image_size)  # full size: points and boxes in its pixels
+
+    def _infer(self, pixels: list[np.ndarray]) -> list[tuple[list, list, dict]]:
+        return importlib.import_module("regionnet.compose.infer").predict_arrays(self.model, pixels)
+
+    def _parts(self, region: str, parts: dict) -> dict:
+        return importlib.import_module("regionnet.compose.infer").keep_parts(
+            self.model, region, parts
+        )
+
+
 def _read(x: Input, k: int, size: int, target: int | None = None) -> tuple[str | None, np.ndarray]:
     """(path or None, float32 (H, W) pixels in [0, 1]) of a path or an in-memory image;
     `target`: a file is decoded at reduced size for `resize_pad(target)` (region models;
@@ -305,10 +350,11 @@ def load_model(
     device: str | torch.device = "cpu",
     thresholds: float | Sequence[float] | Mapping[str, float] | None = None,
     refine_detector: str | Path | None = None,
-) -> RegionPredictor | LandmarkPredictor | BoxPredictor:
+) -> RegionPredictor | LandmarkPredictor | BoxPredictor | MultiPredictor:
     """A `RegionPredictor` from a checkpoint written by `regionnet-train`, a
-    `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`) or a `BoxPredictor` for a
-    box checkpoint (`task=boxes`).
+    `LandmarkPredictor` for a landmark checkpoint (`task=landmarks`), a `BoxPredictor` for a
+    box checkpoint (`task=boxes`) or a `MultiPredictor` for region heads with landmark and box
+    parts (`task=multi`).
 
     `thresholds` overrides the saved per-head thresholds (one number, a list in head order,
     or a mapping region -> threshold); landmark and box models have none.
@@ -321,6 +367,12 @@ def load_model(
 
     path = Path(str(ckpt)).expanduser()
     task = checkpoint_task(path)
+    if task == "multi":
+        from regionnet.compose.infer import load_multi_model
+
+        if refine_detector:
+            raise ValueError(f"{path.name}: refine_detector is for two-step landmark models")
+        return MultiPredictor(load_multi_model(path, device), device, thresholds)
     if refine_detector and task != "landmarks":
         raise ValueError(f"{path.name}: refine_detector is for two-step landmark models")
     if task == "boxes":

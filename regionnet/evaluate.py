@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.boxes.evaluate import evaluate_boxes
+from regionnet.compose.evaluate import evaluate_multi
 from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.sources import finding_targets, label_columns
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
@@ -46,9 +47,9 @@ from regionnet.reporting import (
     auroc,
     bootstrap_auroc_ci,
     bootstrap_samples,
-    decide_all,
     plot_confusion,
     plot_roc,
+    predictions_table,
     resampling_unit,
     roc_points,
     stage_metrics,
@@ -239,41 +240,6 @@ def grade_metrics(stage: str, name: str, y: np.ndarray, probs: np.ndarray, group
     return out
 
 
-def predictions_table(
-    stage: str, records: pd.DataFrame, probs: np.ndarray, regions, thresholds
-) -> pd.DataFrame:
-    """One row per image: path, true region, p_<region> per head, decisions, provenance."""
-    table = pd.DataFrame({"path": records["path"], "true_region": records["region"]})
-    for k, r in enumerate(regions):
-        table[f"p_{r}"] = probs[:, k]
-    table["region"], table["regions"] = decide_all(probs, thresholds, regions)
-    split = records["split"].astype(str)
-    table["split"] = split.where(split != "", stage)  # external records carry no split
-    table["source"] = records["source"]
-    table["patient_id"] = records["patient_id"]
-    return table
-
-
-def test_predictions(trainer, model, datamodule) -> pd.DataFrame | None:
-    """Per-image test-split probabilities of the model `trainer.test` just tested (its best
-    checkpoint; `HeadLoop.test_outputs`, every process's films): the columns of
-    `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
-    Returned on rank 0, None on the other processes and without a test split."""
-    frame = datamodule.split_frame("test")
-    if frame.empty or not trainer.is_global_zero:
-        return None
-    rows = [(p, q) for o in model.test_outputs
-            for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]  # fmt: skip
-    probs = dict(rows)
-    kept = frame[frame["path"].isin(probs)].reset_index(drop=True)  # unreadable files dropped
-    regions = list(model.regions)
-    matrix = np.array([probs[p] for p in kept["path"]], dtype=float).reshape(-1, len(regions))
-    table = predictions_table("test", kept, matrix, regions, model.thresholds.tolist())
-    for column in label_columns(regions):
-        table[column] = kept[column].to_numpy()
-    return table
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """Evaluate `cfg.ckpt_path` as configured (conf/eval.yaml); return the metrics dict."""
     # landmark heads: regionnet/landmarks/evaluate.py (a missing file: the region path's error)
@@ -283,6 +249,8 @@ def evaluate(cfg: DictConfig) -> dict:
         return evaluate_landmarks(cfg, cfg.ckpt_path)
     if task == "boxes":
         return evaluate_boxes(cfg, cfg.ckpt_path)
+    if task == "multi":  # region heads with landmark/box parts: regionnet/compose/evaluate.py
+        return evaluate_multi(cfg, cfg.ckpt_path)
     out = Path(cfg.paths.output_dir)
     split = cfg.get("split", "test")
     if split not in SPLIT_CHOICES:

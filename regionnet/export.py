@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from regionnet.boxes.export import export_boxes
+from regionnet.compose.infer import load_multi_model
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.landmarks.export import export_landmarks
@@ -51,6 +52,8 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
 INPUT_NAME, OUTPUT_NAME = "image", "probs"
 #: the second output of a model with finding heads
 FINDING_OUTPUT = "finding_probs"
+#: the last output of a composed model with a landmark part (`task=multi`)
+LANDMARK_OUTPUT = "landmarks"
 
 
 class ProbabilityModel(nn.Module):
@@ -58,16 +61,27 @@ class ProbabilityModel(nn.Module):
     in head order and, with finding heads, (B, L) finding sigmoids from the same backbone
     pass: a binary finding's probability, an ordinal finding's G-1 cumulative P(grade > k)
     (`regionnet.model.ordinal.logit_slices`; grades decode outside the graph, as
-    `ordinal.to_probs` does: ONNX has no cumulative minimum). Plain so tracing does not touch
-    Lightning or torchmetrics; no test-time flip."""
+    `ordinal.to_probs` does: ONNX has no cumulative minimum). A composed model's landmark part
+    (`task=multi`) adds `landmarks` (B, K, 2), normalised input coordinates from the same pass
+    (`RegionClassifier.forward_maps`). Plain so tracing does not touch Lightning or
+    torchmetrics; no test-time flip."""
 
     def __init__(self, model: RegionNet):
         super().__init__()
         self.regions = list(model.regions)
         self.findings = {f: dict(model.hparams.findings[f]) for f in model.findings}
         self.net = model.net
+        self.landmarks = dict(getattr(model, "parts", {})).get("landmarks")
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.landmarks is not None:
+            found = bool(self.findings)
+            features, maps = self.net.forward_maps(image, self.landmarks.indices, found)
+            logits, finding_logits = self.net.logits_from(features)
+            coords, _ = self.landmarks(maps, image)
+            out = (torch.sigmoid(logits.float()),)
+            out += (torch.sigmoid(finding_logits.float()),) if found else ()
+            return (*out, coords.float())
         if not self.findings:
             return self.net.predict_proba(image)
         logits, finding_logits = self.net.all_logits(image)
@@ -75,8 +89,14 @@ class ProbabilityModel(nn.Module):
 
 
 def output_names(model: RegionNet | ProbabilityModel) -> list[str]:
-    """The graph's outputs: `probs`, and `finding_probs` where the model has finding heads."""
-    return [OUTPUT_NAME, FINDING_OUTPUT] if model.findings else [OUTPUT_NAME]
+    """The graph's outputs: `probs`, `finding_probs` where the model has finding heads, and
+    `landmarks` where it has a landmark part (`task=multi`)."""
+    names = [OUTPUT_NAME, FINDING_OUTPUT] if model.findings else [OUTPUT_NAME]
+    if isinstance(model, ProbabilityModel):
+        has_landmarks = model.landmarks is not None
+    else:
+        has_landmarks = "landmarks" in getattr(model, "parts", {})
+    return [*names, LANDMARK_OUTPUT] if has_landmarks else names
 
 
 def torch_outputs(model: RegionNet, x: torch.Tensor) -> list[np.ndarray]:
@@ -85,9 +105,10 @@ def torch_outputs(model: RegionNet, x: torch.Tensor) -> list[np.ndarray]:
     return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def load_checkpoint(path: str | Path) -> tuple[RegionNet, dict]:
-    """The model (eval, CPU) and the intensity normalisation it was trained with."""
-    model = load_regionnet(path)
+def load_checkpoint(path: str | Path, multi: bool = False) -> tuple[RegionNet, dict]:
+    """The model (eval, CPU) and the intensity normalisation it was trained with; `multi`: a
+    composed model (`task=multi`, a RegionNet with parts)."""
+    model = load_multi_model(path) if multi else load_regionnet(path)
     h = model.hparams
     return model, {"mean": float(h.get("mean", GRAY_MEAN)), "std": float(h.get("std", GRAY_STD))}
 
@@ -119,7 +140,51 @@ def metadata(model: RegionNet, norm: dict, fmt: str, output: Path, ckpt: Path) -
         "backbone": model.hparams.backbone,
         "shared_backbone": bool(model.hparams.shared_backbone),
         **finding_metadata(model),
+        **part_metadata(model),
     }
+
+
+def part_metadata(model: RegionNet) -> dict:
+    """A composed model's parts in the sidecar (`task=multi`): the landmark output's names,
+    frame and decoding, the films it applies to, and what the graph leaves out; nothing for
+    other models."""
+    parts = getattr(model, "parts", None)
+    if not parts:
+        return {}
+    h, size = model.hparams, int(model.hparams.image_size)
+    out: dict = {"task": "multi", "parts": list(parts)}
+    if "landmarks" in parts:
+        names = list(model.landmark_names)
+        out["landmarks"] = {
+            "names": names,
+            "skeleton": h.skeleton,
+            "dataset": h.dataset,
+            "output": {
+                "name": LANDMARK_OUTPUT,
+                "shape": ["batch", len(names), 2],
+                "dtype": "float32",
+            },  # fmt: skip
+            "decode": (
+                "[x, y] per landmark in normalised input coordinates, align_corners=False "
+                f"(-1 = the left/top edge of the {size} x {size} input, +1 = the right/bottom "
+                f"edge): x_in = (x + 1) * {size} / 2, then x_film = (x_in - offset_x) / "
+                "scale_x (and y alike) with the letterbox's scale and offset: scale = "
+                f"{size} / max(W, H) (per axis: the resized side / the film's side), offset = "
+                "the centring pad"
+            ),
+            "applies_to": (
+                f"films called {model.landmark_region}"
+                if model.landmark_region
+                else "films no region head calls (unknown): the landmark set has no region head"
+            ),
+        }
+    if "boxes" in parts:
+        out["not_exported"] = {
+            "boxes": "the box part: FCOS's decoding and NMS trace one image at a time, so this "
+            "batched graph leaves it out; regionnet-predict and regionnet.load_model give the "
+            "boxes (a task=boxes model exports with them)"
+        }
+    return out
 
 
 def finding_metadata(model: RegionNet) -> dict:
@@ -168,7 +233,7 @@ def file_model_id(path: Path, meta: dict) -> str:
     del graph.metadata_props[:]
     digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
     keys = ("regions", "thresholds", "image_size", "mean", "std")
-    keys += tuple(k for k in ("findings", "finding_thresholds") if k in meta)  # finding heads
+    keys += tuple(k for k in ("findings", "finding_thresholds", "landmarks") if k in meta)
     digest.update(json.dumps({k: meta.get(k) for k in keys}, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -261,8 +326,13 @@ def export(cfg: DictConfig) -> Path:
         return export_landmarks(cfg)
     if task == "boxes":
         return export_boxes(cfg)
+    if task == "multi" and (fmt != "onnx" or cfg.get("quantize")):
+        raise ValueError(
+            f"ckpt_path={cfg.ckpt_path}: a composed model (task=multi) exports to float32 ONNX "
+            "only: format=onnx, quantize=null"
+        )
     ckpt = Path(cfg.ckpt_path).expanduser()
-    model, norm = load_checkpoint(ckpt)
+    model, norm = load_checkpoint(ckpt, multi=task == "multi")
     output = Path(cfg.output).expanduser() if cfg.get("output") else ckpt.parent / FORMATS[fmt]
     output.parent.mkdir(parents=True, exist_ok=True)
     batch_size = int(cfg.get("batch_size", 2))

@@ -71,6 +71,7 @@ from regionnet.backends import (
 )
 from regionnet.boxes.infer import attach_detector, load_box_model
 from regionnet.boxes.predict import predict_boxes
+from regionnet.compose.infer import PartCells, load_multi_model
 from regionnet.data.dataset import (
     RadiographDataset,
     collate,
@@ -83,7 +84,8 @@ from regionnet.data.transforms import eval_transform
 from regionnet.decision import resolve_thresholds
 from regionnet.dicom_tags import body_part_mode, mirrored_path
 from regionnet.io import IMAGE_EXTENSIONS
-from regionnet.landmarks.infer import load_landmark_model
+from regionnet.landmarks.infer import LandmarkReader, load_landmark_model
+from regionnet.landmarks.infer import collate as landmark_collate
 from regionnet.landmarks.predict import predict_landmarks
 from regionnet.model.checkpoint import checkpoint_task
 from regionnet.model.identity import model_id
@@ -498,6 +500,16 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     ckpt = cfg.get("ckpt_path")
     task = checkpoint_task(ckpt) if ckpt and not cfg.get("onnx_path") else "regions"
     backend = backend_name(cfg.get("backend")) if task == "regions" else "torch"
+    if task == "multi" and backend_name(cfg.get("backend")) != "torch":
+        raise ValueError(
+            f"backend={cfg.get('backend')}: a model with landmark or box parts (task=multi) "
+            "runs on backend=torch only"
+        )
+    if task == "multi" and server is not None:
+        raise ValueError(
+            "input=dicomweb is for region models; give a model with landmark or box parts "
+            "(task=multi) files or a folder"
+        )
     # before any ONNX Runtime session is made: it takes torch's thread count. Every head type
     # reads with the same rule (regionnet.data.dataset.loader_threads)
     gpu = backend == "torch" and torch.cuda.is_available()
@@ -512,7 +524,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         threads,
         "s" * (threads != 1),
     )
-    if task != "regions":
+    if task in ("landmarks", "boxes"):
         # landmark or box heads: the same inputs, reader and predict loop, their own rows
         if server is not None:
             raise ValueError("input=dicomweb is for region models; give files or a folder")
@@ -536,7 +548,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         source = f"onnx_path={cfg.onnx_path}"
         log.info("backend=onnxruntime: %s (model %s) run on the CPU", cfg.onnx_path, mid)
     else:
-        model = load_checkpoint(cfg.ckpt_path)
+        model = load_multi_model(ckpt) if task == "multi" else load_checkpoint(cfg.ckpt_path)
         mid = model_id(model)  # before any precision or memory-format change
         runner, source = model, f"ckpt_path={cfg.ckpt_path}"
     if backend == "onnxruntime" and runner is model:  # exported: the same model_id
@@ -551,6 +563,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
     log.info("model %s: heads %s, thresholds %s", mid, regions, [round(t, 4) for t in thresholds])
     cams = CamMaker(cam_dir, root, int(model.hparams.image_size)) if cam_dir else None
     findings = finding_specs(model)
+    parts = PartCells(model) if task == "multi" else None
 
     resumed, state = 0, ResumeState()
     if output.exists():
@@ -562,6 +575,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
                 server is not None,
                 body_part=body_part_dir is not None,
                 findings=findings,
+                parts=parts.columns if parts is not None else (),
             )
             done = read_done(
                 output,
@@ -631,6 +645,7 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
         sr_store=sr_store,
         model_id=mid,
         findings=findings,
+        parts=parts,
     )
     seconds, clock = 0.0, StageClock()
     if paths:
@@ -650,6 +665,8 @@ def _predict(cfg: DictConfig, output: Path, resume: bool | str, callbacks) -> di
             )
             batch_size = int(web_cfg.get("batch_size") or batch_size)
             collate_fn = dicomweb_collate
+        elif parts is not None:  # full size, with each film's letterbox: points in its pixels
+            dataset, collate_fn = LandmarkReader(paths, model), landmark_collate
         else:
             dataset = RadiographDataset(
                 pd.DataFrame({"path": paths}),

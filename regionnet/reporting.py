@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import roc_curve
 from torchmetrics.functional.classification import binary_auroc
 
+from regionnet.data.sources import label_columns
 from regionnet.decision import decide
 from regionnet.regions import OTHER, UNKNOWN
 
@@ -292,3 +294,39 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def predictions_table(
+    stage: str, records: pd.DataFrame, probs: np.ndarray, regions, thresholds
+) -> pd.DataFrame:
+    """One row per image: path, true region, p_<region> per head, decisions, provenance."""
+    table = pd.DataFrame({"path": records["path"], "true_region": records["region"]})
+    for k, r in enumerate(regions):
+        table[f"p_{r}"] = probs[:, k]
+    table["region"], table["regions"] = decide_all(probs, thresholds, regions)
+    split = records["split"].astype(str)
+    table["split"] = split.where(split != "", stage)  # external records carry no split
+    table["source"] = records["source"]
+    table["patient_id"] = records["patient_id"]
+    return table
+
+
+def test_predictions(trainer, model, datamodule, split: str = "test") -> pd.DataFrame | None:
+    """Per-image test-split probabilities of the model `trainer.test` just tested (its best
+    checkpoint; `HeadLoop.test_outputs`, every process's films): the columns of
+    `regionnet-eval`'s predictions.csv plus the true label per head (`label_<region>`).
+    Returned on rank 0, None on the other processes and without a test split. `split`: the
+    records the test loader gave (a data module's `test_split`)."""
+    frame = datamodule.split_frame(split)
+    if frame.empty or not trainer.is_global_zero:
+        return None
+    rows = [(p, q) for o in model.test_outputs
+            for p, q in zip(o["path"], o["probs"].tolist(), strict=True)]  # fmt: skip
+    probs = dict(rows)
+    kept = frame[frame["path"].isin(probs)].reset_index(drop=True)  # unreadable files dropped
+    regions = list(model.regions)
+    matrix = np.array([probs[p] for p in kept["path"]], dtype=float).reshape(-1, len(regions))
+    table = predictions_table(split, kept, matrix, regions, model.thresholds.tolist())
+    for column in label_columns(regions):
+        table[column] = kept[column].to_numpy()
+    return table

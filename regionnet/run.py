@@ -64,6 +64,17 @@ def build_model(cfg: DictConfig, data):
     kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     target = kwargs.pop("_target_", "regionnet.model.module.RegionNet")
     cls = get_class(target)
+    multi = getattr(cls, "task", "regions") == "multi"
+    if multi or hasattr(data, "landmark_region"):
+        if not (multi and hasattr(data, "landmark_region")):
+            raise ValueError(
+                f"model._target_={target} and data={type(data).__name__} do not match: region "
+                "heads with landmark or box parts need region and landmark films; use task=multi "
+                "(it sets both)"
+            )
+        keys = ("landmark_names", "skeleton", "flip_pairs", "dataset", "landmark_region")
+        parts = {k: getattr(data, k) for k in keys}
+        return cls(regions=list(data.regions), box_names=data.box_names, **parts, **kwargs)
     if getattr(cls, "task", "regions") == "boxes" or hasattr(data, "box_names"):
         if not (getattr(cls, "task", "regions") == "boxes" and hasattr(data, "box_names")):
             raise ValueError(

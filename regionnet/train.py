@@ -1,5 +1,6 @@
 """`train(cfg)`: fit a model (region heads; landmark heads with `task=landmarks`; box heads
-with `task=boxes`), then validate and test its best checkpoint.
+with `task=boxes`; region heads with landmark and box parts on one backbone with
+`task=multi`), then validate and test its best checkpoint.
 
 Writes into the run directory (`paths.output_dir`, Hydra's run dir): `config.yaml`,
 `split.csv`, `checkpoints/best.ckpt` and `last.ckpt`, `metrics.json` (final val/test/external
@@ -20,8 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from regionnet.boxes import run as box_run
+from regionnet.compose import run as multi_run
 from regionnet.distributed import DistributedJob
-from regionnet.evaluate import test_predictions
 from regionnet.landmarks import run as landmark_run
 from regionnet.loggers import finish_wandb, loggable_config, wandb_summary
 from regionnet.model.checkpoint import (
@@ -31,6 +32,7 @@ from regionnet.model.checkpoint import (
     load_plain,
 )
 from regionnet.model_card import write_model_card
+from regionnet.reporting import test_predictions
 from regionnet.run import (
     build_datamodule,
     build_model,
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # each head type's outputs after a fit: test_predictions, write_model_card, print_summary
 # (the region task's are this module's own imports)
-TASK_RUNS = {"landmarks": landmark_run, "boxes": box_run}
+TASK_RUNS = {"landmarks": landmark_run, "boxes": box_run, "multi": multi_run}
 
 
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> dict[str, float]:
@@ -117,17 +119,17 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
     if trainer.is_global_zero:
         if predictions is not None:
             predictions.to_csv(out / "test_predictions.csv", index=False)
-        wandb_summary(loggers, metrics, predictions, [] if task_run else dm.regions)
+        wandb_summary(loggers, metrics, predictions, list(getattr(model, "regions", [])))
         if best is not None:
             strip_for_inference(Path(best))
-        # after the predictions: a run directory with metrics.json is finished (skip_if_done)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         card_dir = getattr(ckpt, "dirpath", None) or out / "checkpoints"
+        (task_run.write_model_card if task_run else write_model_card)(card_dir, model, dm, metrics)
+        # after the predictions and the card: a run directory with metrics.json is finished
+        # (skip_if_done), so a run that failed before them is trained again
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if task_run:
-            task_run.write_model_card(card_dir, model, dm, metrics)
-            task_run.print_summary(metrics)
+            task_run.print_summary(metrics, model)
         else:
-            write_model_card(card_dir, model, dm, metrics)
             print_summary(metrics, dm.regions, findings=list(getattr(model, "findings", [])))
         log.info("run directory: %s (best checkpoint: %s)", out, best)
     finish_wandb(loggers)

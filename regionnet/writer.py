@@ -20,6 +20,12 @@ lines when the file name ends in `.jsonl`. Columns, in order:
   ordinal finding (`grades`) has `p_<finding>_<grade>` per grade, its probability, and
   `<finding>`, the predicted grade (e.g. `KL2`: the median grade,
   `regionnet.model.ordinal.grade_of`), filled likewise;
+- with a composed model (`task=multi`: landmark and box parts on the region backbone):
+  `landmarks` (JSON [[x, y], ...] in the film's pixels, the landmark set's order; then `pt`,
+  `mt`, `tl` Cobb angles in degrees on spine sets) and `boxes` (JSON [{"label", "score",
+  "box": [x1, y1, x2, y2]}], vertebrae, not lesions), filled only on films the parts apply
+  to (called the landmark set's region, or `unknown` for a set of no region head), empty
+  otherwise (`regionnet.compose.infer.applies`);
 - with `audit=true`: `header_region`, `mismatch`, `study_uid`, `series_uid`, `sop_uid`
   (see `regionnet.dicom_tags`; empty for non-DICOM files and where not comparable; the UIDs
   are not repeated for `input=dicomweb`);
@@ -102,15 +108,18 @@ def prediction_columns(
     uids: bool = False,
     body_part: bool = False,
     findings: Sequence[str] | Mapping[str, tuple] = (),
+    parts: Sequence[str] = (),
 ) -> list[str]:
     """Output columns in order (see the module docstring); `uids` for `input=dicomweb`
     (with the `sr_status` column), `body_part` for `dicom.write_body_part`, `findings` the
-    finding heads' names, or `regionnet.predict.finding_specs` (needed for ordinal ones)."""
+    finding heads' names, or `regionnet.predict.finding_specs` (needed for ordinal ones),
+    `parts` a composed model's part columns (`regionnet.compose.infer.part_columns`)."""
     cols = ["path", *(UID_COLUMNS if uids else ())]
     cols += [*(f"p_{r}" for r in regions), "region", "regions", "status"]
     cols += ["sr_status"] if uids else []
     cols += CODE_COLUMNS
     cols += [c for f, spec in _finding_specs(findings).items() for c in finding_columns(f, spec)]
+    cols += list(parts)
     cols += [c for c in AUDIT_COLUMNS if c not in cols] if audit else []
     cols += [BODY_PART_COLUMN] if body_part else []
     return [*cols, MODEL_ID_COLUMN]
@@ -458,9 +467,12 @@ class PredictionWriter(BasePredictionWriter):
         sr_store=None,
         model_id: str = "",
         findings: dict[str, tuple[str, float | tuple]] | None = None,
+        parts=None,
     ):
         super().__init__(write_interval="batch")
         self.findings = dict(findings or {})
+        # a composed model's part columns: `columns`, `cells(prediction, k, region)`
+        self.parts = parts
         self.output = Path(output)
         self.regions = list(regions)
         self.thresholds = [float(t) for t in thresholds]
@@ -481,6 +493,7 @@ class PredictionWriter(BasePredictionWriter):
             uids,
             body_part=self.body_part_dir is not None,
             findings=self.findings,
+            parts=parts.columns if parts is not None else (),
         )
         self.jsonl = is_jsonl(self.output)
         self.counts: Counter[str] = Counter()
@@ -617,11 +630,13 @@ class PredictionWriter(BasePredictionWriter):
         only = self.cams.only if self.cams is not None else {}
         cam_items = [] if self.cams is not None else None
         rows = []
-        for p, pr, fp in zip(prediction["path"], probs, found, strict=True):
+        for k, (p, pr, fp) in enumerate(zip(prediction["path"], probs, found, strict=True)):
             if p in only:  # a row of an earlier run that has no map yet: the map only
                 cam_items.append((p, *only[p]))
                 continue
             rows.append(self.ok_row(p, pr, headers.get(p), cam_items, fp))
+            if self.parts is not None:
+                rows[-1].update(self.parts.cells(prediction, k, rows[-1]["region"]))
         if self.sr_store is not None:  # stored before the rows are written: sr_status is true
             datasets = batch.get("datasets", {}) if isinstance(batch, dict) else {}
             stored = self.sr_store.store(prediction["path"], probs, datasets)

@@ -1,9 +1,10 @@
-"""DDP for the landmark and box head types: `regionnet-train trainer=ddp_sim task=landmarks|boxes`
-runs two gloo processes on the CPU, both exit 0, rank 0 alone writes the run, and the test
-metrics synced across the processes (the landmark metrics' cat states, torchmetrics'
-MeanAveragePrecision) equal a one-process `regionnet-eval` of the same checkpoint on the same
-split: no film repeated or dropped by the samplers (odd split sizes), nothing lost in the sync.
-Tiny phantom spines (4 vertebrae, 64 px input, random resnet18, one epoch)."""
+"""DDP for the landmark, box and composed head types: `regionnet-train trainer=ddp_sim
+task=landmarks|boxes|multi` runs two gloo processes on the CPU, both exit 0, rank 0 alone
+writes the run, and the test metrics synced across the processes (the landmark metrics' cat
+states, torchmetrics' MeanAveragePrecision, the region metrics) equal a one-process
+`regionnet-eval` of the same checkpoint on the same split: no film repeated or dropped by the
+samplers (odd split sizes), nothing lost in the sync. Tiny phantom spines (4 vertebrae, 64 px
+input, random resnet18, one epoch), with region phantoms for the composed model."""
 
 from __future__ import annotations
 
@@ -29,15 +30,33 @@ COMMON = [
     "data.batch_size=4",
     "model.backbone=resnet18",
 ]
+# region heads with landmark and box parts (regionnet/compose): region phantoms and the same
+# synthetic spines, the spine keys under data.landmarks
+MULTI = [
+    "task=multi",
+    "data@data.regions=phantom",
+    "data.regions.phantom.per_region=5",  # odd test split (13 films with the spines)
+    "data.landmark_region=null",
+    "model.parts.landmarks.width=32",
+    "model.parts.boxes={width: 64}",
+    *(o.replace("data.", "data.landmarks.", 1) if o.startswith(("data.dataset", "data.phantom"))
+      else o for o in COMMON),
+]  # fmt: skip
 TASKS = {
-    "landmarks": ["task=landmarks", "model.head_width=32"],
-    "boxes": ["task=boxes", "model.fpn_width=64"],
+    "landmarks": ["task=landmarks", "model.head_width=32", *COMMON],
+    "boxes": ["task=boxes", "model.fpn_width=64", *COMMON],
+    "multi": MULTI,
 }
+CACHE = {"landmarks": "data.phantom.cache", "boxes": "data.phantom.cache",
+         "multi": "data.landmarks.phantom.cache"}  # fmt: skip
 # metrics.json keys a one-process evaluation gives too
 COMPARED = {
     "landmarks": ("test/mre_px", "test/mre_pct", "test/err_x_median_pct", "test/err_y_mean_pct"),
     "boxes": ("test/map", "test/map_50", "test/map_75"),
+    "multi": ("test/auroc_mean", "test/landmarks/mre_px", "test/boxes/map_50"),
 }
+# the evaluation's count of test films
+FILMS = {"landmarks": "test/films", "boxes": "test/films", "multi": "test/images"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +66,7 @@ def ddp_runs(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     procs = {}
     for task, extra in TASKS.items():
         run = cwd / task
-        args = [*COMMON, *extra, f"data.phantom.cache={cwd / 'phantoms'}", f"hydra.run.dir={run}"]
+        args = [*extra, f"{CACHE[task]}={cwd / 'phantoms'}", f"hydra.run.dir={run}"]
         procs[task] = (
             run,
             subprocess.Popen(
@@ -91,7 +110,7 @@ def test_ddp_runs_every_head_type_in_two_processes(ddp_runs, task, tmp_path):
             ],
         )
     )
-    assert single["test/films"] == n_test
+    assert single[FILMS[task]] == n_test
     # test_predictions.csv holds every test film once: both processes' films, gathered
     rows = pd.read_csv(run / "test_predictions.csv")
     assert len(rows) == n_test and rows["path"].is_unique

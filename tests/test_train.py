@@ -24,11 +24,14 @@ HEAD_TYPES = {
     ("task", "landmarks"): ("LandmarkDataModule", "LandmarkNet"),
     ("model", "fcos"): ("BoxDataModule", "BoxNet"),
     ("task", "boxes"): ("BoxDataModule", "BoxNet"),
+    ("data", "multi"): ("MultiDataModule", "MultiNet"),
+    ("task", "multi"): ("MultiDataModule", "MultiNet"),
 }
 REQUIRED = {
     ("data", "landmarks"): ["task=landmarks"],
     ("model", "dsnt"): ["task=landmarks"],
     ("model", "fcos"): ["task=boxes"],
+    ("data", "multi"): ["task=multi"],
     ("data", "folder"): ["data.root=/tmp"],
     ("data", "csv"): ["data.csv=/tmp/m.csv"],
     ("unlabeled", "folder"): ["data.root=/tmp"],

@@ -73,9 +73,9 @@ def level_order(name: str) -> tuple:
     return (rank, int(number) if number.isdigit() else 0, name)
 
 
-def print_summary(metrics: Mapping[str, float]) -> None:
+def print_summary(metrics: Mapping[str, float], model=None) -> None:
     """Vertebra mAP on the console: the summary figures, then AP per level; a column per
-    stage."""
+    stage. `model`: unused (`train` passes every head type its model)."""
     from rich.console import Console
     from rich.table import Table
 

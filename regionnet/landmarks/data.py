@@ -411,10 +411,14 @@ class LandmarkDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def read(self, path: str) -> np.ndarray:
+        """The film's pixels, float32 (H, W) in [0, 1] (`regionnet.io.read_radiograph`)."""
+        return read_radiograph(self.root / path)
+
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         try:
-            pixels = read_radiograph(self.root / path)
+            pixels = self.read(path)
         except RadiographReadError as e:
             log.warning("skipping unreadable landmark film: %s", e)
             return {"path": path, "index": i, "error": str(e.reason)}

@@ -47,11 +47,10 @@ from regionnet.boxes.infer import attach_detector
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import read_radiograph
 from regionnet.landmarks.data import LandmarkDataModule
-from regionnet.landmarks.infer import ANGLES, load_landmark_model
+from regionnet.landmarks.infer import ANGLES, load_landmark_model, points_json
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.overlay import draw_landmarks
 from regionnet.landmarks.report import landmark_report, plot_error_by_level
-from regionnet.landmarks.run import points_json
 from regionnet.reporting import resampling_unit
 from regionnet.run import build_datamodule, log_eval
 

@@ -12,7 +12,9 @@ step 2's crops) and that image average-pooled to the S x S input (`film_transfor
 
 from __future__ import annotations
 
+import json
 import pickle
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,6 +60,11 @@ def angles_of(points: np.ndarray, skeleton: str, height: float | None = None) ->
         return {}
     values = cobb_angles(np.asarray(points, dtype=np.float64)[None], height).reshape(-1)
     return {a: round(float(v), 2) for a, v in zip(ANGLES, values, strict=True)}
+
+
+def points_json(points: np.ndarray) -> str:
+    """[[x, y], ...] in pixels, 0.1 px: a CSV cell other tools read with json.loads."""
+    return json.dumps([[round(float(x), 1), round(float(y), 1)] for x, y in points])
 
 
 def detail_size_of(model) -> int | None:
@@ -113,20 +120,24 @@ class LandmarkReader(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
+        path, start = self.paths[i], time.perf_counter()
         try:
             pixels = load_image(path, phantom_size=self.size)
         except RadiographReadError as e:
-            return {"path": path, "error": " ".join(e.reason.split())}
-        return {"path": path, **prepare(pixels, self.transform, self.size, self.detail_size)}
+            took = time.perf_counter() - start
+            return {"path": path, "error": " ".join(e.reason.split()), "read_seconds": took}
+        found = prepare(pixels, self.transform, self.size, self.detail_size)
+        return {"path": path, **found, "read_seconds": time.perf_counter() - start}
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack readable films; unreadable ones go to `errors` as (path, reason) pairs."""
+    """Stack readable films; unreadable ones go to `errors` as (path, reason) pairs.
+    `read_seconds`: the reading time of all of them, summed (the predict clock's)."""
     good = [s for s in samples if "error" not in s]
     batch = {
         "path": [s["path"] for s in good],
         "errors": [(s["path"], s["error"]) for s in samples if "error" in s],
+        "read_seconds": float(sum(s.get("read_seconds", 0.0) for s in samples)),
     }
     if good:
         for key in ("image", "detail", "scale", "offset", "size"):

@@ -26,10 +26,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from regionnet.data.dataset import load_image
-from regionnet.landmarks.infer import ANGLES, LandmarkReader, angles_of, collate
+from regionnet.landmarks.infer import ANGLES, LandmarkReader, angles_of, collate, points_json
 from regionnet.landmarks.metrics import COBB_POINTS
 from regionnet.landmarks.overlay import draw_landmarks
-from regionnet.landmarks.run import points_json
 from regionnet.model.identity import model_id
 from regionnet.writer import csv_safe, is_jsonl
 

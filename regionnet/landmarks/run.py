@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 import regionnet
-from regionnet.landmarks.infer import ANGLES, angles_of
+from regionnet.landmarks.infer import ANGLES, angles_of, points_json
 
 REFERENCES = (
     "Cina et al., Scientific Reports 2021: 2-step deep learning model for landmarks "
@@ -29,11 +29,6 @@ REFERENCES = (
     "(DSNT).",
     "Wang et al., AASCE 2019 challenge: Cobb angles from vertebral corners, SMAPE.",
 )
-
-
-def points_json(points: np.ndarray) -> str:
-    """[[x, y], ...] in pixels, 0.1 px: a CSV cell other tools read with json.loads."""
-    return json.dumps([[round(float(x), 1), round(float(y), 1)] for x, y in points])
 
 
 def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
@@ -62,8 +57,9 @@ def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def print_summary(metrics: Mapping[str, float]) -> None:
-    """The landmark errors on the console: one row per figure, a column per stage."""
+def print_summary(metrics: Mapping[str, float], model=None) -> None:
+    """The landmark errors on the console: one row per figure, a column per stage.
+    `model`: unused (`train` passes every head type its model)."""
     from rich.console import Console
     from rich.table import Table
 

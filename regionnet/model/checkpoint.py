@@ -76,13 +76,16 @@ INFERENCE_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lig
 
 
 def checkpoint_task(path: str | Path) -> str:
-    """The head type a checkpoint holds, read once from its hyperparameters: "landmarks"
-    (`landmark_names`), "boxes" (`box_names`) or "regions" (anything else, and a path that is
-    no file: the region loader then names the problem)."""
+    """The head type a checkpoint holds, read once from its hyperparameters: "multi" (region
+    heads with landmark/box parts, `parts`), "landmarks" (`landmark_names`), "boxes"
+    (`box_names`) or "regions" (anything else, and a path that is no file: the region loader
+    then names the problem)."""
     path = Path(str(path)).expanduser()
     if not path.is_file():
         return "regions"
     hparams = load_plain(path).get("hyper_parameters") or {}
+    if "parts" in hparams:
+        return "multi"
     if "landmark_names" in hparams:
         return "landmarks"
     return "boxes" if "box_names" in hparams else "regions"

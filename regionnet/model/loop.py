@@ -65,8 +65,10 @@ class HeadLoop(L.LightningModule):
         super().__init__()
         # best-so-far of `monitor`, logged as `<monitor>_best` (sweeps read it)
         self.val_best = MaxMetric() if self.monitor_mode == "max" else MinMetric()
-        # the test stage's per-film outputs, every process's after the stage (`test_outputs`)
+        # the test stage's per-film outputs, every process's after the stage (`test_outputs`),
+        # and the test stages' unreadable films as (path, reason) (`test_errors`)
         self._test_outputs: list[dict] = []
+        self._test_errors: list[tuple[str, str]] = []
 
     # -- what a head type gives -------------------------------------------------------------
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -116,6 +118,8 @@ class HeadLoop(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._warn_errors(batch)
+        if stage != "val":  # a test stage's unreadable films, kept for its reports
+            self._test_errors += list(batch.get("errors", []))
         if "image" not in batch:
             return
         found = self.update_metrics(batch, stage)
@@ -147,7 +151,7 @@ class HeadLoop(L.LightningModule):
             self.log(f"{self.monitor}_best", self.val_best.compute(), prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
-        self._test_outputs = []
+        self._test_outputs, self._test_errors = [], []
 
     def on_test_epoch_end(self) -> None:
         for stage in self.stages[1:]:  # a stage no batch reached gives no values
@@ -155,8 +159,9 @@ class HeadLoop(L.LightningModule):
         # every process's test films, on every process (a collective: all of them call it)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             parts = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, self._test_outputs)
-            self._test_outputs = [out for part in parts for out in part]
+            torch.distributed.all_gather_object(parts, (self._test_outputs, self._test_errors))
+            self._test_outputs = [out for part, _ in parts for out in part]
+            self._test_errors = [e for _, part in parts for e in part]
 
     @property
     def test_outputs(self) -> list[dict]:
@@ -164,6 +169,11 @@ class HeadLoop(L.LightningModule):
         of the readable films), gathered from every process; a film the distributed sampler
         gave two processes appears twice (readers keep the first)."""
         return self._test_outputs
+
+    @property
+    def test_errors(self) -> list[tuple[str, str]]:
+        """The last test pass's unreadable films, (path, reason), from every process."""
+        return self._test_errors
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """{"path": [...] of the readable films, "errors": [(path, reason)]} and the head

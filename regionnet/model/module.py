@@ -48,7 +48,7 @@ from torch import nn
 from regionnet.data.sources import is_ordinal, validate_findings
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.io import INTENSITY
-from regionnet.model.checkpoint import refuse_file
+from regionnet.model.checkpoint import checkpoint_task, refuse_file
 from regionnet.model.loop import HeadLoop, check_intensity
 from regionnet.model.metrics import FindingMetrics, OrdinalMetrics, RegionMetrics
 from regionnet.model.net import RegionClassifier, build_region_classifier, legacy_state_dict
@@ -236,17 +236,23 @@ class RegionNet(HeadLoop):
         finding parts are (B, 0) without findings. Finding logits in the logit layout, finding
         probabilities in the probability layout (`regionnet.model.ordinal`): with `tta` the
         cumulative probabilities of an ordinal finding are averaged, then decoded per grade."""
-        if not self.findings:
-            logits, probs = self._infer(x)
-            return logits, probs, logits[:, :0], probs[:, :0]
         logits, finding_logits = self._all_logits(x)
+        probs, finding_probs = self._probs_from(x, logits, finding_logits)
+        return logits, probs, finding_logits, finding_probs
+
+    def _probs_from(
+        self, x: torch.Tensor, logits: torch.Tensor, finding_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region probabilities, finding probabilities) of `_all_logits(x)`'s logits; with
+        `tta` averaged with those of the flipped `x` (a second pass)."""
         probs, finding_probs = torch.sigmoid(logits.float()), torch.sigmoid(finding_logits.float())
         if self.hparams.get("tta", False):
             flipped, flipped_findings = self._all_logits(torch.flip(x, dims=(-1,)))
             probs = (probs + torch.sigmoid(flipped.float())) / 2
             finding_probs = (finding_probs + torch.sigmoid(flipped_findings.float())) / 2
-        finding_probs = to_probs(finding_probs, self.hparams.findings)
-        return logits, probs, finding_logits, finding_probs
+        if self.findings:
+            finding_probs = to_probs(finding_probs, self.hparams.findings)
+        return probs, finding_probs
 
     def _all_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Region logits (B, R) and finding logits (B, L) from one backbone pass: one column
@@ -325,12 +331,17 @@ class RegionNet(HeadLoop):
 
     # -- the head type's part of the loop (regionnet.model.loop) ---------------------------
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self._region_loss(batch, *self._all_logits(batch["image"]))
+
+    def _region_loss(
+        self, batch: dict, logits: torch.Tensor, finding_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The region loss (with the recipe's smoothing and `other` weight), plus
-        `finding_weight` x the finding heads' masked loss (`train/finding_loss`)."""
-        if not self.findings:
-            return self._loss(self.logits(batch["image"]), batch["labels"], train=True), {}
-        logits, finding_logits = self._all_logits(batch["image"])
+        `finding_weight` x the finding heads' masked loss (`train/finding_loss`), of a batch's
+        logits (`_all_logits`)."""
         loss = self._loss(logits, batch["labels"], train=True)
+        if not self.findings:
+            return loss, {}
         finding_loss = self.finding_loss(
             finding_logits, batch["finding_labels"], batch["finding_mask"]
         )
@@ -343,7 +354,13 @@ class RegionNet(HeadLoop):
                 m.reset()
 
     def update_metrics(self, batch: dict, stage: str) -> dict:
-        logits, probs, _, finding_probs = self._infer_all(batch["image"])
+        return self._update_from(batch, stage, *self._all_logits(batch["image"]))
+
+    def _update_from(
+        self, batch: dict, stage: str, logits: torch.Tensor, finding_logits: torch.Tensor
+    ) -> dict:
+        """`update_metrics` of a batch's logits (`_all_logits`)."""
+        probs, finding_probs = self._probs_from(batch["image"], logits, finding_logits)
         labels = batch["labels"]
         if self.findings and "finding_labels" in batch:
             self._update_findings(stage, finding_probs, batch)
@@ -539,7 +556,21 @@ def load_regionnet(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
     except Exception as e:  # torch/Lightning say "zip archive" or "KeyError"; name the file
         if "weights_only" in str(e):
             raise refuse_file(path, "ckpt_path", e) from None
+        if _task_of(path) == "multi":
+            raise ValueError(
+                f"ckpt_path={str(path)!r} holds region heads with landmark or box parts "
+                "(task=multi): load it with regionnet.load_model, regionnet-predict or "
+                "regionnet-eval"
+            ) from None
         raise ValueError(
             f"ckpt_path={str(path)!r} is not a RegionNet checkpoint ({type(e).__name__}: {e})"
         ) from e
     return model.to(device).eval()
+
+
+def _task_of(path: Path) -> str | None:
+    """`checkpoint_task`, None for a file that cannot be read at all."""
+    try:
+        return checkpoint_task(path)
+    except Exception:
+        return None

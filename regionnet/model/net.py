@@ -116,6 +116,27 @@ class RegionClassifier(nn.Module):
         by_backbone = {name: self.backbones[name](x) for name in names}
         return {h: by_backbone[self.backbone_of[h]] for h in heads}
 
+    def forward_maps(
+        self, x: torch.Tensor, indices: Sequence[int], findings: bool = False
+    ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        """`forward_features(x, findings)` and the shared backbone's feature maps at `indices`
+        (timm `feature_info` positions, e.g. the stride-8/16/32 stages) from the same single
+        pass (timm `forward_intermediates`, then its pooling `forward_head`: the same pooled
+        features as `forward_features`): what map-reading head types (landmarks, boxes,
+        `regionnet.compose`) read beside the region heads. Shared backbone only."""
+        if not self.shared or (findings and len(set(self.backbone_of.values())) > 1):
+            raise ValueError(
+                "feature maps for landmark or box heads come from one shared backbone: use "
+                "model.shared_backbone=true and model.finding_backbone=shared"
+            )
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        backbone = next(iter(self.backbones.values()))
+        final, maps = backbone.forward_intermediates(x, indices=list(indices))
+        pooled = backbone.forward_head(final)
+        heads = [*self.regions, *(self.finding_regions if findings else ())]
+        return dict.fromkeys(heads, pooled), dict(zip(indices, maps, strict=True))
+
     def forward_head(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logit (B,) per region from `forward_features`' output."""
         return {r: self.heads[r](features[r]).squeeze(1) for r in self.regions}
@@ -133,7 +154,10 @@ class RegionClassifier(nn.Module):
         """Region logits (B, R) in head order and finding logits (B, L) in finding order (one
         column per binary finding, G-1 per ordinal one) from one pass of each backbone; the
         finding part is (B, 0) without finding heads."""
-        features = self.forward_features(x, findings=bool(self.finding_regions))
+        return self.logits_from(self.forward_features(x, findings=bool(self.finding_regions)))
+
+    def logits_from(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`all_logits` from pooled features (`forward_features`, `forward_maps`)."""
         heads = self.forward_head(features)
         logits = torch.stack([heads[r] for r in self.regions], dim=1)
         if not self.finding_regions:
