@@ -36,6 +36,10 @@ script is its command line. Sections:
              the finding heads (task=regions, task=knee_oa alone, same budget); vertebra
              boxes (task=boxes, vertebrae, not lesions) mAP@0.5, mAP@[.5:.95] and per-level
              AP; predict time per film; within --findings-minutes (regionnet/bench/findings.py)
+  compose    region heads + hand landmarks as parts of one model (task=multi) against each
+             alone (task=regions, task=landmarks), same size and budget: region AUROC with and
+             without the part (paired), hand MRE alone and composed, time per film of one
+             composed model vs the two; within --compose-minutes (regionnet/bench/compose.py)
 
     python scripts/benchmark.py --render-only   # RESULTS.md again from results.json, no run
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
@@ -45,7 +49,9 @@ script is its command line. Sections:
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer findings \
         --merge --landmarks-rows hand.two_step  # one landmarks row, the others kept
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
-        --merge                            # only the findings section (about 40 min)
+        compose --merge                    # only the findings section (about 40 min)
+    python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
+        findings --merge                   # only the compose section (about 25 min)
 """
 
 from __future__ import annotations
@@ -141,6 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "28 %% per region run, 30 %% for the box run, 114 %% in all)",
     )
     p.add_argument(
+        "--compose-minutes",
+        type=float,
+        default=20.0,
+        help="compose section: the budget its three trainings' shares are taken of (minutes; "
+        "30 %% each)",
+    )
+    p.add_argument(
         "--predict-ckpt",
         type=Path,
         default=None,
@@ -191,6 +204,7 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
         landmarks_image_size=args.landmarks_image_size,
         landmarks_rows=tuple(args.landmarks_rows),
         findings_minutes=args.findings_minutes,
+        compose_minutes=args.compose_minutes,
         predict_ckpt=args.predict_ckpt,
         repo=ROOT,
         command=" ".join(["python", "scripts/benchmark.py", *argv]),

@@ -125,6 +125,14 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
     for h in tr["hand_across_sources"].values():  # test hands come from the other source only
         assert {k for k in h["hands"] if k.endswith("/test")} == {f"{h['test_source']}/test"}
     assert tr["cam_errors"] and all(c["bytes"] < 100_000 for c in tr["cam_errors"])
+    cp = results["compose"]  # region heads + hand landmarks as one model, and each alone
+    assert set(cp["runs"]) == {"regions", "landmarks", "multi"}
+    assert "task=multi" in cp["runs"]["multi"]["overrides"]
+    assert cp["region_accuracy"]["paired"]["paired_films"] > 0
+    assert cp["hand_landmarks"]["same_test_hands"]
+    assert cp["hand_landmarks"]["composed"]["films"] == cp["hand_landmarks"]["alone"]["films"]
+    assert cp["predict"]["multi"]["errors"] == 0 and cp["predict"]["composed_over_separate"] > 0
+    assert cp["predict"]["network"]["parts_params"] > 0
     report = (out / "RESULTS.md").read_text()
     for heading in (
         "## Accuracy on real radiographs",
@@ -133,6 +141,7 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
         "## Backbones",
         "## Self-supervised pretraining and the stronger recipe",
         "## Transfer learning",
+        "## Composed model",
     ):
         assert heading in report
     # committed reports name paths relative to the repository, data or output folder

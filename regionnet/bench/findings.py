@@ -162,29 +162,50 @@ def run_overrides(settings: BenchSettings, run: str, run_dir: Path) -> list[str]
 def train_run(settings: BenchSettings, run: str, root: Path) -> dict:
     """Train one run and evaluate its best checkpoint on its test patients."""
     run_dir = root / run
+    return train_and_evaluate(
+        settings, "findings", run, run_dir, run_overrides(settings, run, run_dir),
+        MONITORS[run], RUNS[run]["task"], run_minutes(settings, run), max_epochs(settings, run),
+    )  # fmt: skip
+
+
+def train_and_evaluate(
+    settings: BenchSettings,
+    section: str,
+    run: str,
+    run_dir: Path,
+    overrides: list[str],
+    monitors: tuple[str, ...],
+    task: str,
+    budget_minutes: float,
+    epochs: int,
+    mode: str = "max",
+) -> dict:
+    """`regionnet-train` with `overrides` into `run_dir` (afresh), then `regionnet-eval` of
+    its best checkpoint on the run's test patients: the run's record (epochs, time, the
+    checkpoint's epoch by `monitors[0]`, higher better or, `mode="min"`, lower, ...) and,
+    under `_result`, the evaluation."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a rerun trains afresh (skip_if_done)
-    overrides = run_overrides(settings, run, run_dir)
-    log(f"findings: {run}: regionnet-train {' '.join(overrides)}")
-    timeline = Timeline(MONITORS[run])
+    log(f"{section}: {run}: regionnet-train {' '.join(overrides)}")
+    timeline = Timeline(monitors)
     start = time.perf_counter()
     metrics = train(compose_config("train", overrides), extra_callbacks=[timeline])
     train_s = time.perf_counter() - start
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     eval_over = ["bootstrap.resamples=100"] if settings.quick else []
     result, eval_s = timed_evaluate(ckpt, run_dir / "eval", eval_over, settings.num_workers)
-    monitor = MONITORS[run][0]
+    monitor = monitors[0]
     scores = [p.get(monitor) for p in timeline.points]
     picked = None
-    if any(s is not None for s in scores):  # ModelCheckpoint keeps the first best (strict >)
-        best = max(s for s in scores if s is not None)
+    if any(s is not None for s in scores):  # ModelCheckpoint keeps the first best (strict)
+        best = (max if mode == "max" else min)(s for s in scores if s is not None)
         picked = timeline.points[scores.index(best)]["epoch"]
     out = {
-        "task": RUNS[run]["task"],
+        "task": task,
         "overrides": overrides,
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),
-        "budget_minutes": round(run_minutes(settings, run), 2),
-        "max_epochs": max_epochs(settings, run),
+        "budget_minutes": round(budget_minutes, 2),
+        "max_epochs": epochs,
         "epochs": timeline.points[-1]["epoch"] if timeline.points else 0,
         "checkpoint_epoch": picked,
         "checkpoint_monitor": monitor,
@@ -195,7 +216,7 @@ def train_run(settings: BenchSettings, run: str, root: Path) -> dict:
         "eval_seconds": round(eval_s, 1),
     }
     log(
-        f"findings: {run}: {out['epochs']} epochs in {train_s / 60:.1f} min, checkpoint of "
+        f"{section}: {run}: {out['epochs']} epochs in {train_s / 60:.1f} min, checkpoint of "
         f"epoch {picked} ({monitor})"
     )
     return out | {"_result": result}

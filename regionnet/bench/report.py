@@ -633,6 +633,10 @@ def markdown_report(res: dict) -> str:
         from regionnet.bench.findings import findings_markdown
 
         lines += findings_markdown(res["findings"])
+    if "compose" in res:
+        from regionnet.bench.compose import compose_markdown
+
+        lines += compose_markdown(res["compose"])
     if "speed" in res:
         lines += _speed(res["speed"])
     if "scaling" in res:

@@ -87,9 +87,10 @@ def written_checkpoints(results: dict, settings: BenchSettings) -> list[str]:
         lm = results["landmarks"]
         paths += [r["checkpoint"] for g in ("spine", "hand") for r in lm.get(g, {}).values()
                   if "checkpoint" in r]  # fmt: skip
-    if settings.runs("findings") and "findings" in results:
-        paths += [r["checkpoint"] for r in results["findings"].get("runs", {}).values()
-                  if "checkpoint" in r]  # fmt: skip
+    for section in ("findings", "compose"):
+        if settings.runs(section) and section in results:
+            paths += [r["checkpoint"] for r in results[section].get("runs", {}).values()
+                      if "checkpoint" in r]  # fmt: skip
     return [p for p in paths if Path(p).is_file()]
 
 
@@ -159,6 +160,12 @@ def _findings(settings: BenchSettings) -> dict:
     from regionnet.bench.findings import findings_section
 
     return findings_section(settings)
+
+
+def _compose(settings: BenchSettings) -> dict:
+    from regionnet.bench.compose import compose_section
+
+    return compose_section(settings)
 
 
 def _run_benchmark(settings: BenchSettings) -> dict:
@@ -240,6 +247,7 @@ def _run_benchmark(settings: BenchSettings) -> dict:
         "transfer": transfer_section,
         "landmarks": _landmarks,
         "findings": _findings,
+        "compose": _compose,
         # timing sections last: they want a quiet machine, the training sections do not mind
         "speed": speed,
         "scaling": scaling,

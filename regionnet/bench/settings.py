@@ -17,6 +17,7 @@ SECTIONS = (
     "transfer",
     "landmarks",
     "findings",
+    "compose",
 )
 #: input size (px) of every training with `--quick`: a smoke test, no meaningful number
 QUICK_SIZE = 32
@@ -80,6 +81,9 @@ class BenchSettings:
     #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
     #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
     findings_minutes: float = 25.0
+    #: the compose section (issues 17, 18): the budget its three trainings' shares are taken
+    #: of (min; 30 % each: regionnet.bench.compose.RUNS)
+    compose_minutes: float = 20.0
     #: the checkpoint of the speed section's end-to-end predict and int8 figures; None: the
     #: accuracy section's (measured only when that section runs)
     predict_ckpt: Path | None = None
@@ -105,6 +109,7 @@ class BenchSettings:
             landmarks_minutes=1.0,
             landmarks_image_size=QUICK_SIZE,
             findings_minutes=1.0,
+            compose_minutes=1.0,
         )
 
     def runs(self, section: str) -> bool:
