@@ -51,7 +51,7 @@ script is its command line. Sections:
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
         compose --merge                    # only the findings section (about 40 min)
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl transfer landmarks \
-        findings --merge                   # only the compose section (about 25 min)
+        findings --merge                   # only the compose section (about 30 min)
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--compose-minutes",
         type=float,
-        default=20.0,
+        default=24.0,
         help="compose section: the budget its three trainings' shares are taken of (minutes; "
         "30 %% each)",
     )

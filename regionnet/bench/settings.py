@@ -83,7 +83,7 @@ class BenchSettings:
     findings_minutes: float = 25.0
     #: the compose section (issues 17, 18): the budget its three trainings' shares are taken
     #: of (min; 30 % each: regionnet.bench.compose.RUNS)
-    compose_minutes: float = 20.0
+    compose_minutes: float = 24.0
     #: the checkpoint of the speed section's end-to-end predict and int8 figures; None: the
     #: accuracy section's (measured only when that section runs)
     predict_ckpt: Path | None = None
