@@ -55,7 +55,7 @@ from regionnet.reporting import (
     stage_metrics,
 )
 from regionnet.reporting import confusion as confusion_block
-from regionnet.run import build_datamodule, log_eval, print_summary
+from regionnet.run import build_datamodule, eval_trainer, log_eval, print_summary
 
 log = logging.getLogger(__name__)
 
@@ -265,13 +265,7 @@ def evaluate(cfg: DictConfig) -> dict:
     frames = stage_frames(dm, split)
     out.mkdir(parents=True, exist_ok=True)
 
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = eval_trainer(cfg, out)
     boot = cfg.get("bootstrap") or {}
     boot = {"resamples": 1000, "seed": 0, "ci": 0.95, **boot}
     result: dict = {

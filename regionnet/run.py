@@ -188,6 +188,18 @@ def prepare_run(cfg: DictConfig) -> Path:
     return out
 
 
+def eval_trainer(cfg: DictConfig, out: Path) -> L.Trainer:
+    """The Trainer of `regionnet-eval` (every head type): `cfg.trainer`'s settings, no logger,
+    no checkpoints, no model summary, its files under `out`."""
+    return L.Trainer(
+        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+
+
 def log_eval(cfg: DictConfig, result: dict, figures: dict, predictions) -> None:
     """An evaluation's results to every logger of `cfg.logger` (regionnet-eval, any head
     type): the numeric `stage/...` values as metrics; with W&B also the figures ({name: PNG

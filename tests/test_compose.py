@@ -91,6 +91,21 @@ def test_one_backbone_pass_gives_the_region_logits_and_every_parts_output():
     assert len(found["boxes"]) == 2 and found["has_points"].tolist() == [True, False]
 
 
+def test_finding_heads_read_the_same_pass_as_the_region_heads_and_the_parts():
+    knee_oa = {"region": "knee", "from": "finding", "positive": ["KL2", "KL3", "KL4"]}
+    net = tiny_net(findings={"knee_oa": knee_oa}).train()
+    batch = batch_of(3, [True, False, False])
+    batch["finding_labels"] = torch.tensor([[0.0], [1.0], [0.0]])
+    batch["finding_mask"] = torch.tensor([[False], [True], [False]])  # one knee film labelled
+    loss, terms = net.training_loss(batch)
+    assert {"finding_loss", "loss_regions", "loss_landmarks", "loss_boxes"} <= set(terms)
+    with torch.no_grad():
+        _, finding_logits, _ = net.eval().forward_all(batch["image"])
+        assert finding_logits.shape == (3, 1)
+        found = net.predict_batch(batch)
+    assert found["finding_probs"].shape == (3, 1) and found["points"].shape[0] == 3
+
+
 def test_a_film_without_points_gives_the_parts_no_loss_and_no_gradient():
     net = tiny_net().train()
     batch = batch_of(2, [False, False])
@@ -230,9 +245,10 @@ def test_one_run_trains_region_heads_landmarks_and_boxes_on_one_backbone(trained
     rows = list(csv.DictReader((out / "test_predictions.csv").open()))
     assert len(rows) == len(dm.split_frame("test"))
     assert {"p_knee", "region", "landmarks", "boxes", "mre_px"} <= set(rows[0])
-    for r in rows:  # the parts' cells only on films they apply to: here films called unknown
-        assert bool(r["landmarks"]) == (r["region"] == "unknown"), r
-        assert bool(r["mre_px"]) == r["path"].endswith(".png")  # the spines have truth
+    for r in rows:  # the parts' cells on the spines (the films with truth) called unknown
+        spine = r["path"].endswith(".png")  # region phantoms are phantom:// records
+        assert bool(r["landmarks"]) == (spine and r["region"] == "unknown"), r
+        assert bool(r["mre_px"]) == spine
 
 
 def test_the_python_api_gives_regions_and_the_parts_from_one_model(trained, tmp_path):

@@ -281,17 +281,10 @@ def flat_keys(res: dict, prefix: str = "compose") -> dict[str, object]:
 
 
 # -- RESULTS.md ----------------------------------------------------------------------------------
-def _v(x, nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _ci(ci, nd: int = 3) -> str:
-    return f" [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]" if ci else ""
-
-
 def compose_markdown(cd: dict) -> list[str]:
     """The "Composed model" section of RESULTS.md."""
-    from regionnet.bench.findings import _run_line
+    from regionnet.bench.findings import _ci_text as _ci
+    from regionnet.bench.findings import _run_line, _v
 
     lines = ["## Composed model (issues 17, 18): region heads + hand landmarks, one backbone", ""]
     if "skipped" in cd:

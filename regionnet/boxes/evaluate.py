@@ -27,7 +27,6 @@ import logging
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +37,7 @@ from regionnet.boxes.module import box_metric, map_values
 from regionnet.boxes.run import prediction_rows
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD
 from regionnet.landmarks.data import LandmarkDataModule
-from regionnet.run import build_datamodule, log_eval
+from regionnet.run import build_datamodule, eval_trainer, log_eval
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +118,7 @@ def evaluate_boxes(cfg: DictConfig, ckpt_path: str | Path) -> dict:
         log.warning("data.dataset=phantom: SYNTHETIC films; these numbers are no clinical evidence")
     frame = dm.records if split == "all" else dm.split_frame(split)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = eval_trainer(cfg, out)
     start = time.perf_counter()
     outputs = trainer.predict(model, dataloaders=dm._loader(frame, train=False)) or []
     seconds = time.perf_counter() - start

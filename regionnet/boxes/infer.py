@@ -10,7 +10,6 @@ given (0.1 px), best score first.
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from regionnet.data.transforms import eval_transform
 from regionnet.landmarks.infer import collate, prepare
-from regionnet.model.checkpoint import checkpoint_task, refuse_file
+from regionnet.model.checkpoint import checkpoint_task, load_module
 
 
 def is_box_checkpoint(path: str | Path) -> bool:
@@ -31,14 +30,7 @@ def load_box_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
     """A trained `BoxNet` in eval mode on `device`; read with `weights_only=True`."""
     from regionnet.boxes.module import BoxNet
 
-    path = Path(str(ckpt_path)).expanduser()
-    try:
-        model = BoxNet.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
-        )
-    except pickle.UnpicklingError as e:
-        raise refuse_file(path, "ckpt_path", e) from None
-    return model.to(device).eval()
+    return load_module(BoxNet, ckpt_path, device)
 
 
 def attach_detector(landmark_model, box_ckpt: str | Path | None):

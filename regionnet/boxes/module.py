@@ -66,6 +66,38 @@ def gather_films(items: list) -> list:
     return [x for part in parts for x in part]
 
 
+def to_film_pixels(found: list[dict], batch: dict) -> list[dict]:
+    """A detector's per-film boxes (input pixels) mapped through each film's letterbox
+    (`scale`, `offset`) to its own pixels and clamped to it (`size`; a box may reach into the
+    letterbox's pad), in place; returns `found`."""
+    for k, d in enumerate(found):
+        boxes = boxes_to_original(d["boxes"], batch["scale"][k], batch["offset"][k])
+        if "size" in batch:
+            w, h = (float(v) for v in batch["size"][k])
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        d["boxes"] = boxes
+    return found
+
+
+def score_films(
+    films: list, metric, metric_50, names: Sequence[str], stage: str
+) -> dict[str, float]:
+    """`map_values` of a stage's (prediction, truth) per film, every process's
+    (`gather_films`: each process scores them all); the metrics reset after; {} without
+    films."""
+    films = gather_films(films)
+    if not films:
+        return {}
+    preds, targets = [p for p, _ in films], [t for _, t in films]
+    for m in (metric, metric_50):
+        m.update(preds, targets)
+    values = map_values(metric.compute(), metric_50.compute(), names, stage)
+    metric.reset()
+    metric_50.reset()
+    return values
+
+
 def boxes_to_original(boxes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
     """Input-pixel boxes (N, 4) of one film -> its own pixels, through the letterbox's
     per-axis `scale` (2,) and `offset` (2,) (`regionnet.landmarks.coords`)."""
@@ -146,15 +178,7 @@ class BoxNet(HeadLoop):
 
     def detect(self, batch: dict) -> list[dict[str, torch.Tensor]]:
         """`forward` of a batch's films with the boxes in each film's own pixels."""
-        found = self.net(batch["image"])
-        for k, d in enumerate(found):
-            boxes = boxes_to_original(d["boxes"], batch["scale"][k], batch["offset"][k])
-            w, h = (float(v) for v in batch["size"][k]) if "size" in batch else (None, None)
-            if w is not None:  # within the film (a box may reach into the letterbox's pad)
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            d["boxes"] = boxes
-        return found
+        return to_film_pixels(self.net(batch["image"]), batch)
 
     # -- the head type's part of the loop (regionnet.model.loop) ---------------------------
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -179,18 +203,9 @@ class BoxNet(HeadLoop):
         return self._outputs(batch, found)
 
     def end_stage(self, stage: str) -> dict[str, float]:
-        films = gather_films(self.films[stage])  # every process, so every process scores all
-        self.films[stage] = []
-        if not films:
-            return {}
-        metric, metric_50 = self.metrics[stage], self.metrics_50[stage]
-        preds, targets = [p for p, _ in films], [t for _, t in films]
-        for m in (metric, metric_50):
-            m.update(preds, targets)
-        values = map_values(metric.compute(), metric_50.compute(), self.box_names, stage)
-        metric.reset()
-        metric_50.reset()
-        return values  # the same on every process
+        films, self.films[stage] = self.films[stage], []
+        metrics = (self.metrics[stage], self.metrics_50[stage])
+        return score_films(films, *metrics, self.box_names, stage)  # the same on every process
 
     def predict_batch(self, batch: dict) -> dict:
         """Boxes of a batch's readable films in their own pixels: "boxes", "scores", "labels":

@@ -65,8 +65,14 @@ class MultiDataset(LandmarkDataset):
         self.finding_mask = torch.isfinite(targets)
         self.finding_labels = torch.nan_to_num(targets, nan=0.0)
 
-    def read(self, path: str) -> np.ndarray:
-        return load_image(path, phantom_size=self.size)  # phantom:// region films too
+    def read(self, i: int) -> np.ndarray:
+        """Film `i`'s pixels (phantom:// region films too): a landmark film at full size (its
+        points are in its pixels), a film without points decoded at reduced size for the
+        input, as the region task reads it (`regionnet.io.read_radiograph(target=)`: several
+        times faster on large films). Its `scale`, `offset` and `size` are then those of the
+        reduced image: no point of it is scored."""
+        target = None if self.has_points[i] else self.size
+        return load_image(self.paths[i], phantom_size=self.size, target=target)
 
     def __getitem__(self, i: int) -> dict:
         sample = super().__getitem__(i)

@@ -20,20 +20,19 @@ import json
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from regionnet.boxes.module import box_metric, map_values
+from regionnet.boxes.module import box_metric, score_films
 from regionnet.compose.infer import load_multi_model
 from regionnet.compose.run import print_summary, test_predictions
 from regionnet.data.sources import label_columns
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.report import landmark_report
 from regionnet.reporting import resampling_unit, stage_metrics
-from regionnet.run import build_datamodule, log_eval
+from regionnet.run import build_datamodule, eval_trainer, log_eval
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +73,7 @@ def evaluate_multi(cfg: DictConfig, ckpt_path: str | Path) -> dict:
     dm.setup()
     dm.test_split = split
     out.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = eval_trainer(cfg, out)
     trainer.test(model, datamodule=dm, verbose=False)
     boot = {"resamples": 1000, "seed": 0, "ci": 0.95, **(cfg.get("bootstrap") or {})}
     table = test_predictions(trainer, model, dm)
@@ -172,10 +165,11 @@ def _box_metrics(model, films: dict, split: str) -> dict:
     if not own or "boxes_px" not in films:
         return {}
     keys = ("boxes", "scores", "labels")
-    preds = [{key: films[key][k] for key in keys} for k in own]
-    truth = [{"boxes": films["boxes_px"][k], "labels": films["box_labels_px"][k]} for k in own]
-    metric, metric_50 = box_metric(), box_metric([0.5])
-    for m in (metric, metric_50):
-        m.update(preds, truth)
-    values = map_values(metric.compute(), metric_50.compute(), model.parts["boxes"].names, split)
+    pairs = [
+        ({key: films[key][k] for key in keys},
+         {"boxes": films["boxes_px"][k], "labels": films["box_labels_px"][k]})
+        for k in own
+    ]  # fmt: skip
+    names = model.parts["boxes"].names
+    values = score_films(pairs, box_metric(), box_metric([0.5]), names, split)
     return {k.replace(f"{split}/", f"{split}/boxes/", 1): v for k, v in values.items()}

@@ -11,7 +11,6 @@ predict_batch`). A part's outputs are given only on films it applies to
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from regionnet.landmarks.infer import (
     points_json,
     prepare,
 )
-from regionnet.model.checkpoint import refuse_file
+from regionnet.model.checkpoint import load_module
 from regionnet.regions import UNKNOWN
 
 
@@ -59,14 +58,7 @@ def load_multi_model(ckpt_path: str | Path, device: str | torch.device = "cpu"):
     """A trained `MultiNet` in eval mode on `device`; read with `weights_only=True`."""
     from regionnet.compose.module import MultiNet
 
-    path = Path(str(ckpt_path)).expanduser()
-    try:
-        model = MultiNet.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
-        )
-    except pickle.UnpicklingError as e:
-        raise refuse_file(path, "ckpt_path", e) from None
-    return model.to(device).eval()
+    return load_module(MultiNet, ckpt_path, device)
 
 
 def part_columns(model) -> list[str]:

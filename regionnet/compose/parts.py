@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
 from regionnet.boxes.model import box_feature_indices, box_fpn, fcos_detector
-from regionnet.boxes.module import box_metric, boxes_to_original, gather_films, map_values
+from regionnet.boxes.module import box_metric, score_films, to_film_pixels
 from regionnet.landmarks.coords import from_normalised, to_original
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.model import LandmarkHead, dsnt_loss, feature_indices
@@ -194,14 +194,7 @@ class BoxPart(nn.Module):
         head = {k: list(v.split(per_level, dim=1)) for k, v in out["head"].items()}
         anchors = [list(a.split(per_level)) for a in out["anchors"]]
         found = self.detector.postprocess_detections(head, anchors, out["sizes"])
-        for k, d in enumerate(found):
-            boxes = boxes_to_original(d["boxes"], batch["scale"][k], batch["offset"][k])
-            if "size" in batch:  # within the film (a box may reach into the letterbox's pad)
-                w, h = (float(v) for v in batch["size"][k])
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            d["boxes"] = boxes
-        return found
+        return to_film_pixels(found, batch)
 
     def update(self, out: Mapping, batch: Mapping, stage: str) -> dict:
         """The films with boxes into the stage's mAP; `outputs` of the whole batch."""
@@ -214,16 +207,9 @@ class BoxPart(nn.Module):
 
     def compute(self, stage: str) -> dict[str, float]:
         """`stage/boxes/<map, map_50, ...>`, `stage/boxes/ap[_50]/<name>` (`map_values`)."""
-        films = gather_films(self.films[stage])
-        self.films[stage] = []
-        if not films:
-            return {}
-        metric, metric_50 = self.metrics[stage], self.metrics_50[stage]
-        for m in (metric, metric_50):
-            m.update([p for p, _ in films], [t for _, t in films])
-        values = map_values(metric.compute(), metric_50.compute(), self.names, stage)
-        metric.reset()
-        metric_50.reset()
+        films, self.films[stage] = self.films[stage], []
+        metrics = (self.metrics[stage], self.metrics_50[stage])
+        values = score_films(films, *metrics, self.names, stage)
         return {k.replace(f"{stage}/", f"{stage}/boxes/", 1): v for k, v in values.items()}
 
     def reset(self) -> None:

@@ -6,7 +6,9 @@ tables and the model card, each the region task's with the parts' additions.
 it: `landmarks` (JSON [[x, y], ...] in the film's pixels, the set's order) with `pt`, `mt`,
 `tl` on spines, `boxes` (JSON [{"label", "score", "box"}]). A part's cells are filled only on
 films it applies to (`regionnet.compose.infer.applies`: the films called its landmark set's
-region, or `unknown` for a set of no region head, such as spines), empty elsewhere; `mre_px`
+region, or `unknown` for a set of no region head, such as spines) among the landmark set's
+films (a region film is read at reduced size in training and evaluation; regionnet-predict
+and the API read every film at full size), empty elsewhere; `mre_px`
 is the error of every test film of the landmark set, called or not; `same_film`: the region
 manifest's copy of a landmark film both data sets hold (`regionnet.compose.data.
 join_same_films`), else empty.
@@ -42,8 +44,11 @@ def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
         for k, path in enumerate(out["path"]):
             if path in cells or path not in predicted:
                 continue
-            cells[path] = part_cells(model, out, k, predicted[path])
-            if "points_px" in out and bool(out["has_points"][k]):
+            # the landmark set's films only: a region film was read at reduced size, so its
+            # points would be in that image's pixels (regionnet-predict reads full size)
+            own = "has_points" in out and bool(out["has_points"][k])
+            cells[path] = part_cells(model, out, k, predicted[path] if own else "")
+            if "points_px" in out and own:
                 diff = out["points"][k].numpy() - out["points_px"][k].numpy()
                 err = np.linalg.norm(diff, axis=-1)
                 err = err[out["visible"][k].numpy().astype(bool)]

@@ -411,14 +411,15 @@ class LandmarkDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, path: str) -> np.ndarray:
-        """The film's pixels, float32 (H, W) in [0, 1] (`regionnet.io.read_radiograph`)."""
-        return read_radiograph(self.root / path)
+    def read(self, i: int) -> np.ndarray:
+        """Film `i`'s pixels, float32 (H, W) in [0, 1] (`regionnet.io.read_radiograph`), at
+        full size: the points are in its pixels."""
+        return read_radiograph(self.root / self.paths[i])
 
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         try:
-            pixels = self.read(path)
+            pixels = self.read(i)
         except RadiographReadError as e:
             log.warning("skipping unreadable landmark film: %s", e)
             return {"path": path, "index": i, "error": str(e.reason)}

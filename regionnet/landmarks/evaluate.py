@@ -52,7 +52,7 @@ from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.overlay import draw_landmarks
 from regionnet.landmarks.report import landmark_report, plot_error_by_level
 from regionnet.reporting import resampling_unit
-from regionnet.run import build_datamodule, log_eval
+from regionnet.run import build_datamodule, eval_trainer, log_eval
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,7 @@ def evaluate_landmarks(cfg: DictConfig, ckpt_path: str | Path) -> dict:
         log.warning("data.dataset=phantom: SYNTHETIC films; these numbers are no clinical evidence")
     frame = _frame(dm, split)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.get("trainer") or {}, resolve=True),
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = eval_trainer(cfg, out)
     boot = {"resamples": 1000, "seed": 0, "ci": 0.95, **(cfg.get("bootstrap") or {})}
     if float(boot["ci"]) != 0.95:
         log.warning("bootstrap.ci=%s: landmark intervals are 95 %% ones", boot["ci"])

@@ -13,7 +13,6 @@ step 2's crops) and that image average-pooled to the S x S input (`film_transfor
 from __future__ import annotations
 
 import json
-import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ from regionnet.io import RadiographReadError
 from regionnet.landmarks.coords import detail_to_input, input_letterbox
 from regionnet.landmarks.geometry import cobb_angles
 from regionnet.landmarks.metrics import COBB_POINTS
-from regionnet.model.checkpoint import checkpoint_task, refuse_file
+from regionnet.model.checkpoint import checkpoint_task, load_module
 
 ANGLES = ("pt", "mt", "tl")
 
@@ -42,14 +41,7 @@ def load_landmark_model(ckpt_path: str | Path, device: str | torch.device = "cpu
     """A trained `LandmarkNet` in eval mode on `device`; read with `weights_only=True`."""
     from regionnet.landmarks.module import LandmarkNet
 
-    path = Path(str(ckpt_path)).expanduser()
-    try:
-        model = LandmarkNet.load_from_checkpoint(
-            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
-        )
-    except pickle.UnpicklingError as e:
-        raise refuse_file(path, "ckpt_path", e) from None
-    return model.to(device).eval()
+    return load_module(LandmarkNet, ckpt_path, device)
 
 
 def angles_of(points: np.ndarray, skeleton: str, height: float | None = None) -> dict:

@@ -45,6 +45,21 @@ def load_plain(path: str | Path, key: str = "ckpt_path") -> dict:
         raise refuse_file(path, key, e) from None
 
 
+def load_module(cls, ckpt_path: str | Path, device: str | torch.device = "cpu"):
+    """A trained LightningModule of class `cls` (a landmark, box or composed model) from a
+    checkpoint, in eval mode on `device`: read with `weights_only=True` (a file that needs
+    code to unpickle is refused), never reading ImageNet weights again (the checkpoint holds
+    every weight)."""
+    path = Path(str(ckpt_path)).expanduser()
+    try:
+        model = cls.load_from_checkpoint(
+            path, map_location="cpu", weights_only=True, pretrained=False, weights_file=None
+        )
+    except pickle.UnpicklingError as e:
+        raise refuse_file(path, "ckpt_path", e) from None
+    return model.to(device).eval()
+
+
 def check_resumable(ckpt_path) -> None:
     """A file to resume from must be a full training checkpoint (`last.ckpt`), read with
     `weights_only=True`; best.ckpt keeps only what inference needs."""
