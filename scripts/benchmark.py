@@ -38,8 +38,9 @@ script is its command line. Sections:
              AP; predict time per film; within --findings-minutes (regionnet/bench/findings.py)
   compose    region heads + hand landmarks as parts of one model (task=multi) against each
              alone (task=regions, task=landmarks), same size and budget: region AUROC with and
-             without the part (paired), hand MRE alone and composed, time per film of one
-             composed model vs the two; within --compose-minutes (regionnet/bench/compose.py)
+             without the part (paired; a second task=regions seed as the yardstick), hand MRE
+             alone and composed, time per film of one composed model vs the two; within
+             --compose-minutes (regionnet/bench/compose.py)
 
     python scripts/benchmark.py --render-only   # RESULTS.md again from results.json, no run
     python scripts/benchmark.py --skip accuracy speed scaling backbones ssl --merge
@@ -150,8 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compose-minutes",
         type=float,
         default=24.0,
-        help="compose section: the budget its three trainings' shares are taken of (minutes; "
-        "30 %% each)",
+        help="compose section: the budget its four trainings' shares are taken of (minutes; "
+        "25 %% each)",
     )
     p.add_argument(
         "--predict-ckpt",

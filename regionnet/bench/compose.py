@@ -11,6 +11,8 @@ Three trainings, each `regionnet-train` with the real configs under the same wal
              its patient's region split), one checkpoint
   landmarks  task=landmarks data.dataset=hand_dha: the 37 hand landmarks alone (step 1), on
              the composed run's split of the hands (data.split_file)
+  regions_seed1  task=regions with seed 1 on the same split: how far two region runs differ
+             by training randomness alone, the yardstick for the with/without-part difference
 
 Figures: the region heads with and without the landmark part (paired patient bootstrap on the
 region test films both runs tested), the hand landmark errors of the composed model beside
@@ -46,24 +48,33 @@ from regionnet.bench.settings import QUICK_SIZE, BenchSettings, FineTune, log
 from regionnet.bench.timeline import max_time
 from regionnet.config import compose_config
 
-#: run -> task, its share of --compose-minutes and its validation figures (the first is the
-#: checkpoint's monitor)
+#: run -> task, its share of --compose-minutes, its validation figures (the first is the
+#: checkpoint's monitor) and overrides of its own
 RUNS = {
-    "regions": {"task": "regions", "share": 0.3, "monitors": ("val/auroc_mean", "val/top1_acc")},
+    "regions": {"task": "regions", "share": 0.25, "monitors": ("val/auroc_mean", "val/top1_acc")},
     "multi": {
         "task": "multi",
-        "share": 0.3,
+        "share": 0.25,
         "monitors": ("val/auroc_mean", "val/top1_acc", "val/landmarks/mre_pct"),
     },
     # after multi: it trains on the composed run's split of the hands (`landmark_split`)
-    "landmarks": {"task": "landmarks", "share": 0.3, "monitors": ("val/mre_pct",)},
+    "landmarks": {"task": "landmarks", "share": 0.25, "monitors": ("val/mre_pct",)},
+    # training randomness alone: task=regions again with another seed on the same split, the
+    # yardstick for the with/without-part difference
+    "regions_seed1": {
+        "task": "regions",
+        "share": 0.25,
+        "monitors": ("val/auroc_mean", "val/top1_acc"),
+        "extra": ["seed=1", "data.split_seed=42"],  # 42: conf/train.yaml's seed, the split
+    },
 }
-#: one input size for every run (the findings section's region size: about two epochs of the
-#: region films per run on 2 CPU cores)
+#: one input size for every run (the findings section's region size)
 IMAGE_SIZE = 128
 #: epochs of each run's cosine schedule; trainer.max_time stops earlier. The landmark run has
-#: 76 training hands per epoch, the others ~1,330 films: it gets more epochs for its budget
-EPOCHS = {"regions": 3, "multi": 3, "landmarks": 30}
+#: 76 training hands per epoch, the others ~1,330 films: it gets more epochs (and stops early
+#: after 10 without a better val/mre_pct). On an idle 2-core machine a 6-epoch region run takes
+#: about 2.5 min at 128 px
+EPOCHS = {"regions": 6, "multi": 6, "landmarks": 60, "regions_seed1": 6}
 LANDMARK_BATCH = 8
 LANDMARK_SET = "hand_dha"
 #: --quick: hand films (the manifest's first), batches per epoch
@@ -91,7 +102,9 @@ def run_overrides(settings: BenchSettings, run: str, run_dir: Path) -> list[str]
     ]
     quick = [f"trainer.limit_train_batches={QUICK_BATCHES}",
              f"trainer.limit_val_batches={QUICK_BATCHES}"] if settings.quick else []  # fmt: skip
-    if run == "landmarks":
+    task = RUNS[run]["task"]
+    budget += RUNS[run].get("extra", [])
+    if task == "landmarks":
         return [
             "task=landmarks",
             f"data.split_file={landmark_split_file(settings)}",
@@ -110,7 +123,7 @@ def run_overrides(settings: BenchSettings, run: str, run_dir: Path) -> list[str]
         ]
     base = protocol_overrides(settings, FineTune(size, epochs, None))
     base = [o for o in base if not o.startswith(("trainer.max_epochs=", "test=", "trainer.limit"))]
-    if run == "regions":
+    if task == "regions":
         return ["task=regions", *base, f"data.batch_size={REGION_BATCH}", *budget, *quick]
     # task=multi: the region data's own keys move under data.regions (data=shared is its
     # default there); image size, loader settings and batch are the combined module's
@@ -223,7 +236,7 @@ def compose_section(settings: BenchSettings) -> dict:
         values = train_and_evaluate(
             settings, "compose", run, run_dir, run_overrides(settings, run, run_dir),
             spec["monitors"], spec["task"], run_minutes(settings, run),
-            1 if settings.quick else EPOCHS[run], "min" if run == "landmarks" else "max",
+            1 if settings.quick else EPOCHS[run], "min" if spec["task"] == "landmarks" else "max",
         )  # fmt: skip
         results[run] = values.pop("_result")
         res["runs"][run] = values
@@ -240,6 +253,13 @@ def compose_section(settings: BenchSettings) -> dict:
             list(results["regions"]["regions"]),
             50 if settings.quick else RESAMPLES,
         ),
+        # the same comparison between two task=regions runs that differ in their seed only
+        "seed_spread": paired_region_delta(
+            Path(runs["regions_seed1"]["run_dir"]) / "eval" / "predictions.csv",
+            regions_dir / "eval" / "predictions.csv",
+            list(results["regions"]["regions"]),
+            50 if settings.quick else RESAMPLES,
+        ),
     }
     res["hand_landmarks"] = {
         "alone": landmark_figures(results["landmarks"], "test"),
@@ -252,7 +272,7 @@ def compose_section(settings: BenchSettings) -> dict:
         region_films, hands = region_films[:8], hands[:4]
     films = region_films + hands
     log(f"compose: predict time per film, {len(films)} test films (regions + hands)")
-    ckpts = {r: Path(runs[r]["checkpoint"]) for r in RUNS}
+    ckpts = {r: Path(runs[r]["checkpoint"]) for r in ("regions", "landmarks", "multi")}
     p = res["predict"] = predict_times(ckpts, films, repeats=1 if settings.quick else 2)
     p["separate_ms_per_film"] = p["regions"]["ms_per_film"] + p["landmarks"]["ms_per_film"]
     p["composed_over_separate"] = p["multi"]["ms_per_film"] / p["separate_ms_per_film"]
@@ -292,7 +312,8 @@ def compose_markdown(cd: dict) -> list[str]:
     s = cd["settings"]
     lines += [
         f"`regionnet-train` with {s['backbone']} ({s['pretrained']}) at {s['image_size']} px, "
-        f"{s['precision']}, each run a {s['budget_minutes'] * RUNS['multi']['share']:.1f}-minute "
+        f"{s['precision']}, each run at most a "
+        f"{s['budget_minutes'] * RUNS['multi']['share']:.1f}-minute "
         f"CPU budget (`trainer.max_time`); `task=multi` holds the five region heads and the "
         f"{s['landmark_set']} landmark part in one checkpoint, one backbone pass per film. "
         "Then `regionnet-eval` of each best checkpoint on the held-out test patients; 95 % "
@@ -319,7 +340,15 @@ def compose_markdown(cd: dict) -> list[str]:
     for r in wo["per_region"]:
         a, b = wo["per_region"][r]["test_auroc"], wi["per_region"].get(r, {}).get("test_auroc")
         lines.append(f"| AUROC {r} | {_v(a)} | {_v(b)} | |")
+    sp = ra["seed_spread"]
     lines += [
+        "",
+        "Training randomness alone, the yardstick: two `task=regions` runs differing only in "
+        "their seed (1 and 42, the same split) differ by "
+        f"{_v(sp.get('delta_test_auroc_mean'))}{_ci(sp.get('delta_test_auroc_mean_ci'))} in "
+        f"test AUROC mean and {_v(sp.get('delta_test_top1_acc'))}"
+        f"{_ci(sp.get('delta_test_top1_acc_ci'))} in top-1 accuracy (seed 1 - seed 42). The "
+        "paired intervals resample test patients only, not training runs.",
         "",
         f"Paired on the {pd_.get('paired_films')} test films both runs tested (a hand film "
         "both data sets hold is one film in the composed run, paired through its copy in the "
