@@ -161,6 +161,18 @@ def test_a_film_in_both_data_sets_is_joined_and_keeps_its_patients_region_split(
     assert list(l2["split"]) == ["test", "test", "val"]  # p1's region split; p5 keeps its own
 
 
+def test_films_without_points_take_the_region_augmentation_with_its_flips(tmp_path):
+    cfg = compose_config("train", overrides(tmp_path, tmp_path / "ph"))
+    dm = build_datamodule(cfg)
+    dm.setup()
+    ds = dm.train_dataloader().dataset
+    region = next(i for i in range(len(ds)) if not ds.has_points[i])
+    spine = next(i for i in range(len(ds)) if ds.has_points[i])
+    assert ds.augment_of(region) is ds.region_augment and ds.region_augment.hflip == 0.5
+    assert ds.augment_of(spine) is ds.augment  # the spine set's own (flips with its pairs)
+    assert dm.val_dataloader().dataset.augment_of(region) is None  # no augmentation in val
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [

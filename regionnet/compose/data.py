@@ -9,14 +9,16 @@ is null (spines are `other` for the five region heads, a true negative for each)
 targets are masked: a region film's points are NaN and never `visible` (`has_points` false: no
 landmark or box loss), a landmark film's findings are unlabelled (`finding_mask` false).
 
-Each sub-module keeps its own records and patient-grouped split; the splits are stacked (a
-patient is in one set only, so no patient crosses splits). Every film goes through the landmark
-pipeline (`LandmarkDataset`: the region task's letterbox and mean/std; augmentation that moves
-points with the pixels), so both kinds share one input frame: `image_size`, `mean` and `std`
-must agree (conf/data/multi.yaml sets them once). Batches are the landmark collate's (`image`,
-`points`, `points_px`, `visible`, `scale`, `offset`, `size`, `cobb`; on spines the box
-collate's `boxes`, `box_labels`, `boxes_px`, `box_labels_px`) plus `labels` (B, R),
-`has_points` (B,), and `finding_labels`/`finding_mask` (B, F) with findings. Not carried over
+Each sub-module keeps its own records and patient-grouped split; the splits are stacked, and a
+film both hold is kept once in its patient's region split (`join_same_films`), so no patient
+crosses splits. Every film goes through the landmark pipeline (`LandmarkDataset`: the region
+task's letterbox and mean/std; augmentation that moves points with the pixels: the landmark
+set's settings on its films, the region data's settings, flips included, on the others), so
+both kinds share one input frame: `image_size`, `mean` and `std` must agree
+(conf/data/multi.yaml sets them once). Batches are the landmark collate's (`image`, `points`,
+`points_px`, `visible`, `scale`, `offset`, `size`, `cobb`; on spines the box collate's
+`boxes`, `box_labels`, `boxes_px`, `box_labels_px`) plus `labels` (B, R), `has_points` (B,),
+and `finding_labels`/`finding_mask` (B, F) with findings. Not carried over
 from the region task: balanced sampling, `augment_factor` and the external test set.
 """
 
@@ -37,7 +39,13 @@ from regionnet.data.datamodule import RegionDataModule
 from regionnet.data.dataset import load_image
 from regionnet.data.sources import SPLITS, finding_targets, label_columns
 from regionnet.data.splits import check_no_patient_leak, read_split_file
-from regionnet.landmarks.data import COBB_COLUMNS, LandmarkDataModule, LandmarkDataset, collate
+from regionnet.landmarks.data import (
+    COBB_COLUMNS,
+    LandmarkAugment,
+    LandmarkDataModule,
+    LandmarkDataset,
+    collate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,11 @@ class MultiDataset(LandmarkDataset):
         points: np.ndarray,
         labels: np.ndarray,
         findings: np.ndarray,
+        region_augment: LandmarkAugment | None = None,
         **kwargs,
     ):
         super().__init__(records, points, "/", **kwargs)
+        self.region_augment = region_augment
         self.labels = torch.as_tensor(labels, dtype=torch.float32)
         self.has_points = torch.as_tensor(np.isfinite(points).all(-1).any(-1))
         targets = torch.as_tensor(findings, dtype=torch.float32)
@@ -73,6 +83,14 @@ class MultiDataset(LandmarkDataset):
         reduced image: no point of it is scored."""
         target = None if self.has_points[i] else self.size
         return load_image(self.paths[i], phantom_size=self.size, target=target)
+
+    def augment_of(self, i: int) -> LandmarkAugment | None:
+        """A landmark film's augmentation is its set's (`augment`: flips only where the set
+        has left/right pairs), any other film's the region data's settings (`region_augment`:
+        e.g. the region task's horizontal flips; its points are none)."""
+        if self.augment is None or self.has_points[i] or self.region_augment is None:
+            return self.augment
+        return self.region_augment
 
     def __getitem__(self, i: int) -> dict:
         sample = super().__getitem__(i)
@@ -326,6 +344,7 @@ class MultiDataModule(L.LightningDataModule):
             std=self.std,
             augment=self.landmark_data._augment() if train else None,
             hidden=self.hidden[rows],
+            region_augment=self._region_augment() if train else None,
         )
         sampler = None
         if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -342,6 +361,13 @@ class MultiDataModule(L.LightningDataModule):
             persistent_workers=s["persistent_workers"] and s["num_workers"] > 0,
             collate_fn=MultiCollate(groups, self.image_size),
         )
+
+    def _region_augment(self) -> LandmarkAugment | None:
+        """The region data's augmentation settings (`data.regions.augment`: the region task's,
+        horizontal flips included) as a `LandmarkAugment` for the films without points."""
+        a = dict(self.region_data.hparams.augment or {})
+        k = len(self.landmark_names)
+        return LandmarkAugment(self.image_size, a, np.arange(k)) if a else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

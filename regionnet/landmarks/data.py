@@ -416,6 +416,10 @@ class LandmarkDataset(Dataset):
         full size: the points are in its pixels."""
         return read_radiograph(self.root / self.paths[i])
 
+    def augment_of(self, i: int) -> LandmarkAugment | None:
+        """Film `i`'s training augmentation: `augment` for every film."""
+        return self.augment
+
     def __getitem__(self, i: int) -> dict:
         path = self.paths[i]
         try:
@@ -432,7 +436,7 @@ class LandmarkDataset(Dataset):
         points_px = self.points[i]
         visible = torch.isfinite(points_px).all(-1) & self.shown[i]
         points = torch.nan_to_num(to_input(points_px, scale_t, offset), nan=0.0)
-        aug = self.augment
+        aug = self.augment_of(i)
         if self.detail is None:
             if aug is not None:
                 image, points, visible = aug(image, points, visible)
