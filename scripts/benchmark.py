@@ -151,8 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compose-minutes",
         type=float,
         default=24.0,
-        help="compose section: the budget its four trainings' shares are taken of (minutes; "
-        "25 %% each)",
+        help="compose section: the budget its five trainings' shares are taken of (minutes; "
+        "25 %% each, at most)",
     )
     p.add_argument(
         "--predict-ckpt",

@@ -126,7 +126,8 @@ def test_quick_benchmark_writes_every_section(shared_data, tmp_path):
         assert {k for k in h["hands"] if k.endswith("/test")} == {f"{h['test_source']}/test"}
     assert tr["cam_errors"] and all(c["bytes"] < 100_000 for c in tr["cam_errors"])
     cp = results["compose"]  # region heads + hand landmarks as one model, and each alone
-    assert set(cp["runs"]) == {"regions", "landmarks", "multi", "regions_seed1"}
+    assert set(cp["runs"]) == {"regions", "landmarks", "multi", "multi_repeat4", "regions_seed1"}
+    assert "data.landmark_repeat=4" in cp["runs"]["multi_repeat4"]["overrides"]
     assert "seed=1" in cp["runs"]["regions_seed1"]["overrides"]
     assert "task=multi" in cp["runs"]["multi"]["overrides"]
     assert cp["region_accuracy"]["paired"]["paired_films"] > 0

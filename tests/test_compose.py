@@ -161,6 +161,18 @@ def test_a_film_in_both_data_sets_is_joined_and_keeps_its_patients_region_split(
     assert list(l2["split"]) == ["test", "test", "val"]  # p1's region split; p5 keeps its own
 
 
+def test_landmark_repeat_shows_each_training_landmark_film_k_times(tmp_path):
+    base = overrides(tmp_path, tmp_path / "ph")
+    once = build_datamodule(compose_config("train", base))
+    thrice = build_datamodule(compose_config("train", [*base, "data.landmark_repeat=3"]))
+    n, m = (len(dm.train_dataloader().dataset) for dm in (once, thrice))
+    spines = int((once.split_frame("train")["kind"] == "landmarks").sum())
+    assert m == n + 2 * spines and spines > 0
+    assert len(thrice.val_dataloader().dataset) == len(once.val_dataloader().dataset)
+    with pytest.raises(ValueError, match="landmark_repeat"):
+        build_datamodule(compose_config("train", [*base, "data.landmark_repeat=0"]))
+
+
 def test_films_without_points_take_the_region_augmentation_with_its_flips(tmp_path):
     cfg = compose_config("train", overrides(tmp_path, tmp_path / "ph"))
     dm = build_datamodule(cfg)

@@ -11,6 +11,7 @@ Three trainings, each `regionnet-train` with the real configs under the same wal
              its patient's region split), one checkpoint
   landmarks  task=landmarks data.dataset=hand_dha: the 37 hand landmarks alone (step 1), on
              the composed run's split of the hands (data.split_file)
+  multi_repeat4  task=multi with data.landmark_repeat=4: each training hand 4 times an epoch
   regions_seed1  task=regions with seed 1 on the same split: how far two region runs differ
              by training randomness alone, the yardstick for the with/without-part difference
 
@@ -57,6 +58,14 @@ RUNS = {
         "share": 0.25,
         "monitors": ("val/auroc_mean", "val/top1_acc", "val/landmarks/mre_pct"),
     },
+    # the same with each hand film 4 times per epoch (data.landmark_repeat): the part sees
+    # 4 x 80 hands an epoch instead of 80 among ~1,330 films
+    "multi_repeat4": {
+        "task": "multi",
+        "share": 0.25,
+        "monitors": ("val/auroc_mean", "val/top1_acc", "val/landmarks/mre_pct"),
+        "extra": ["data.landmark_repeat=4"],
+    },
     # after multi: it trains on the composed run's split of the hands (`landmark_split`)
     "landmarks": {"task": "landmarks", "share": 0.25, "monitors": ("val/mre_pct",)},
     # training randomness alone: task=regions again with another seed on the same split, the
@@ -74,7 +83,7 @@ IMAGE_SIZE = 128
 #: 76 training hands per epoch, the others ~1,330 films: it gets more epochs (and stops early
 #: after 10 without a better val/mre_pct). On an idle 2-core machine a 6-epoch region run takes
 #: about 2.5 min at 128 px
-EPOCHS = {"regions": 6, "multi": 6, "landmarks": 60, "regions_seed1": 6}
+EPOCHS = {"regions": 6, "multi": 6, "multi_repeat4": 6, "landmarks": 60, "regions_seed1": 6}
 LANDMARK_BATCH = 8
 LANDMARK_SET = "hand_dha"
 #: --quick: hand films (the manifest's first), batches per epoch
@@ -244,26 +253,37 @@ def compose_section(settings: BenchSettings) -> dict:
             write_landmark_split(settings, run_dir)
     runs = res["runs"]
     regions_dir, multi_dir = Path(runs["regions"]["run_dir"]), Path(runs["multi"]["run_dir"])
+    regions = list(results["regions"]["regions"])
+    resamples = 50 if settings.quick else RESAMPLES
+    repeat_dir = Path(runs["multi_repeat4"]["run_dir"])
     res["region_accuracy"] = {
         "without_parts": region_figures(results["regions"]),
         "with_parts": region_figures(results["multi"]),
         "paired": paired_region_delta(
             paired_predictions(multi_dir),
             regions_dir / "eval" / "predictions.csv",
-            list(results["regions"]["regions"]),
-            50 if settings.quick else RESAMPLES,
+            regions,
+            resamples,
+        ),
+        "with_parts_repeat4": region_figures(results["multi_repeat4"]),
+        "paired_repeat4": paired_region_delta(
+            paired_predictions(repeat_dir),
+            regions_dir / "eval" / "predictions.csv",
+            regions,
+            resamples,
         ),
         # the same comparison between two task=regions runs that differ in their seed only
         "seed_spread": paired_region_delta(
             Path(runs["regions_seed1"]["run_dir"]) / "eval" / "predictions.csv",
             regions_dir / "eval" / "predictions.csv",
-            list(results["regions"]["regions"]),
-            50 if settings.quick else RESAMPLES,
+            regions,
+            resamples,
         ),
     }
     res["hand_landmarks"] = {
         "alone": landmark_figures(results["landmarks"], "test"),
         "composed": landmark_figures(results["multi"], "test/landmarks"),
+        "composed_repeat4": landmark_figures(results["multi_repeat4"], "test/landmarks"),
         "same_test_hands": _same_hands(Path(runs["landmarks"]["run_dir"]), multi_dir, settings),
     }
     region_films = held_out_paths(regions_dir)
@@ -323,11 +343,13 @@ def compose_markdown(cd: dict) -> list[str]:
     lines += [_run_line(name, r) for name, r in cd["runs"].items()] + [""]
     ra = cd["region_accuracy"]
     wo, wi, pd_ = ra["without_parts"], ra["with_parts"], ra["paired"]
+    wr, pr = ra["with_parts_repeat4"], ra["paired_repeat4"]
     lines += [
         "### Region heads with and without the landmark part (same region films and split)",
         "",
-        "| figure | task=regions | task=multi | multi - regions [95 % CI, paired] |",
-        "| --- | ---: | ---: | ---: |",
+        "| figure | task=regions | task=multi | multi - regions [95 % CI, paired] | "
+        "task=multi, landmark_repeat=4 | its - regions [95 % CI, paired] |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, key, delta in (
         ("test AUROC mean", "test_auroc_mean", "delta_test_auroc_mean"),
@@ -336,10 +358,13 @@ def compose_markdown(cd: dict) -> list[str]:
         ("`other` called unknown", "test_unknown_rate_other", None),
     ):
         d = f"{_v(pd_.get(delta))}{_ci(pd_.get(f'{delta}_ci'))}" if delta else ""
-        lines.append(f"| {label} | {_v(wo[key])} | {_v(wi[key])} | {d} |")
+        dr = f"{_v(pr.get(delta))}{_ci(pr.get(f'{delta}_ci'))}" if delta else ""
+        lines.append(f"| {label} | {_v(wo[key])} | {_v(wi[key])} | {d} | {_v(wr[key])} | {dr} |")
     for r in wo["per_region"]:
-        a, b = wo["per_region"][r]["test_auroc"], wi["per_region"].get(r, {}).get("test_auroc")
-        lines.append(f"| AUROC {r} | {_v(a)} | {_v(b)} | |")
+        a = wo["per_region"][r]["test_auroc"]
+        b = wi["per_region"].get(r, {}).get("test_auroc")
+        c = wr["per_region"].get(r, {}).get("test_auroc")
+        lines.append(f"| AUROC {r} | {_v(a)} | {_v(b)} | | {_v(c)} | |")
     sp = ra["seed_spread"]
     lines += [
         "",
@@ -356,14 +381,15 @@ def compose_markdown(cd: dict) -> list[str]:
         "",
         "### Hand landmarks alone and as a part (same test hands)",
         "",
-        "| figure | task=landmarks | task=multi |",
-        "| --- | ---: | ---: |",
+        "| figure | task=landmarks | task=multi | task=multi, landmark_repeat=4 |",
+        "| --- | ---: | ---: | ---: |",
     ]
     hl = cd["hand_landmarks"]
+    kinds = ("alone", "composed", "composed_repeat4")
     for name, label in (("mre_pct", "MRE, % of hand width"), ("mre_px", "MRE, px"),
                         ("pck@2", "PCK@2 (share within 2 %)"),
                         ("pck@5", "PCK@5 (share within 5 %)")):  # fmt: skip
-        cells = [f"{_v(hl[k][name])}{_ci(hl[k].get(f'{name}_ci'))}" for k in ("alone", "composed")]
+        cells = [f"{_v(hl[k][name])}{_ci(hl[k].get(f'{name}_ci'))}" for k in kinds]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     films = [int(hl[k]["films"]) if hl[k].get("films") else 0 for k in ("alone", "composed")]
     lines += [

@@ -81,8 +81,8 @@ class BenchSettings:
     #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
     #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
     findings_minutes: float = 25.0
-    #: the compose section (issues 17, 18): the budget its four trainings' shares are taken
-    #: of (min; 25 % each: regionnet.bench.compose.RUNS)
+    #: the compose section (issues 17, 18): the budget its five trainings' shares are taken
+    #: of (min; 25 % each, at most: regionnet.bench.compose.RUNS)
     compose_minutes: float = 24.0
     #: the checkpoint of the speed section's end-to-end predict and int8 figures; None: the
     #: accuracy section's (measured only when that section runs)

@@ -164,7 +164,9 @@ class MultiDataModule(L.LightningDataModule):
     region head the landmark films show, or null; `batch_size`, `num_workers`, `pin_memory`,
     `persistent_workers`: the combined loaders' (the sub-modules' own are unused);
     `split_file`: a previous run's split.csv, whose split every film then keeps (matched by
-    path; both kinds)."""
+    path; both kinds); `landmark_repeat` k: each landmark film k times per training epoch
+    (a landmark set is small beside the region films: 80 training hands among ~1,330 films;
+    they are region films too, so their region is drawn more often as well)."""
 
     def __init__(
         self,
@@ -176,6 +178,7 @@ class MultiDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         split_file: str | None = None,
+        landmark_repeat: int = 1,
         **_: object,
     ):
         super().__init__()
@@ -186,10 +189,12 @@ class MultiDataModule(L.LightningDataModule):
                 "data=multi needs data.regions (a region data config, e.g. shared or phantom) "
                 "and data.landmarks (a landmark data config); see conf/data/multi.yaml"
             )
-        if batch_size < 1 or num_workers < 0:
+        if batch_size < 1 or num_workers < 0 or int(landmark_repeat) < 1:
             raise ValueError(
-                f"data.batch_size={batch_size} must be >= 1, data.num_workers={num_workers} >= 0"
+                f"data.batch_size={batch_size} and data.landmark_repeat={landmark_repeat} must "
+                f"be >= 1, data.num_workers={num_workers} >= 0"
             )
+        self.landmark_repeat = int(landmark_repeat)
         self.region_data, self.landmark_data = regions, landmarks
         self.regions = list(regions.regions)
         if landmark_region is not None and landmark_region not in self.regions:
@@ -330,6 +335,9 @@ class MultiDataModule(L.LightningDataModule):
     # -- loaders -----------------------------------------------------------------------------
     def _loader(self, split: str) -> DataLoader:
         frame, train, s = self.split_frame(split), split == "train", self.settings
+        if train and self.landmark_repeat > 1:  # the scarce landmark films, k times an epoch
+            own = frame[frame["kind"] == "landmarks"]
+            frame = pd.concat([frame, *[own] * (self.landmark_repeat - 1)])
         rows = frame.index.to_numpy()
         findings = (
             finding_targets(frame, self.findings) if self.findings else np.zeros((len(frame), 0))
