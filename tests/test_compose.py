@@ -255,6 +255,7 @@ def test_one_run_trains_region_heads_landmarks_and_boxes_on_one_backbone(trained
     assert saved["test/landmarks/mre_pct"] < 60, saved["test/landmarks/mre_pct"]
     assert saved["test/boxes/map_50"] > 0.1, saved["test/boxes/map_50"]
     assert saved["val/auroc_mean_best"] == pytest.approx(metrics["val/auroc_mean_best"])
+    assert (out / "annotation_issues.csv").is_file()  # the landmark set's check, as its task
     split = list(csv.DictReader((out / "split.csv").open()))
     assert {r["kind"] for r in split} == {"regions", "landmarks"}
     spines = [r for r in split if r["kind"] == "landmarks"]

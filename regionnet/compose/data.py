@@ -45,6 +45,7 @@ from regionnet.landmarks.data import (
     LandmarkDataModule,
     LandmarkDataset,
     collate,
+    issues_table,
 )
 
 log = logging.getLogger(__name__)
@@ -312,12 +313,18 @@ class MultiDataModule(L.LightningDataModule):
 
     def write_split(self, path: str | Path) -> Path:
         """The split in use as CSV: path, region, patient_id, split, source, kind, same_film
-        (the region manifest's copy of a landmark film, `join_same_films`)."""
+        (the region manifest's copy of a landmark film, `join_same_films`); and the landmark
+        set's annotation check beside it (`annotation_issues.csv`)."""
         self.setup()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = ["path", "region", "patient_id", "split", "source", "kind", "same_film"]
         self.records[cols].to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
+        # the landmark set's annotation check, as task=landmarks writes it beside split.csv
+        issues_table(self.landmark_data.issues).to_csv(
+            path.with_name("annotation_issues.csv"), index=False, encoding="utf-8",
+            errors="surrogateescape",
+        )  # fmt: skip
         return path
 
     def positives(self) -> list[int]:
