@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from regionnet.data.transforms import eval_transform
-from regionnet.landmarks.infer import collate, prepare
+from regionnet.landmarks.infer import array_batch
 from regionnet.model.checkpoint import checkpoint_task, load_module
 
 
@@ -72,11 +71,7 @@ def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
     """Per film {"boxes": `box_list`} for float (H, W) arrays in [0, 1] (the API's path)."""
     if not images:
         return []
-    transform, size = eval_transform(model), int(model.hparams.image_size)
-    batch = collate([{"path": str(k), **prepare(p, transform, size)} for k, p in enumerate(images)])
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    found = model.detect(batch)
+    found = model.detect(array_batch(model, images))
     return [
         {
             "boxes": box_list(

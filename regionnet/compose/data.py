@@ -45,7 +45,6 @@ from regionnet.landmarks.data import (
     LandmarkDataModule,
     LandmarkDataset,
     collate,
-    issues_table,
 )
 
 log = logging.getLogger(__name__)
@@ -320,11 +319,7 @@ class MultiDataModule(L.LightningDataModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         cols = ["path", "region", "patient_id", "split", "source", "kind", "same_film"]
         self.records[cols].to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
-        # the landmark set's annotation check, as task=landmarks writes it beside split.csv
-        issues_table(self.landmark_data.issues).to_csv(
-            path.with_name("annotation_issues.csv"), index=False, encoding="utf-8",
-            errors="surrogateescape",
-        )  # fmt: skip
+        self.landmark_data.write_issues(path)  # as task=landmarks writes it
         return path
 
     def positives(self) -> list[int]:

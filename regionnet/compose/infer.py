@@ -18,14 +18,7 @@ import numpy as np
 import torch
 
 from regionnet.boxes.infer import box_list, boxes_json
-from regionnet.landmarks.infer import (
-    ANGLES,
-    angles_of,
-    collate,
-    film_transform,
-    points_json,
-    prepare,
-)
+from regionnet.landmarks.infer import ANGLES, angles_of, array_batch, points_json
 from regionnet.model.checkpoint import load_module
 from regionnet.regions import UNKNOWN
 
@@ -93,11 +86,7 @@ def predict_arrays(model, images: Sequence[np.ndarray]) -> list[tuple[list, list
     keeps them for films the parts apply to)."""
     if not images:
         return []
-    transform, size = film_transform(model), int(model.hparams.image_size)
-    batch = collate([{"path": str(k), **prepare(p, transform, size)} for k, p in enumerate(images)])
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    found = model.predict_batch(batch)
+    found = model.predict_batch(array_batch(model, images))
     probs = found["probs"].float().tolist()
     finding = found.get("finding_probs")
     finding = finding.float().tolist() if finding is not None else [[] for _ in probs]

@@ -649,11 +649,17 @@ class LandmarkDataModule(L.LightningDataModule):
         keep = [c for c in ("path", "patient_id", "split", "dataset", "width", "height")
                 if c in self.records]  # fmt: skip
         self.records[keep].to_csv(path, index=False, encoding="utf-8", errors="surrogateescape")
-        issues_table(self.issues).to_csv(
-            path.with_name("annotation_issues.csv"), index=False, encoding="utf-8",
-            errors="surrogateescape",
-        )  # fmt: skip
+        self.write_issues(path)
         return path
+
+    def write_issues(self, split_csv: str | Path) -> Path:
+        """The annotation check's findings as `annotation_issues.csv` beside `split_csv`
+        (path, vertebra, reason; only the header when none)."""
+        out = Path(split_csv).with_name("annotation_issues.csv")
+        issues_table(self.issues).to_csv(
+            out, index=False, encoding="utf-8", errors="surrogateescape"
+        )
+        return out
 
     def train_size(self) -> int:
         return len(self.split_frame("train"))

@@ -138,21 +138,28 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-@torch.inference_mode()
-def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
-    """Per film {"landmarks": [[x, y], ...] in its pixels, "angles": {...}} for float (H, W)
-    arrays in [0, 1] (the API's path)."""
-    if not images:
-        return []
+def array_batch(model, images: Sequence[np.ndarray]) -> dict:
+    """Float (H, W) arrays in [0, 1] as one batch of the reader's (`prepare` with the model's
+    `film_transform` and detail size, then `collate`), its tensors on the model's device: the
+    API's path for landmark, box and composed models."""
     transform, size = film_transform(model), int(model.hparams.image_size)
     d = detail_size_of(model)
     batch = collate(
         [{"path": str(k), **prepare(p, transform, size, d)} for k, p in enumerate(images)]
     )
     device = next(model.parameters()).device
-    detail = batch["detail"].to(device) if "detail" in batch else None
-    found = model.infer(batch["image"].to(device), detail)["final"]
-    points = model.to_original(found, batch["scale"].to(device), batch["offset"].to(device))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict_arrays(model, images: Sequence[np.ndarray]) -> list[dict]:
+    """Per film {"landmarks": [[x, y], ...] in its pixels, "angles": {...}} for float (H, W)
+    arrays in [0, 1] (the API's path)."""
+    if not images:
+        return []
+    batch = array_batch(model, images)
+    found = model.infer(batch["image"], batch.get("detail"))["final"]
+    points = model.to_original(found, batch["scale"], batch["offset"])
     out = []
     for pts, (_, h) in zip(points.cpu().numpy(), batch["size"].tolist(), strict=True):
         landmarks = [[float(x), float(y)] for x, y in pts]
