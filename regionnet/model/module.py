@@ -245,11 +245,7 @@ class RegionNet(HeadLoop):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(region probabilities, finding probabilities) of `_all_logits(x)`'s logits; with
         `tta` averaged with those of the flipped `x` (a second pass)."""
-        probs, finding_probs = torch.sigmoid(logits.float()), torch.sigmoid(finding_logits.float())
-        if self.hparams.get("tta", False):
-            flipped, flipped_findings = self._all_logits(torch.flip(x, dims=(-1,)))
-            probs = (probs + torch.sigmoid(flipped.float())) / 2
-            finding_probs = (finding_probs + torch.sigmoid(flipped_findings.float())) / 2
+        probs, finding_probs = self._sigmoid_tta(x, (logits, finding_logits), self._all_logits)
         if self.findings:
             finding_probs = to_probs(finding_probs, self.hparams.findings)
         return probs, finding_probs
@@ -269,13 +265,22 @@ class RegionNet(HeadLoop):
         return masked_bce(finding_logits, targets, mask)
 
     def _infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(plain logits, inference probabilities); the one place test-time augmentation is."""
+        """(plain logits, inference probabilities) of the region heads alone."""
         logits = self.logits(x)
-        probs = torch.sigmoid(logits.float())
-        if self.hparams.get("tta", False):
-            flipped = torch.sigmoid(self.logits(torch.flip(x, dims=(-1,))).float())
-            probs = (probs + flipped) / 2
+        (probs,) = self._sigmoid_tta(x, (logits,), lambda z: (self.logits(z),))
         return logits, probs
+
+    def _sigmoid_tta(self, x: torch.Tensor, logits: tuple, of) -> tuple[torch.Tensor, ...]:
+        """Sigmoids of `logits` (computed from `x`), each averaged under `tta` with the one of
+        `of(flipped x)` (a second pass): the one place test-time augmentation is. Region-only
+        callers pass the region logits alone, so they never run the finding heads (or, with
+        `finding_backbone=separate`, a second backbone)."""
+        probs = tuple(torch.sigmoid(t.float()) for t in logits)
+        if not self.hparams.get("tta", False):
+            return probs
+        flipped = of(torch.flip(x, dims=(-1,)))
+        pairs = zip(probs, flipped, strict=True)
+        return tuple((p + torch.sigmoid(f.float())) / 2 for p, f in pairs)
 
     # -- training -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
