@@ -38,6 +38,7 @@ from torch import nn
 
 from regionnet.boxes.export import export_boxes
 from regionnet.compose.infer import load_multi_model
+from regionnet.compose.module import one_pass
 from regionnet.data.phantom import PHANTOM_REGIONS, render_phantom
 from regionnet.data.transforms import GRAY_MEAN, GRAY_STD, eval_transform
 from regionnet.landmarks.export import export_landmarks
@@ -76,9 +77,9 @@ class ProbabilityModel(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.landmarks is not None:
             found = bool(self.findings)
-            features, maps = self.net.forward_maps(image, self.landmarks.indices, found)
-            logits, finding_logits = self.net.logits_from(features)
-            coords, _ = self.landmarks(maps, image)
+            parts = {"landmarks": self.landmarks}
+            logits, finding_logits, outs = one_pass(self.net, parts, image, found)
+            coords, _ = outs["landmarks"]
             out = (torch.sigmoid(logits.float()),)
             out += (torch.sigmoid(finding_logits.float()),) if found else ()
             return (*out, coords.float())

@@ -69,6 +69,19 @@ def validate_parts(parts: Mapping | None) -> dict[str, dict]:
     return out
 
 
+def one_pass(
+    net: nn.Module, parts: Mapping[str, nn.Module], x: torch.Tensor, findings: bool
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(region logits (B, R), finding logits (B, L), each of `parts`' raw outputs) from one
+    pass of `net` (a `RegionClassifier`) over `x`: the maps every part reads
+    (`forward_maps`), the region and finding heads on its pooled features. Plain (no
+    Lightning), so the ONNX export traces it too (`regionnet.export.ProbabilityModel`)."""
+    indices = sorted({i for p in parts.values() for i in p.indices})
+    features, maps = net.forward_maps(x, indices, findings=findings)
+    logits, finding_logits = net.logits_from(features)
+    return logits, finding_logits, {n: p(maps, x) for n, p in parts.items()}
+
+
 class MultiNet(RegionNet):
     """Region and finding heads plus landmark/box parts on one backbone (module docstring)."""
 
@@ -125,8 +138,6 @@ class MultiNet(RegionNet):
                 built[name] = cls(backbone, box_names, size, int(h.in_chans), **options)
         self.parts = nn.ModuleDict(built)
         self.part_weights = {n: float(s.get("weight", 1.0)) for n, s in spec.items()}
-        # every map a part reads, from the one pass
-        self.indices = sorted({i for p in self.parts.values() for i in p.indices})
 
     @property
     def image_size(self) -> int:
@@ -136,9 +147,7 @@ class MultiNet(RegionNet):
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(region logits (B, R), finding logits (B, L), each part's raw outputs) from one
         backbone pass."""
-        features, maps = self.net.forward_maps(x, self.indices, findings=bool(self.findings))
-        logits, finding_logits = self.net.logits_from(features)
-        return logits, finding_logits, {n: p(maps, x) for n, p in self.parts.items()}
+        return one_pass(self.net, self.parts, x, bool(self.findings))
 
     # -- the head type's part of the loop (regionnet.model.loop) ----------------------------
     def training_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
