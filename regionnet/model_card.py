@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,17 +40,49 @@ REFERENCES = (
 
 
 def write_model_card(
-    path: str | Path, model, datamodule, metrics: Mapping[str, float] | None = None
+    path: str | Path,
+    model,
+    datamodule,
+    metrics: Mapping[str, float] | None = None,
+    card: Callable[..., dict] | None = None,
 ) -> Path:
     """Write `model_card.json` into the folder `path` (or to `path` itself when it ends in
-    `.json`) for a trained `model` (RegionNet) and the `datamodule` it was trained on."""
+    `.json`) for a trained `model` and the `datamodule` it was trained on. `card(model,
+    datamodule, metrics)` makes the card: the region card (`model_card`) by default; the
+    landmark, box and composed tasks pass their own (`regionnet.train.TASK_RUNS`)."""
     path = Path(path)
     if path.suffix != ".json":
         path = path / "model_card.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    card = model_card(model, datamodule, metrics or {})
+    card = (card or model_card)(model, datamodule, metrics or {})
     path.write_text(json.dumps(card, indent=2, default=_plain) + "\n")
     return path
+
+
+def head_card(model, datamodule, metrics: Mapping[str, float], **fields) -> dict:
+    """The keys every head type's card shares (name, version, creation time, library
+    versions, input kind, backbone, training films, `eval_metrics`) around the head type's
+    own `fields` (`task`, `description`, `network_data_format`, `intended_use`, ...): the
+    landmark and box cards."""
+    h = model.hparams
+    films = int(getattr(datamodule, "train_size", lambda: 0)() or 0)
+    return {
+        "name": "regionnet",
+        "version": regionnet.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "pytorch_version": torch.__version__,
+        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
+        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
+        **fields,
+        "backbone": {
+            "name": h.backbone,
+            "library": "timm",
+            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "training_data": {"films": films},
+        "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
+    }
 
 
 def model_card(model, datamodule, metrics: Mapping[str, float]) -> dict:

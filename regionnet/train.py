@@ -46,7 +46,7 @@ from regionnet.sweep import apply_sweep_group, finished_run
 
 log = logging.getLogger(__name__)
 
-# each head type's outputs after a fit: test_predictions, write_model_card, print_summary
+# each head type's outputs after a fit: test_predictions, model_card, print_summary
 # (the region task's are this module's own imports)
 TASK_RUNS = {"landmarks": landmark_run, "boxes": box_run, "multi": multi_run}
 
@@ -123,7 +123,7 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         if best is not None:
             strip_for_inference(Path(best))
         card_dir = getattr(ckpt, "dirpath", None) or out / "checkpoints"
-        (task_run.write_model_card if task_run else write_model_card)(card_dir, model, dm, metrics)
+        write_model_card(card_dir, model, dm, metrics, getattr(task_run, "model_card", None))
         # after the predictions and the card: a run directory with metrics.json is finished
         # (skip_if_done), so a run that failed before them is trained again
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
-from pathlib import Path
 
 import pandas as pd
-import torch
 from torchvision.ops import box_iou
 
-import regionnet
 from regionnet.boxes.infer import box_list, boxes_json
+from regionnet.model_card import head_card
 
 REFERENCES = (
     "Tian et al., ICCV 2019: FCOS, fully convolutional one-stage object detection "
@@ -102,21 +99,18 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
     """`model_card.json` of a box model (the region card's keys where they fit)."""
     h = model.hparams
     size = int(h.image_size)
-    return {
-        "name": "regionnet",
-        "version": regionnet.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "task": "Vertebra detection on AP spine radiographs (FCOS boxes; vertebrae, not lesions)",
-        "description": (
+    return head_card(
+        model,
+        dm,
+        metrics,
+        task="Vertebra detection on AP spine radiographs (FCOS boxes; vertebrae, not lesions)",
+        description=(
             f"{h.backbone} backbone, FPN (P3-P7) and torchvision FCOS; one class per vertebra "
             f"level ({len(model.box_names)}: {', '.join(model.box_names)})."
         ),
-        "pytorch_version": torch.__version__,
-        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
-        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
-        "box_names": list(model.box_names),
-        "dataset": h.get("dataset"),
-        "network_data_format": {
+        box_names=list(model.box_names),
+        dataset=h.get("dataset"),
+        network_data_format={
             "inputs": {
                 "image": {
                     "shape": [1, size, size],
@@ -133,25 +127,10 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
                 }
             },
         },
-        "backbone": {
-            "name": h.backbone,
-            "library": "timm",
-            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "training_data": {"films": int(getattr(dm, "train_size", lambda: 0)() or 0)},
-        "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
-        "intended_use": (
+        intended_use=(
             "Research: locate and name vertebrae (T1..L5) on AP spine films, e.g. to crop or "
             "count levels. It finds vertebrae, not lesions or fractures. Not for diagnosis or "
             "treatment decisions."
         ),
-        "references": list(REFERENCES),
-    }
-
-
-def write_model_card(folder: str | Path, model, dm, metrics: Mapping[str, float]) -> Path:
-    path = Path(folder) / "model_card.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(model_card(model, dm, metrics), indent=2, default=str) + "\n")
-    return path
+        references=list(REFERENCES),
+    )

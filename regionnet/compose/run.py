@@ -16,9 +16,7 @@ join_same_films`), else empty.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,10 +106,3 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
     card["parts"] = parts
     card["references"] = [*card["references"], *landmark_run.REFERENCES[:2]]
     return card
-
-
-def write_model_card(folder: str | Path, model, dm, metrics: Mapping[str, float]) -> Path:
-    path = Path(folder) / "model_card.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(model_card(model, dm, metrics), indent=2, default=str) + "\n")
-    return path

@@ -10,17 +10,13 @@ spines, `pt`, `mt`, `tl` (Cobb angles in degrees from the predicted corners) and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-import regionnet
 from regionnet.landmarks.infer import ANGLES, angles_of, points_json
+from regionnet.model_card import head_card
 
 REFERENCES = (
     "Cina et al., Scientific Reports 2021: 2-step deep learning model for landmarks "
@@ -91,12 +87,12 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
     h = model.hparams
     size = int(h.image_size)
     detail = h.get("detail_size")
-    return {
-        "name": "regionnet",
-        "version": regionnet.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "task": "Landmark localisation on radiographs (DSNT heads)",
-        "description": (
+    return head_card(
+        model,
+        dm,
+        metrics,
+        task="Landmark localisation on radiographs (DSNT heads)",
+        description=(
             f"{h.backbone} backbone, FPN and one DSNT heatmap per landmark "
             f"({len(model.landmark_names)} landmarks, {model.skeleton})"
             + ("; step 2 refines each point group on a crop" if h.refine else "")
@@ -106,13 +102,10 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
                 else "."
             )
         ),
-        "pytorch_version": torch.__version__,
-        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
-        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
-        "landmarks": list(model.landmark_names),
-        "skeleton": model.skeleton,
-        "dataset": h.get("dataset"),
-        "network_data_format": {
+        landmarks=list(model.landmark_names),
+        skeleton=model.skeleton,
+        dataset=h.get("dataset"),
+        network_data_format={
             "inputs": {
                 "image": {
                     "shape": [1, size, size],
@@ -139,24 +132,9 @@ def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
                 }
             },
         },
-        "backbone": {
-            "name": h.backbone,
-            "library": "timm",
-            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "training_data": {"films": int(getattr(dm, "train_size", lambda: 0)() or 0)},
-        "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
-        "intended_use": (
+        intended_use=(
             "Research: place anatomical landmarks (vertebral corners, hand joints) and derive "
             "angles for measurement studies. Not for diagnosis or treatment decisions."
         ),
-        "references": list(REFERENCES),
-    }
-
-
-def write_model_card(folder: str | Path, model, dm, metrics: Mapping[str, float]) -> Path:
-    path = Path(folder) / "model_card.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(model_card(model, dm, metrics), indent=2, default=str) + "\n")
-    return path
+        references=list(REFERENCES),
+    )
