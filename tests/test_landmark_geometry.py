@@ -144,3 +144,19 @@ def test_cobb_rule_matches_the_organisers_angles_on_all_aasce_films(shared_data)
     assert smape(pred, true) < 0.05
     assert np.abs(pred - true).mean() < 0.03
     assert np.abs(pred - true).max() < 0.5
+
+
+def test_off_level_marks_a_vertebra_nearer_a_neighbour_and_not_a_smaller_slip():
+    from regionnet.landmarks.geometry import off_level
+
+    true = spine(np.zeros(17))  # vertebrae 24 px tall, centres 40 px apart
+    pred = true.copy()
+    pred[8:12, 1] += 40.0  # T3's corners placed on T4: off by a whole level
+    pred[20:24, 1] += 19.0  # T6 slips 19 px, short of half the 40 px pitch: still nearer T6
+    pred[40:44, 1] -= 21.0  # T11 slips 21 px up: nearer T10's centre than its own
+    hidden = true.copy()
+    hidden[0] = np.nan  # T1 with a hidden corner: not counted
+    off = off_level(pred[None], hidden[None])
+    assert off.shape == (1, 17)
+    assert np.isnan(off[0, 0]) and off[0, 2] == 1.0 and off[0, 5] == 0.0 and off[0, 10] == 1.0
+    assert np.nansum(off) == 2.0

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from test_landmark_geometry import C_SHAPE, KNOTS, spine, tilts_through
 
+from regionnet.landmarks.geometry import VERTEBRAE
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.overlay import draw_landmarks
 from regionnet.landmarks.report import bootstrap_ci, landmark_report, plot_error_by_level
@@ -114,3 +115,18 @@ def test_error_plot_and_overlay_write_pngs(tmp_path):
         pixels = np.asarray(im)
     assert (pixels == [230, 40, 40]).all(-1).any()  # predicted points drawn in red
     assert (pixels == [40, 200, 60]).all(-1).any()  # true points in green
+
+
+def test_off_level_share_of_vertebrae_and_per_level():
+    true = torch.tensor(spine(np.zeros(17)), dtype=torch.float32)[None].repeat(2, 1, 1)
+    pred = true.clone()
+    pred[0, 8:12, 1] += 40.0  # film 0: T3 placed on T4
+    m = LandmarkMetrics("vertebrae")
+    m.update(pred, true)
+    out = m.compute_all("test")
+    assert out["test/off_level_pct"] == pytest.approx(100 / 34)  # 1 of 2 x 17 vertebrae
+    names = [f"{v}_{c}" for v in VERTEBRAE for c in ("tl", "tr", "bl", "br")]
+    report = landmark_report(m, names, "test", resamples=20)
+    assert report["per_level"]["T3"]["off_level_pct"] == pytest.approx(50.0)
+    assert report["per_level"]["T4"]["off_level_pct"] == 0.0
+    assert "test/off_level_pct_ci" in report

@@ -11,12 +11,14 @@ film of the run's data).
 Writes into `paths.output_dir`:
 
 - `metrics.json`: every `<split>/...` figure of `LandmarkMetrics.compute_all` (`mre_px`,
-  `mre_pct`, `err_{x,y}_{median,mean}_pct`, `pck@2`, `pck@5`, and the Cobb-angle errors of a
-  full T1..L5 spine) each with `<name>_ci`, a 95 % percentile bootstrap interval that resamples
-  whole patients (whole films where the ids are just the paths; `report.landmark_report`), the
-  same for step 1 alone as `<split>/step1/...` when the model refines (`refine`), `per_level`
-  (mean radial error per vertebra or landmark), the films left out as unreadable and the
-  annotation-check points hidden from scoring (`regionnet.landmarks.data.annotation_issues`);
+  `mre_pct`, `err_{x,y}_{median,mean}_pct`, `pck@2`, `pck@5`, and on spines `off_level_pct`
+  and the Cobb-angle errors of a full T1..L5 spine) each with `<name>_ci`, a 95 % percentile
+  bootstrap interval that resamples whole patients (whole films where the ids are just the
+  paths; `report.landmark_report`), the same for step 1 alone as `<split>/step1/...` when the
+  model refines (`refine`), `per_level` (mean radial error per vertebra or landmark, and on
+  spines the share of films with that vertebra off its level), the films left out as
+  unreadable and the annotation-check points hidden from scoring
+  (`regionnet.landmarks.data.annotation_issues`);
 - `predictions.csv`: one row per readable film: `path`, `patient_id`, `split`, `landmarks`
   (JSON [[x, y], ...] in the film's pixels; `landmarks_step1` with `refine`), `mre_px`,
   `mre_pct`, and for spines the Cobb angles `pt`, `mt`, `tl` and `true_pt`, `true_mt`, `true_tl`
@@ -289,7 +291,7 @@ def _print(result: dict, split: str, refine: bool) -> None:
     from rich.table import Table
 
     names = ("mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "pck@2", "pck@5",
-             "cobb_mae_mean", "cobb_smape")  # fmt: skip
+             "off_level_pct", "cobb_mae_mean", "cobb_smape")  # fmt: skip
     films = int(result.get(f"{split}/films", 0))
     table = Table(
         title=f"Landmark errors on {split} ({films} films; % = of the vertebra's size or the "

@@ -62,6 +62,21 @@ def vertebra_sizes(points) -> np.ndarray:
     return (width + height) / 2
 
 
+def off_level(points_pred, points_gt) -> np.ndarray:
+    """(N, V) 1.0 where a vertebra's predicted centre (the mean of its 4 predicted corners) is
+    nearer another vertebra's true centre than its own, i.e. the vertebra is placed on another
+    level, else 0.0; NaN where one of its true corners is NaN (hidden). Only fully visible
+    vertebrae serve as other levels. Step 2 looks only inside crops around step 1's corners,
+    so a vertebra step 1 put on the wrong level mostly stays there."""
+    pred, true = _corners(points_pred), _corners(points_gt)
+    centre_pred, centre_true = pred.mean(2), true.mean(2)  # (N, V, 2); NaN where hidden
+    dist = np.linalg.norm(centre_pred[:, :, None] - centre_true[:, None], axis=-1)  # (N, V, V)
+    own = np.diagonal(dist, axis1=1, axis2=2)
+    others = np.where(np.eye(dist.shape[1], dtype=bool), np.inf, dist)
+    others = np.where(np.isnan(others), np.inf, others).min(2)
+    return np.where(np.isfinite(own), (others < own).astype(float), np.nan)
+
+
 def reference_sizes(points_gt, skeleton: str) -> np.ndarray:
     """(N, K) the length each point's error is measured against, from the ground truth:
     its vertebra's size (`vertebra_sizes`) for "vertebrae"; for "points" the width of the

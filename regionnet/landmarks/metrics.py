@@ -7,7 +7,9 @@ width, i.e. the hand width, for "points"), in %. Cina et al. 2021 report |dx| an
 way (median and mean, % of the vertebra size). Only visible points count. Names:
 `stage/mre_px`, `stage/mre_pct`, `stage/err_{x,y}_{median,mean}_pct`, `stage/pck@2`,
 `stage/pck@5` (share of visible points within 2 % / 5 % of the reference size), `stage/films`,
-and for "vertebrae" `stage/cobb_mae/{pt,mt,tl}`, `stage/cobb_mae_mean` (degrees) and
+and for "vertebrae" `stage/off_level_pct` (% of fully visible vertebrae whose predicted centre
+is nearer another vertebra's true centre than its own: `geometry.off_level`),
+`stage/cobb_mae/{pt,mt,tl}`, `stage/cobb_mae_mean` (degrees) and
 `stage/cobb_smape` (%, the AASCE challenge's) from `geometry.cobb_angles` of the predicted
 corners against the film's labelled angles, or against the angles of its true corners where
 no label is given.
@@ -26,6 +28,7 @@ from regionnet.landmarks.geometry import (
     COBB_NAMES,
     check_skeleton,
     cobb_angles,
+    off_level,
     reference_sizes,
     smape,
 )
@@ -104,6 +107,8 @@ class LandmarkMetrics(Metric):
             out = dict.fromkeys(("radial_px", "radial_pct", "err_x_pct", "err_y_pct"), empty)
             out |= {"reference_px": empty, "visible": vis}
             out |= {"mre_px": np.zeros(0), "mre_pct": np.zeros(0)}
+            if self.skeleton == "vertebrae":
+                out["off_level"] = np.zeros((0, pred.shape[1] // 4))
             if self.skeleton == "vertebrae" and pred.shape[1] == COBB_POINTS:
                 out |= {"cobb_pred": np.zeros((0, 3)), "cobb_true": np.zeros((0, 3))}
             return out
@@ -125,6 +130,8 @@ class LandmarkMetrics(Metric):
             warnings.simplefilter("ignore", RuntimeWarning)
             out["mre_px"] = np.nanmean(radial, axis=1)
             out["mre_pct"] = np.nanmean(out["radial_pct"], axis=1)
+        if self.skeleton == "vertebrae":
+            out["off_level"] = off_level(pred, truth)
         if self.skeleton == "vertebrae" and pred.shape[1] == COBB_POINTS:
             out["cobb_pred"] = cobb_angles(pred, s["heights"]) if len(pred) else np.zeros((0, 3))
             label = s["cobb_true"]
@@ -138,7 +145,8 @@ class LandmarkMetrics(Metric):
         """Arrays with one row per film, for bootstrapping and plots: `radial_px`,
         `radial_pct`, `err_x_pct`, `err_y_pct` (|dx|, |dy|), `reference_px`, `visible` (N, K;
         NaN where a point is hidden), `mre_px`, `mre_pct` (N,), and for "vertebrae"
-        `cobb_pred`, `cobb_true` (N, 3) degrees [PT, MT, TL]."""
+        `off_level` (N, V; 1.0 off its level, NaN partly hidden) and `cobb_pred`, `cobb_true`
+        (N, 3) degrees [PT, MT, TL]."""
         return self.compute()
 
     def compute_all(self, stage: str) -> dict[str, float]:
@@ -164,6 +172,10 @@ def summarize(films: dict[str, np.ndarray], stage: str) -> dict[str, float]:
         out[f"{stage}/err_y_mean_pct"] = float(ey.mean())
         for pct in PCK_PCT:
             out[f"{stage}/pck@{pct}"] = float((rel <= pct).mean())
+    if "off_level" in films:
+        off = films["off_level"][np.isfinite(films["off_level"])]
+        if off.size:
+            out[f"{stage}/off_level_pct"] = float(100 * off.mean())
     if "cobb_pred" in films:
         pred, true = films["cobb_pred"], films["cobb_true"]
         ok = np.isfinite(pred).all(1) & np.isfinite(true).all(1)

@@ -21,8 +21,9 @@ coordinates in [-1, 1] (align_corners=False), `points_px` the truth in the store
 `scale`/`offset` the letterbox (x_in = x_orig * scale + offset). Metrics (`LandmarkMetrics`)
 are measured in original pixels: `stage/mre_px`, `stage/mre_pct`, `stage/err_{x,y}_{median,
 mean}_pct` (% of the vertebra's size, Cina's figures), `stage/pck@2`, `stage/pck@5`, and on
-spines `stage/cobb_mae/<pt|mt|tl>` and `stage/cobb_smape`; with `refine`, step 1 alone is
-logged under `stage/step1/...`. The best checkpoint follows `val/mre_pct` (lower is better).
+spines `stage/off_level_pct`, `stage/cobb_mae/<pt|mt|tl>` and `stage/cobb_smape`; with
+`refine`, step 1 alone is logged under `stage/step1/...`. The best checkpoint follows
+`val/mre_pct` (lower is better).
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ def levels(names: Sequence[str], skeleton: str) -> list[str]:
 
 
 def _per_level(films: Mapping[str, np.ndarray], names: Sequence[str], skeleton: str) -> dict:
-    """Mean radial error (px, %) and points counted per level, over visible points."""
+    """Mean radial error (px, %) and points counted per level, over visible points; for
+    vertebrae also `off_level_pct`, the % of films where that vertebra is placed off its level
+    (`geometry.off_level`)."""
     seen = np.asarray(films["visible"], bool)
     group = 4 if skeleton == "vertebrae" else 1
     out = {}
@@ -67,6 +69,10 @@ def _per_level(films: Mapping[str, np.ndarray], names: Sequence[str], skeleton: 
             "mre_pct": float(np.nanmean(pct)) if px.size else None,
             "points": int(mask.sum()),
         }
+        if "off_level" in films and i < films["off_level"].shape[1]:
+            off = films["off_level"][:, i]
+            off = off[np.isfinite(off)]
+            out[label]["off_level_pct"] = float(100 * off.mean()) if off.size else None
     return out
 
 

@@ -61,7 +61,7 @@ def print_summary(metrics: Mapping[str, float], model=None) -> None:
 
     names = (
         "mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "err_x_mean_pct",
-        "err_y_mean_pct", "pck@2", "pck@5", "cobb_mae_mean", "cobb_smape",
+        "err_y_mean_pct", "pck@2", "pck@5", "off_level_pct", "cobb_mae_mean", "cobb_smape",
     )  # fmt: skip
     stages = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
     table = Table(title="Landmark errors (% = of the vertebra's size or the hand's width)")
