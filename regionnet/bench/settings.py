@@ -80,7 +80,7 @@ class BenchSettings:
     landmarks_rows: tuple[str, ...] = ()
     #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
     #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
-    findings_minutes: float = 25.0
+    findings_minutes: float = 32.0
     #: the compose section (issues 17, 18): the budget its five trainings' shares are taken
     #: of (min; 25 % each, at most: regionnet.bench.compose.RUNS)
     compose_minutes: float = 24.0
