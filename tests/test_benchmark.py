@@ -280,3 +280,34 @@ def test_committed_results_md_is_what_the_report_makes_of_results_json(tmp_path)
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     rendered = (out / "RESULTS.md").read_text()
     assert rendered == (ROOT / "benchmarks" / "RESULTS.md").read_text()
+
+
+def test_spine_step1_at_twice_the_size_is_optional_and_reported_beside_step1(tmp_path):
+    """spine.step1_2x trains only when named (--landmarks-rows), at twice the input size;
+    the spine table gains its column and the levers name both off-level shares."""
+    from dataclasses import replace
+
+    from regionnet.bench.landmarks import landmarks_markdown, row_overrides, rows
+
+    s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
+    assert ("spine", "step1_2x") not in rows(s)
+    named = replace(s, landmarks_rows=("spine.step1_2x",))
+    assert rows(named) == [("spine", "step1_2x")]
+    over = row_overrides(named, ("spine", "step1_2x"), tmp_path / "run")
+    assert f"data.image_size={2 * s.landmarks_image_size}" in over
+    run = {"max_epochs": 5, "train_seconds": 60.0, "budget_minutes": 10.0,
+           "val_mre_pct_best": 40.0, "checkpoint": "best.ckpt"}  # fmt: skip
+    one = {"test": {"off_level_pct": 49.0, "err_y_median_pct": 31.9, "films": 72},
+           "image_size": 256, "epochs": 11, **run}  # fmt: skip
+    big = {"test": {"off_level_pct": 20.0, "err_y_median_pct": 12.0, "films": 72},
+           "image_size": 512, "epochs": 5, **run}  # fmt: skip
+    res = {"settings": {"image_size": 256, "backbone": "resnet18", "pretrained": "ImageNet",
+                        "stride": 8, "head_width": 128, "batch_size": 8, "optimizer": "AdamW",
+                        "precision": "32-true", "budget_minutes": 20, "torch_threads": 2},
+           "spine": {"step1": one, "step1_2x": big}, "wall_seconds": 60.0}  # fmt: skip
+    text = "\n".join(landmarks_markdown(res))
+    assert "| step 1 alone at 512 px |" in text
+    assert "| 49.0 | n/a | n/a | 20.0 |" in text  # the off-level row, one cell per column
+    assert "places 49 % of the test vertebrae nearer another vertebra" in text
+    assert "512 px (5 epochs): 20 % on another level" in text
+    assert "Twice the resolution cut that share by 29 points" in text

@@ -54,6 +54,11 @@ ROWS = {
     ("hand", "step1"): {"dataset": "hand_dha", "refine": False, "share": 0.25},
     ("hand", "two_step"): {"dataset": "hand_dha", "refine": True, "share": 0.25,
                            "start_from": "step1"},
+    # step 1 at twice the input size (`scale`: x --landmarks-image-size): a vertebra ~2.8
+    # heatmap cells tall instead of ~1.4. Optional (outside the 20 minutes): trained only when
+    # named, e.g. `--landmarks-rows spine.step1_2x`
+    ("spine", "step1_2x"): {"dataset": "spine_aasce", "refine": False, "share": 0.5,
+                            "scale": 2, "optional": True},
 }  # fmt: skip
 #: whether the hand two-step row runs (its share comes on top of the others')
 HAND_TWO_STEP = True
@@ -71,12 +76,16 @@ STRIDE = 8
 HEAD_WIDTH = 128
 BATCH_SIZE = 8
 #: epochs each row's cosine schedule runs (`trainer.max_epochs`, and so the scheduler's
-#: T_max); `trainer.max_time` stops a slower machine earlier. Set from a trial on 2 shared cores
+#: T_max); `trainer.max_time` stops a slower machine earlier. The spine rows fill their share
+#: of the 20 minutes on an idle 2-core machine (measured: step 1 ~28 s per epoch of 337 films,
+#: two-step ~78 s); the hand rows were set from a trial on 2 shared cores
 EPOCHS = {
-    ("spine", "step1"): 5,
-    ("spine", "two_step"): 4,
+    ("spine", "step1"): 11,
+    ("spine", "two_step"): 6,
     ("hand", "step1"): 15,
     ("hand", "two_step"): 15,
+    # ~4x step 1's work per film: 5 epochs in its 10 minutes
+    ("spine", "step1_2x"): 5,
 }
 #: --quick: films per data set (patient split 70/15/15 of the first ones), batches per epoch
 QUICK_FILMS = 30
@@ -122,7 +131,8 @@ def rows(settings: BenchSettings) -> list[tuple[str, str]]:
             names = ", ".join(".".join(r) for r in ROWS)
             raise ValueError(f"--landmarks-rows {unknown}: use some of {names}")
         return chosen
-    return [r for r in ROWS if r != ("hand", "two_step") or HAND_TWO_STEP]
+    return [r for r in ROWS if (r != ("hand", "two_step") or HAND_TWO_STEP)
+            and not ROWS[r].get("optional")]  # fmt: skip
 
 
 def start_checkpoint(res: dict, row: tuple[str, str]) -> Path | None:
@@ -158,6 +168,11 @@ def row_minutes(settings: BenchSettings, row: tuple[str, str]) -> float:
     return settings.landmarks_minutes * ROWS[row]["share"]
 
 
+def row_image_size(settings: BenchSettings, row: tuple[str, str]) -> int:
+    """The row's input size: --landmarks-image-size times the row's `scale` (default 1)."""
+    return settings.landmarks_image_size * int(ROWS[row].get("scale", 1))
+
+
 def row_overrides(settings: BenchSettings, row: tuple[str, str], run_dir: Path) -> list[str]:
     """regionnet-train overrides of one row."""
     spec = ROWS[row]
@@ -165,7 +180,7 @@ def row_overrides(settings: BenchSettings, row: tuple[str, str], run_dir: Path) 
         "task=landmarks",
         f"data.root={settings.data_dir / 'landmarks'}",
         f"data.dataset={spec['dataset']}",
-        f"data.image_size={settings.landmarks_image_size}",
+        f"data.image_size={row_image_size(settings, row)}",
         f"data.batch_size={BATCH_SIZE}",
         f"data.num_workers={settings.num_workers}",
         f"model.refine={str(spec['refine']).lower()}",
@@ -288,6 +303,7 @@ def one_row(
     out: dict = {
         "dataset": spec["dataset"],
         "refine": spec["refine"],
+        "image_size": row_image_size(settings, row),
         "overrides": overrides,
         "run_dir": str(run_dir),
         "checkpoint": str(ckpt),
@@ -424,7 +440,7 @@ SPINE_ROWS = (
     ("MRE (% vertebra size)", "mre_pct", 1, 1, "", ""),
     ("PCK@2 % (share of points)", "pck_2pct", 1, 100, "", ""),
     ("PCK@5 % (share of points)", "pck_5pct", 1, 100, "", ""),
-    ("vertebrae off their level (% of vertebrae)", "off_level_pct", 1, 1, "", ""),
+    ("vertebrae placed on another level (% of vertebrae)", "off_level_pct", 1, 1, "", ""),
     ("Cobb MAE PT (°)", "cobb_mae_pt_deg", 1, 1, "", ""),
     ("Cobb MAE MT (°)", "cobb_mae_mt_deg", 1, 1, "", ""),
     ("Cobb MAE TL/L (°)", "cobb_mae_tl_deg", 1, 1, "", ""),
@@ -474,6 +490,44 @@ def hand_bullet(lm: dict) -> str:
     )
 
 
+def level_text(lm: dict) -> str:
+    """What `off_level_pct` says about step 1's levels, and step 1 at 2x where it ran."""
+    spine = lm.get("spine", {})
+    one, two = spine.get("step1", {}), spine.get("two_step", {})
+    big = spine.get("step1_2x", {})
+    off = one.get("test", {}).get("off_level_pct")
+    if off is None:
+        return ""
+    text = (
+        f" Step 1 alone places {off:.0f} % of the test vertebrae nearer another vertebra than "
+        "their own (`off_level_pct`)"
+    )
+    final = two.get("test", {}).get("off_level_pct")
+    if final is not None:
+        text += (
+            f"; after step 2, whose crops follow step 1's corners, {final:.0f} % remain "
+            f"(its own step 1: {_v(two.get('test_step1', {}).get('off_level_pct'), 0)} %)"
+        )
+    text += ": the level, not the sub-pixel placement, is the first gap."
+    off_big = big.get("test", {}).get("off_level_pct")
+    if off_big is not None:
+        size = lm.get("settings", {}).get("image_size")
+        text += (
+            f" Step 1 alone at {big.get('image_size')} px ({big['epochs']} epochs): "
+            f"{off_big:.0f} % on another level, median |dy| "
+            f"{_v(big['test'].get('err_y_median_pct'), 1)} % (at {one.get('image_size', size)} "
+            f"px, {one.get('epochs')} epochs: {_v(one['test'].get('err_y_median_pct'), 1)} %)."
+        )
+        change = off_big - off
+        text += (
+            " Twice the resolution left that share where it was at this training length."
+            if abs(change) < 5
+            else f" Twice the resolution {'cut' if change < 0 else 'raised'} that share by "
+            f"{abs(change):.0f} points."
+        )
+    return text
+
+
 def landmarks_markdown(lm: dict) -> list[str]:
     """The "Landmarks (issue 17)" section of RESULTS.md."""
     lines = ["## Landmarks (issue 17): DSNT heads on spines and hands", ""]
@@ -503,20 +557,21 @@ def landmarks_markdown(lm: dict) -> list[str]:
     spine = lm.get("spine", {})
     if spine:
         one, two = spine.get("step1", {}), spine.get("two_step", {})
+        big = spine.get("step1_2x", {})
         films = one.get("test", {}).get("films") or two.get("test", {}).get("films")
+        cols = [one.get("test", {}), two.get("test_step1", {}), two.get("test", {})]
+        head = "step 1 alone | 2-step: its step 1 | 2-step: final"
+        if "test" in big:
+            cols.append(big["test"])
+            head += f" | step 1 alone at {big.get('image_size', '2x')} px"
         lines += [
             f"### Spine (spine_aasce, {films} test films)",
             "",
-            "| figure | target | Cina 2021 / AASCE | step 1 alone | 2-step: its step 1 | "
-            "2-step: final |",
-            "| --- | --- | --- | ---: | ---: | ---: |",
+            f"| figure | target | Cina 2021 / AASCE | {head} |",
+            "| --- | --- | --- |" + " ---: |" * len(cols),
         ]
         for label, key, nd, scale, target, published in SPINE_ROWS:
-            cells = [
-                _cell(one.get("test", {}), key, nd, scale),
-                _cell(two.get("test_step1", {}), key, nd, scale),
-                _cell(two.get("test", {}), key, nd, scale),
-            ]
+            cells = [_cell(c, key, nd, scale) for c in cols]
             lines.append(f"| {label} | {target} | {published} | " + " | ".join(cells) + " |")
         lines.append("")
     hand = lm.get("hand", {})
@@ -604,8 +659,9 @@ def landmarks_markdown(lm: dict) -> list[str]:
         "spends ~60 % of the square on padding beside a ~400 px wide spine. Step 2 crops "
         "each vertebra from the detail image (`data.detail_size`, default 1024 px, the stored "
         "films' size; the rows above record theirs), as Cina et al. crop from the "
-        "full-resolution film; a tall input for step 1 (e.g. 512 x 256) is the change left "
-        "that matters most.",
+        "full-resolution film; a tall input for step 1 (e.g. 512 x 256, not built) would give "
+        "step 1 twice the vertical resolution at about half the cost of a 512 px square."
+        + level_text(lm),
         f"- Training length: tens to hundreds of epochs instead of the {reached} here, with "
         "the cosine schedule over "
         "that length.",
