@@ -603,10 +603,11 @@ def _run_line(name: str, r: dict) -> str:
         return f"- {name}: skipped ({r['skipped']})."
     fit = r.get("train_films_per_s")
     last = (r.get("timeline") or [{}])[-1]
+    # a run the budget stopped before max_epochs: how far its last epoch got
     steps = (
-        f" ({last['step']} steps of {last['steps_per_epoch']} per epoch: the last epoch may be "
-        "cut by the budget)"
-        if "step" in last
+        f" ({last['step']} steps of {last['steps_per_epoch']} per epoch: the budget cut the "
+        "last epoch)"
+        if "step" in last and last["step"] < r["max_epochs"] * last["steps_per_epoch"]
         else ""
     )
     return (
