@@ -59,13 +59,8 @@ def write_model_card(
     return path
 
 
-def head_card(model, datamodule, metrics: Mapping[str, float], **fields) -> dict:
-    """The keys every head type's card shares (name, version, creation time, library
-    versions, input kind, backbone, training films, `eval_metrics`) around the head type's
-    own `fields` (`task`, `description`, `network_data_format`, `intended_use`, ...): the
-    landmark and box cards."""
-    h = model.hparams
-    films = int(getattr(datamodule, "train_size", lambda: 0)() or 0)
+def _about() -> dict:
+    """The keys every card opens with: what made it, when, and what input kind it takes."""
     return {
         "name": "regionnet",
         "version": regionnet.__version__,
@@ -73,13 +68,30 @@ def head_card(model, datamodule, metrics: Mapping[str, float], **fields) -> dict
         "pytorch_version": torch.__version__,
         "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
         "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
+    }
+
+
+def _backbone(model) -> dict:
+    """The backbone every card names; starting weights: random, imagenet-package (package,
+    version, sha256), timm-hub or file (name, sha256)."""
+    h = model.hparams
+    return {
+        "name": h.backbone,
+        "library": "timm",
+        "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def head_card(model, datamodule, metrics: Mapping[str, float], **fields) -> dict:
+    """The keys every head type's card shares (`_about`, `_backbone`, training films,
+    `eval_metrics`) around the head type's own `fields` (`task`, `description`,
+    `network_data_format`, `intended_use`, ...): the landmark and box cards."""
+    films = int(getattr(datamodule, "train_size", lambda: 0)() or 0)
+    return {
+        **_about(),
         **fields,
-        "backbone": {
-            "name": h.backbone,
-            "library": "timm",
-            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
+        "backbone": _backbone(model),
         "training_data": {"films": films},
         "eval_metrics": {k: v for k, v in metrics.items() if k.startswith(("test/", "val/"))},
     }
@@ -128,20 +140,15 @@ def _card(model, datamodule, metrics: Mapping[str, float]) -> dict:
     size = int(d.image_size)
     records = datamodule.records
     return {
-        "name": "regionnet",
-        "version": regionnet.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **_about(),
         "task": "Anatomical region classification of musculoskeletal radiographs",
         "description": (
             f"One shared {h.backbone} backbone with one binary (one-vs-rest) head per region "
             f"({', '.join(regions)}). A head calls its region when its probability is at or "
             f"above its threshold; when no head does, the radiograph is '{UNKNOWN}'."
         ),
-        "pytorch_version": torch.__version__,
         "numpy_version": np.__version__,
         "python_version": platform.python_version(),
-        "data_type": "radiograph (DICOM, PNG, JPEG, TIFF)",
-        "image_classes": "single channel greyscale radiograph, MONOCHROME2 (bone bright)",
         "label_classes": {r: f"1 = shows the {r}, 0 = does not" for r in regions},
         "pred_classes": [*regions, UNKNOWN],
         "regions": [_region(r, k) for k, r in enumerate(regions)],
@@ -150,14 +157,9 @@ def _card(model, datamodule, metrics: Mapping[str, float]) -> dict:
         "threshold_method": h.get("threshold_method", "fixed"),
         "threshold_chosen_on": "validation split",
         "backbone": {
-            "name": h.backbone,
-            "library": "timm",
+            **_backbone(model),
             "shared": bool(h.get("shared_backbone", True)),
             "pretrained": bool(h.get("pretrained")) or bool(h.get("weights_file")),
-            # starting weights: random, imagenet-package (package, version, sha256), timm-hub
-            # or file (name, sha256)
-            "weights": dict(h.get("weights_source") or {"kind": "unknown"}),
-            "parameters": sum(p.numel() for p in model.parameters()),
         },
         "training_data": _training_data(records, regions, datamodule),
         "data_source": sorted(records["source"].astype(str).unique()),
