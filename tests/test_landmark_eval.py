@@ -159,3 +159,20 @@ def test_a_named_landmark_data_group_replaces_the_runs(run, tmp_path, caplog):
     assert any("data.external_test: not used" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="landmark model, but data._target_"):
         evaluate(eval_cfg(run, tmp_path / "region", "data=phantom"))
+
+
+def test_the_console_table_prints_each_figure_present_with_its_interval(capsys):
+    from regionnet.landmarks.report import print_table
+
+    values = {
+        "test/mre_pct": 2.5,
+        "test/mre_pct_ci": [2.0, 3.0],
+        "test/step1/mre_pct": 4.25,
+        "test/step1/off_level_pct": 12.0,
+    }
+    print_table(values, "errors", [("final", "test"), ("step 1", "test/step1")])
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 4}
+    assert set(rows) == {"mre_pct", "off_level_pct"}  # absent everywhere: no row
+    assert "2.500 [2.000, 3.000]" in rows["mre_pct"] and "4.250" in rows["mre_pct"]
+    assert "n/a" in rows["off_level_pct"] and "12.000" in rows["off_level_pct"]

@@ -52,7 +52,7 @@ from regionnet.landmarks.data import LandmarkDataModule
 from regionnet.landmarks.infer import ANGLES, load_landmark_model, points_json
 from regionnet.landmarks.metrics import LandmarkMetrics
 from regionnet.landmarks.overlay import draw_landmarks
-from regionnet.landmarks.report import landmark_report, plot_error_by_level
+from regionnet.landmarks.report import landmark_report, plot_error_by_level, print_table
 from regionnet.reporting import resampling_unit
 from regionnet.run import build_datamodule, eval_trainer, log_eval
 
@@ -287,27 +287,11 @@ def evaluate_landmarks(cfg: DictConfig, ckpt_path: str | Path) -> dict:
 
 
 def _print(result: dict, split: str, refine: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    names = ("mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "pck@2", "pck@5",
-             "off_level_pct", "cobb_mae_mean", "cobb_smape")  # fmt: skip
     films = int(result.get(f"{split}/films", 0))
-    table = Table(
-        title=f"Landmark errors on {split} ({films} films; % = of the vertebra's size or the "
-        "hand's width; [95 % bootstrap CI])"
+    columns = [("final", split)] + ([("step 1", f"{split}/step1")] if refine else [])
+    print_table(
+        result,
+        f"Landmark errors on {split} ({films} films; % = of the vertebra's size or the hand's "
+        "width; [95 % bootstrap CI])",
+        columns,
     )
-    table.add_column("figure")
-    stages = [split] + ([f"{split}/step1"] if refine else [])
-    for stage in stages:
-        table.add_column("step 1" if stage.endswith("step1") else "final", justify="right")
-    for n in names:
-        cells = []
-        for stage in stages:
-            v, ci = result.get(f"{stage}/{n}"), result.get(f"{stage}/{n}_ci")
-            cells.append(
-                "n/a" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-            )
-        if any(c != "n/a" for c in cells):
-            table.add_row(n, *cells)
-    Console().print(table)

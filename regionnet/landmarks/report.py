@@ -140,3 +140,35 @@ def plot_error_by_level(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+#: the figures the console tables print, in this order (metric names after `stage/`)
+FIGURES = (
+    "mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "err_x_mean_pct",
+    "err_y_mean_pct", "pck@2", "pck@5", "off_level_pct", "cobb_mae_mean", "cobb_smape",
+)  # fmt: skip
+
+
+def print_table(
+    values: Mapping[str, object], title: str, columns: Sequence[tuple[str, str]]
+) -> None:
+    """A rich table of the landmark figures: a row per `FIGURES` name that any column has, a
+    column per `(header, prefix)` reading `values[f"{prefix}/{name}"]` (and its `_ci`, shown
+    as `[low, high]` where present). Used after a fit and by `regionnet-eval`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("figure")
+    for header, _ in columns:
+        table.add_column(header, justify="right")
+    for name in FIGURES:
+        cells = []
+        for _, prefix in columns:
+            v, ci = values.get(f"{prefix}/{name}"), values.get(f"{prefix}/{name}_ci")
+            cells.append(
+                "n/a" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+            )
+        if any(c != "n/a" for c in cells):
+            table.add_row(name, *cells)
+    Console().print(table)

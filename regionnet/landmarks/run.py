@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from regionnet.landmarks.infer import ANGLES, angles_of, points_json
+from regionnet.landmarks.report import print_table
 from regionnet.model_card import head_card
 
 REFERENCES = (
@@ -56,30 +57,15 @@ def test_predictions(trainer, model, dm) -> pd.DataFrame | None:
 def print_summary(metrics: Mapping[str, float], model=None) -> None:
     """The landmark errors on the console: one row per figure, a column per stage.
     `model`: unused (`train` passes every head type its model)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    names = (
-        "mre_px", "mre_pct", "err_x_median_pct", "err_y_median_pct", "err_x_mean_pct",
-        "err_y_mean_pct", "pck@2", "pck@5", "off_level_pct", "cobb_mae_mean", "cobb_smape",
-    )  # fmt: skip
-    stages = [s for s in ("val", "test") if any(k.startswith(f"{s}/") for k in metrics)]
-    table = Table(title="Landmark errors (% = of the vertebra's size or the hand's width)")
-    table.add_column("figure")
-    for s in stages:
-        table.add_column(s, justify="right")
-        if f"{s}/step1/mre_pct" in metrics:
-            table.add_column(f"{s} step 1", justify="right")
-    for n in names:
-        cells = []
-        for s in stages:
-            cells.append(f"{metrics[k]:.3f}" if (k := f"{s}/{n}") in metrics else "n/a")
+    columns = []
+    for s in ("val", "test"):
+        if any(k.startswith(f"{s}/") for k in metrics):
+            columns.append((s, s))
             if f"{s}/step1/mre_pct" in metrics:
-                k1 = f"{s}/step1/{n}"
-                cells.append(f"{metrics[k1]:.3f}" if k1 in metrics else "n/a")
-        if any(c != "n/a" for c in cells):
-            table.add_row(n, *cells)
-    Console().print(table)
+                columns.append((f"{s} step 1", f"{s}/step1"))
+    print_table(
+        metrics, "Landmark errors (% = of the vertebra's size or the hand's width)", columns
+    )
 
 
 def model_card(model, dm, metrics: Mapping[str, float]) -> dict:
