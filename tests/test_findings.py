@@ -271,7 +271,7 @@ def finding_run(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_a_finding_head_learns_a_visible_finding(finding_run):
     """Held-out test films (24 graded knees): AUROC of knee_oa >= 0.9; the region metrics and
-    `auroc_mean` stay the regions' own."""
+    `auroc_mean` stay the regions' own, `auroc_mean_all` averages every head's."""
     run, metrics = finding_run
     assert metrics["test/labelled/knee_oa"] == 24 and metrics["test/positives/knee_oa"] == 12
     assert metrics["test/auroc/knee_oa"] >= 0.9, metrics
@@ -279,6 +279,11 @@ def test_a_finding_head_learns_a_visible_finding(finding_run):
     assert metrics["test/auroc_mean"] == pytest.approx(
         (metrics["test/auroc/hand"] + metrics["test/auroc/knee"]) / 2
     )
+    heads = ("hand", "knee", "knee_oa")  # every region head and the binary finding head
+    assert metrics["test/auroc_mean_all"] == pytest.approx(
+        sum(metrics[f"test/auroc/{h}"] for h in heads) / 3
+    )
+    assert "val/auroc_mean_all" in metrics
     model = load_regionnet(run / "checkpoints" / "best.ckpt")
     assert model.findings == ["knee_oa"] and model.hparams.findings["knee_oa"]["region"] == "knee"
     t = float(model.finding_thresholds[0])
@@ -440,3 +445,13 @@ def test_finding_metrics_count_labelled_films_only(capsys):
         {**out, "test/auroc/knee": 0.99}, ["knee"], stages=("test",), findings=["knee_oa"]
     )
     assert "knee_oa" in capsys.readouterr().out
+
+
+def test_task_knee_oa_keeps_the_checkpoint_that_is_best_over_every_head():
+    """The region heads' mean saturates early on the shared data, so task=knee_oa's best
+    checkpoint, early stopping and sweep metric follow `val/auroc_mean_all` (findings too)."""
+    cfg = compose_config("train", ["task=knee_oa"])
+    assert cfg.callbacks.model_checkpoint.monitor == "val/auroc_mean_all"
+    assert cfg.callbacks.early_stopping.monitor == "val/auroc_mean_all"
+    assert cfg.optimized_metric == "val/auroc_mean_all"
+    assert compose_config("train", []).callbacks.model_checkpoint.monitor == "val/auroc_mean"
