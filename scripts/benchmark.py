@@ -149,6 +149,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "run, 170 %% in all)",
     )
     p.add_argument(
+        "--findings-runs",
+        nargs="+",
+        default=(),
+        metavar="RUN",
+        help="findings section: train only these runs (knee_oa, knee_oa_binary, regions, "
+        "knee_oa_separate, boxes) and keep the others from the existing results.json and their "
+        "evaluations under artifacts/findings/",
+    )
+    p.add_argument(
         "--compose-minutes",
         type=float,
         default=24.0,
@@ -206,6 +215,7 @@ def settings_from(args: argparse.Namespace, argv: list[str]) -> BenchSettings:
         landmarks_image_size=args.landmarks_image_size,
         landmarks_rows=tuple(args.landmarks_rows),
         findings_minutes=args.findings_minutes,
+        findings_runs=tuple(args.findings_runs),
         compose_minutes=args.compose_minutes,
         predict_ckpt=args.predict_ckpt,
         repo=ROOT,

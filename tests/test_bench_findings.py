@@ -19,6 +19,7 @@ from regionnet.bench.findings import (
     findings_markdown,
     flat_keys,
     grade_figures,
+    kept_runs,
     knee_oa_figures,
     paired_region_delta,
     region_figures,
@@ -103,7 +104,7 @@ def test_the_runs_compose_with_the_real_configs(tmp_path):
     assert compose_config("train", regions).model.findings is None
     assert compose_config("train", boxes).data.dataset == "spine_aasce"
     quick = s.quick_sized()
-    assert quick.findings_minutes < s.findings_minutes == 32.0  # sized for 224 px runs
+    assert quick.findings_minutes < s.findings_minutes == 90.0  # sized for 14 epochs at 224 px
     over = run_overrides(quick, "knee_oa", tmp_path / "q")
     assert over.count("test=false") == 1 and "trainer.max_epochs=1" in over
 
@@ -207,3 +208,39 @@ def test_findings_section_names_its_figures_for_what_they_are(tmp_path):
     ]
     rel = relativise(text, paths)
     assert str(tmp_path) not in rel and "`<out>/artifacts/findings/knee_oa/" in rel
+
+
+def test_findings_runs_keep_the_other_runs_records_and_evaluations(tmp_path):
+    """--findings-runs: the runs not named come from results.json (marked) with their
+    evaluations from artifacts/findings/<run>/eval; a missing one or an unknown name stops."""
+    import json
+
+    from regionnet.bench.findings import RUNS, _run_line
+
+    out = tmp_path / "out"
+    root = out / "artifacts" / "findings"
+    record = {"task": "knee_oa", "epochs": 5, "max_epochs": 5, "train_seconds": 300.0,
+              "budget_minutes": 9.0, "checkpoint_epoch": 5, "checkpoint_monitor": "val/auroc_mean",
+              "params": 3.4e6, "run_dir": "benchmarks/artifacts/findings/x",
+              "checkpoint": "benchmarks/artifacts/findings/x/checkpoints/best.ckpt"}  # fmt: skip
+    runs = {r: {**record, "task": RUNS[r]["task"]} for r in RUNS}
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"findings": {"runs": runs}}))
+    for r in RUNS:
+        (root / r / "eval").mkdir(parents=True)
+        (root / r / "eval" / "metrics.json").write_text(json.dumps({"test/auroc_mean": 0.9}))
+    s = BenchSettings(tmp_path, out, "32-true", findings_runs=("knee_oa", "boxes"))
+    kept = kept_runs(s, root)
+    assert set(kept) == set(RUNS) - {"knee_oa", "boxes"}
+    rec, evaluation = kept["knee_oa_separate"]
+    assert evaluation == {"test/auroc_mean": 0.9} and rec["from_earlier_run"]
+    assert rec["run_dir"] == str(root / "knee_oa_separate")
+    assert rec["checkpoint"] == str(root / "knee_oa_separate" / "checkpoints" / "best.ckpt")
+    assert "kept from an earlier run" in _run_line("knee_oa_separate", rec)
+    assert kept_runs(BenchSettings(tmp_path, out, "32-true"), root) == {}  # all runs train
+
+    (root / "regions" / "eval" / "metrics.json").unlink()
+    with pytest.raises(FileNotFoundError, match="add regions to --findings-runs"):
+        kept_runs(s, root)
+    with pytest.raises(ValueError, match="--findings-runs"):
+        kept_runs(BenchSettings(tmp_path, out, "32-true", findings_runs=("knees",)), root)

@@ -48,9 +48,9 @@ KL_GRADE = (
     "+model.findings.kl_grade={region: knee, from: finding, grades: [KL0, KL1, KL2, KL3, KL4]}"
 )
 #: run -> task and its share of --findings-minutes: each region run gets the same budget, so
-#: the shares add up to 1.70 (32 min: 9 min per region run, 18 for the separate backbone,
-#: 9.6 for boxes), then evaluations
-#: and predict timing
+#: the shares add up to 1.70 (90 min: 25 min per region run, 50 for the separate backbone,
+#: 27 for boxes; ~110 min of training on an idle 2-core machine), then evaluations and predict
+#: timing. `--findings-runs` trains some and keeps the others (`kept_runs`)
 RUNS = {
     "knee_oa": {"task": "knee_oa", "share": 0.28},
     "knee_oa_binary": {"task": "knee_oa", "share": 0.28},
@@ -70,10 +70,12 @@ BOX_IMAGE_SIZE = 256
 REGION_BATCH = 32
 BOX_BATCH = 8
 #: epochs of each run's cosine schedule (trainer.max_epochs); trainer.max_time stops earlier.
-#: Sized for --findings-minutes 32 on an idle 2-core machine: 5 region epochs in ~8.5 of 9
-#: minutes (17 of 18 for the separate backbone), so the schedule anneals fully; the box run
-#: ~3 training films/s at 256 px, ~110 s per epoch of its 337 films
-EPOCHS = {"knee_oa": 5, "knee_oa_binary": 5, "regions": 5, "knee_oa_separate": 5, "boxes": 5}
+#: 14: at 5 epochs the knee OA head was still improving (validation AUROC 0.91 at epoch 5,
+#: 0.93-0.95 over epochs 8-12 of a 14-epoch trial) and the box run used a third of its budget.
+#: Sized for --findings-minutes 90 on an idle 2-core machine: ~95 s per region epoch with
+#: validation (22 of 25 minutes), ~160 s with the separate backbone (37 of 50), ~40 s per box
+#: epoch (9 of 27)
+EPOCHS = {"knee_oa": 14, "knee_oa_binary": 14, "regions": 14, "knee_oa_separate": 14, "boxes": 14}
 #: --quick: box films (patient split of the first ones), batches per epoch, box input size
 QUICK_FILMS = 30
 QUICK_BATCHES = 2
@@ -101,10 +103,18 @@ ANCHORS = {
 BOX_NOTE = "boxes of vertebrae (T1..L5, from the annotated corners), not of lesions"
 
 
-_WITH_GRADES = ("val/auroc_mean", "val/top1_acc", "val/auroc/knee_oa", "val/kappa/kl_grade")
+#: per run, what its timeline records each epoch; the first is the checkpoint's monitor (the
+#: runs with a knee_oa head follow task=knee_oa's val/auroc_mean_all)
+_WITH_GRADES = ("val/auroc_mean_all", "val/auroc_mean", "val/top1_acc", "val/auroc/knee_oa",
+                "val/kappa/kl_grade")  # fmt: skip
 MONITORS = {
     "knee_oa": _WITH_GRADES,
-    "knee_oa_binary": ("val/auroc_mean", "val/top1_acc", "val/auroc/knee_oa"),
+    "knee_oa_binary": (
+        "val/auroc_mean_all",
+        "val/auroc_mean",
+        "val/top1_acc",
+        "val/auroc/knee_oa",
+    ),  # fmt: skip
     "regions": ("val/auroc_mean", "val/top1_acc"),
     "knee_oa_separate": _WITH_GRADES,
     "boxes": ("val/map_50", "val/map"),
@@ -486,6 +496,36 @@ def _same_split(a: Path, b: Path) -> bool:
     return sa.reset_index(drop=True).equals(sb.reset_index(drop=True))
 
 
+def kept_runs(settings: BenchSettings, root: Path) -> dict[str, tuple[dict, dict]]:
+    """Where only some runs train (`--findings-runs`): each other run's record from
+    `<out>/results.json`, marked `from_earlier_run`, and its evaluation from
+    `<root>/<run>/eval/metrics.json` (its checkpoint and predictions stay where that run left
+    them), so every figure is derived as if it had run now."""
+    if not settings.findings_runs:
+        return {}
+    unknown = sorted(set(settings.findings_runs) - set(RUNS))
+    if unknown:
+        raise ValueError(f"--findings-runs {unknown}: use some of {', '.join(RUNS)}")
+    previous = settings.out_dir / "results.json"
+    old = json.loads(previous.read_text()).get("findings", {}) if previous.is_file() else {}
+    kept = {}
+    for run in RUNS:
+        if run in settings.findings_runs:
+            continue
+        record, evaluation = old.get("runs", {}).get(run), root / run / "eval" / "metrics.json"
+        if not record or "skipped" in record or not evaluation.is_file():
+            raise FileNotFoundError(
+                f"--findings-runs keeps {run} from an earlier run, but {previous} has no record "
+                f"of it or {evaluation} is missing: add {run} to --findings-runs"
+            )
+        run_dir = root / run  # the record's paths are relative to the repository
+        record = {**record, "run_dir": str(run_dir),
+                  "checkpoint": str(run_dir / "checkpoints" / "best.ckpt"),
+                  "from_earlier_run": True}  # fmt: skip
+        kept[run] = (record, json.loads(evaluation.read_text()))
+    return kept
+
+
 def findings_section(settings: BenchSettings) -> dict:
     """Train, evaluate and time the runs (see the module docstring); the results dict."""
     from regionnet.model.module import load_regionnet
@@ -512,7 +552,11 @@ def findings_section(settings: BenchSettings) -> dict:
     have_regions = settings.manifest_csv.is_file()
     have_boxes = (settings.data_dir / "landmarks" / "manifest.csv").is_file()
     results: dict[str, dict] = {}
+    kept = kept_runs(settings, root)
     for run in RUNS:
+        if run in kept:
+            res["runs"][run], results[run] = kept[run]
+            continue
         if run == "boxes" and not have_boxes:
             res["runs"][run] = {"skipped": f"no landmark data under {settings.data_dir}"}
             continue
@@ -610,8 +654,10 @@ def _run_line(name: str, r: dict) -> str:
         if "step" in last and last["step"] < r["max_epochs"] * last["steps_per_epoch"]
         else ""
     )
+    earlier = " (kept from an earlier run of this section)" if r.get("from_earlier_run") else ""
     return (
-        f"- {name} (`task={r['task']}`): {r['epochs']} of {r['max_epochs']} epochs{steps} in "
+        f"- {name}{earlier} (`task={r['task']}`): {r['epochs']} of {r['max_epochs']} epochs"
+        f"{steps} in "
         f"{r['train_seconds'] / 60:.1f} min (budget {r['budget_minutes']:.1f} min"
         + (f", {fit:.1f} training films/s" if fit else "")
         + f"), checkpoint of epoch {r.get('checkpoint_epoch')} by `{r['checkpoint_monitor']}`, "

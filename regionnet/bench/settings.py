@@ -80,7 +80,10 @@ class BenchSettings:
     landmarks_rows: tuple[str, ...] = ()
     #: the findings section (issue 18): the budget its trainings' shares are taken of (min;
     #: 28 % per region run, 30 % for boxes: regionnet.bench.findings.RUNS)
-    findings_minutes: float = 32.0
+    findings_minutes: float = 90.0
+    #: findings runs to train ("knee_oa", ...), the others kept from `<out>/results.json` and
+    #: their evaluations under artifacts/findings/; empty: all of them
+    findings_runs: tuple[str, ...] = ()
     #: the compose section (issues 17, 18): the budget its five trainings' shares are taken
     #: of (min; 25 % each, at most: regionnet.bench.compose.RUNS)
     compose_minutes: float = 24.0
