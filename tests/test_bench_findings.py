@@ -215,7 +215,7 @@ def test_findings_runs_keep_the_other_runs_records_and_evaluations(tmp_path):
     evaluations from artifacts/findings/<run>/eval; a missing one or an unknown name stops."""
     import json
 
-    from regionnet.bench.findings import RUNS, _run_line
+    from regionnet.bench.findings import RUNS, _earlier, _run_line
 
     out = tmp_path / "out"
     root = out / "artifacts" / "findings"
@@ -237,6 +237,9 @@ def test_findings_runs_keep_the_other_runs_records_and_evaluations(tmp_path):
     assert rec["run_dir"] == str(root / "knee_oa_separate")
     assert rec["checkpoint"] == str(root / "knee_oa_separate" / "checkpoints" / "best.ckpt")
     assert "kept from an earlier run" in _run_line("knee_oa_separate", rec)
+    fd = {"runs": {"knee_oa_separate": rec, "knee_oa": record}}
+    assert "5 of 5 epochs, checkpoint by `val/auroc_mean`" in _earlier(fd, "knee_oa_separate")
+    assert _earlier(fd, "knee_oa") == ""  # trained by this run: no note
     assert kept_runs(BenchSettings(tmp_path, out, "32-true"), root) == {}  # all runs train
 
     (root / "regions" / "eval" / "metrics.json").unlink()

@@ -665,6 +665,18 @@ def _run_line(name: str, r: dict) -> str:
     )
 
 
+def _earlier(fd: dict, run: str) -> str:
+    """A note for figures of a run kept from an earlier run (`--findings-runs`), whose epochs
+    and checkpoint rule may differ from this run's; empty otherwise."""
+    r = fd.get("runs", {}).get(run, {})
+    if not r.get("from_earlier_run"):
+        return ""
+    return (
+        f" (kept from an earlier run: {r['epochs']} of {r['max_epochs']} epochs, checkpoint by "
+        f"`{r['checkpoint_monitor']}`)"
+    )
+
+
 REGION_VARIANTS = (
     ("with_finding_heads", "paired", "task=knee_oa + kl_grade"),
     ("with_knee_oa_head_only", "paired_knee_oa_head_only", "task=knee_oa"),
@@ -676,10 +688,17 @@ REGION_VARIANTS = (
 )
 
 
-def _region_table(ra: dict) -> list[str]:
+#: the run behind each REGION_VARIANTS column
+VARIANT_RUNS = {"with_finding_heads": "knee_oa", "with_knee_oa_head_only": "knee_oa_binary",
+                "with_finding_heads_separate_backbone": "knee_oa_separate"}  # fmt: skip
+
+
+def _region_table(ra: dict, fd: dict | None = None) -> list[str]:
     """Region figures without and with finding heads, and the paired differences."""
     wo = ra["without_finding_heads"]
-    cols = [(ra[f], ra[p], name) for f, p, name in REGION_VARIANTS if f in ra]
+    fd = fd or {}
+    cols = [(ra[f], ra[p], name + _earlier(fd, VARIANT_RUNS[f]))
+            for f, p, name in REGION_VARIANTS if f in ra]  # fmt: skip
     head = " | ".join(name for _, _, name in cols)
     deltas = " | ".join(f"{name}: with - without [95 % CI]" for _, _, name in cols)
     lines = [
@@ -756,7 +775,8 @@ def findings_markdown(fd: dict) -> list[str]:
             b = fd["knee_oa_separate_backbone"]
             lines.append(
                 "| test AUROC with the finding heads on their own backbone "
-                f"(`model.finding_backbone=separate`) | {_v(b['test_auroc'])}"
+                f"(`model.finding_backbone=separate`){_earlier(fd, 'knee_oa_separate')} | "
+                f"{_v(b['test_auroc'])}"
                 f"{_ci_text(b['test_auroc_ci'])}; sensitivity {_v(b['test_sensitivity'])}, "
                 f"specificity {_v(b['test_specificity'])} | |"
             )
@@ -782,13 +802,14 @@ def findings_markdown(fd: dict) -> list[str]:
             g = fd["kl_grade_separate_backbone"]
             lines += [
                 "With the finding heads on their own backbone (`model.finding_backbone="
-                f"separate`): accuracy {_v(g['test_accuracy'])}, quadratic kappa "
+                f"separate`){_earlier(fd, 'knee_oa_separate')}: accuracy "
+                f"{_v(g['test_accuracy'])}, quadratic kappa "
                 f"{_v(g['test_kappa_quadratic'])}{_ci_text(g['test_kappa_quadratic_ci'])}, mean "
                 f"absolute grade error {_v(g['test_mae_grades'])}.",
                 "",
             ]
     if "region_accuracy" in fd:
-        lines += _region_table(fd["region_accuracy"])
+        lines += _region_table(fd["region_accuracy"], fd)
     if "boxes" in fd:
         b = fd["boxes"]
         lines += [
