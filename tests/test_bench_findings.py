@@ -247,3 +247,18 @@ def test_findings_runs_keep_the_other_runs_records_and_evaluations(tmp_path):
         kept_runs(s, root)
     with pytest.raises(ValueError, match="--findings-runs"):
         kept_runs(BenchSettings(tmp_path, out, "32-true", findings_runs=("knees",)), root)
+
+
+def test_a_run_line_says_what_stopped_the_run_early():
+    """Early stopping ends a run after a whole epoch; the wall-clock budget within one."""
+    from regionnet.bench.findings import _run_line
+
+    run = {"task": "knee_oa", "epochs": 9, "max_epochs": 14, "train_seconds": 770.0,
+           "budget_minutes": 25.2, "checkpoint_epoch": 4, "checkpoint_monitor": "val/auroc_mean",
+           "params": 3.4e6, "checkpoint": "best.ckpt"}  # fmt: skip
+    early = _run_line("a", {**run, "timeline": [{"step": 9 * 39, "steps_per_epoch": 39}]})
+    assert "9 of 14 epochs (early stopping ended it)" in early and "budget cut" not in early
+    cut = _run_line("a", {**run, "timeline": [{"step": 9 * 39 - 5, "steps_per_epoch": 39}]})
+    assert "346 steps of 39 per epoch: the budget cut the last epoch" in cut
+    full = _run_line("a", {**run, "epochs": 14, "timeline": [{"step": 546, "steps_per_epoch": 39}]})
+    assert "14 of 14 epochs in" in full

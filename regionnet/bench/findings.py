@@ -647,13 +647,17 @@ def _run_line(name: str, r: dict) -> str:
         return f"- {name}: skipped ({r['skipped']})."
     fit = r.get("train_films_per_s")
     last = (r.get("timeline") or [{}])[-1]
-    # a run the budget stopped before max_epochs: how far its last epoch got
-    steps = (
-        f" ({last['step']} steps of {last['steps_per_epoch']} per epoch: the budget cut the "
-        "last epoch)"
-        if "step" in last and last["step"] < r["max_epochs"] * last["steps_per_epoch"]
-        else ""
-    )
+    # a run that stopped before max_epochs: early stopping ends it after a whole epoch, the
+    # budget (trainer.max_time) within one
+    steps = ""
+    if "step" in last and last["step"] < r["max_epochs"] * last["steps_per_epoch"]:
+        whole = last["step"] % last["steps_per_epoch"] == 0
+        steps = (
+            " (early stopping ended it)"
+            if whole
+            else f" ({last['step']} steps of {last['steps_per_epoch']} per epoch: the budget "
+            "cut the last epoch)"
+        )
     earlier = " (kept from an earlier run of this section)" if r.get("from_earlier_run") else ""
     return (
         f"- {name}{earlier} (`task={r['task']}`): {r['epochs']} of {r['max_epochs']} epochs"
