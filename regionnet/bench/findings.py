@@ -105,20 +105,25 @@ BOX_NOTE = "boxes of vertebrae (T1..L5, from the annotated corners), not of lesi
 
 #: per run, what its timeline records each epoch; the first is the checkpoint's monitor (the
 #: runs with a knee_oa head follow task=knee_oa's val/auroc_mean_all)
-_WITH_GRADES = ("val/auroc_mean_all", "val/auroc_mean", "val/top1_acc", "val/auroc/knee_oa",
-                "val/kappa/kl_grade")  # fmt: skip
+_KNEE_OA = ("val/auroc_mean_all", "val/auroc_mean", "val/top1_acc", "val/auroc/knee_oa")
+_WITH_GRADES = (*_KNEE_OA, "val/kappa/kl_grade")
 MONITORS = {
     "knee_oa": _WITH_GRADES,
-    "knee_oa_binary": (
-        "val/auroc_mean_all",
-        "val/auroc_mean",
-        "val/top1_acc",
-        "val/auroc/knee_oa",
-    ),  # fmt: skip
+    "knee_oa_binary": _KNEE_OA,
     "regions": ("val/auroc_mean", "val/top1_acc"),
     "knee_oa_separate": _WITH_GRADES,
     "boxes": ("val/map_50", "val/map"),
 }
+
+
+#: the runs whose region heads are compared with task=regions': (run, key of its figures,
+#: key of the paired differences, column label)
+REGION_VARIANTS = (
+    ("knee_oa", "with_finding_heads", "paired", "task=knee_oa + kl_grade"),
+    ("knee_oa_binary", "with_knee_oa_head_only", "paired_knee_oa_head_only", "task=knee_oa"),
+    ("knee_oa_separate", "with_finding_heads_separate_backbone", "paired_separate_backbone",
+     "task=knee_oa + kl_grade, finding_backbone=separate"),
+)  # fmt: skip
 
 
 def run_minutes(settings: BenchSettings, run: str) -> float:
@@ -462,12 +467,8 @@ def region_comparison(settings: BenchSettings, runs: dict, results: dict) -> dic
         "without_finding_heads": region_figures(results["regions"]),
         "with_finding_heads_are": "knee_oa (binary) + kl_grade (ordinal, KL0..KL4)",
     }
-    names = {"knee_oa": ("with_finding_heads", "paired"),
-             "knee_oa_binary": ("with_knee_oa_head_only", "paired_knee_oa_head_only"),
-             "knee_oa_separate": ("with_finding_heads_separate_backbone",
-                                  "paired_separate_backbone")}  # fmt: skip
     same = []
-    for run, (figures, paired) in names.items():
+    for run, figures, paired, _ in REGION_VARIANTS:
         if run not in results:
             continue
         with_dir = Path(runs[run]["run_dir"])
@@ -681,28 +682,12 @@ def _earlier(fd: dict, run: str) -> str:
     )
 
 
-REGION_VARIANTS = (
-    ("with_finding_heads", "paired", "task=knee_oa + kl_grade"),
-    ("with_knee_oa_head_only", "paired_knee_oa_head_only", "task=knee_oa"),
-    (
-        "with_finding_heads_separate_backbone",
-        "paired_separate_backbone",
-        "task=knee_oa + kl_grade, finding_backbone=separate",
-    ),
-)
-
-
-#: the run behind each REGION_VARIANTS column
-VARIANT_RUNS = {"with_finding_heads": "knee_oa", "with_knee_oa_head_only": "knee_oa_binary",
-                "with_finding_heads_separate_backbone": "knee_oa_separate"}  # fmt: skip
-
-
 def _region_table(ra: dict, fd: dict | None = None) -> list[str]:
     """Region figures without and with finding heads, and the paired differences."""
     wo = ra["without_finding_heads"]
     fd = fd or {}
-    cols = [(ra[f], ra[p], name + _earlier(fd, VARIANT_RUNS[f]))
-            for f, p, name in REGION_VARIANTS if f in ra]  # fmt: skip
+    cols = [(ra[f], ra[p], name + _earlier(fd, run))
+            for run, f, p, name in REGION_VARIANTS if f in ra]  # fmt: skip
     head = " | ".join(name for _, _, name in cols)
     deltas = " | ".join(f"{name}: with - without [95 % CI]" for _, _, name in cols)
     lines = [
