@@ -249,6 +249,9 @@ FINDING_TRAIN = [
     "trainer.max_epochs=8",
     "trainer.check_val_every_n_epoch=8",
     "callbacks.early_stopping=null",
+    # as task=knee_oa: the checkpoint and the model follow every head's AUROC
+    "model.monitor=val/auroc_mean_all",
+    "callbacks.model_checkpoint.monitor=val/auroc_mean_all",
 ]
 
 
@@ -284,7 +287,11 @@ def test_a_finding_head_learns_a_visible_finding(finding_run):
         sum(metrics[f"test/auroc/{h}"] for h in heads) / 3
     )
     assert "val/auroc_mean_all" in metrics
+    # the model's monitor's best-so-far, and the region heads' one that sweeps read
+    assert metrics["val/auroc_mean_all_best"] == pytest.approx(metrics["val/auroc_mean_all"])
+    assert metrics["val/auroc_mean_best"] == pytest.approx(metrics["val/auroc_mean"])
     model = load_regionnet(run / "checkpoints" / "best.ckpt")
+    assert model.monitor == "val/auroc_mean_all"
     assert model.findings == ["knee_oa"] and model.hparams.findings["knee_oa"]["region"] == "knee"
     t = float(model.finding_thresholds[0])
     assert 0.0 < t < 1.0 and t != 0.5  # chosen on validation
@@ -454,4 +461,21 @@ def test_task_knee_oa_keeps_the_checkpoint_that_is_best_over_every_head():
     assert cfg.callbacks.model_checkpoint.monitor == "val/auroc_mean_all"
     assert cfg.callbacks.early_stopping.monitor == "val/auroc_mean_all"
     assert cfg.optimized_metric == "val/auroc_mean_all"
+    assert cfg.model.monitor == "val/auroc_mean_all"  # its plateau scheduler too
     assert compose_config("train", []).callbacks.model_checkpoint.monitor == "val/auroc_mean"
+
+
+def test_the_model_monitor_drives_a_plateau_scheduler_and_refuses_other_metrics():
+    """`model.monitor` is what a ReduceLROnPlateau follows; an unknown metric is refused with
+    the metrics it may be."""
+    from regionnet.model.module import RegionNet
+
+    plateau = {"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau", "_partial_": True}
+    kw = dict(regions=["hand", "knee"], backbone="test_resnet", scheduler=plateau)
+    knee_oa = {"knee_oa": {"region": "knee", "from": "finding", "positive": ["KL2"]}}
+    model = RegionNet(**kw, findings=knee_oa, monitor="val/auroc_mean_all")
+    assert model.configure_optimizers()["lr_scheduler"]["monitor"] == "val/auroc_mean_all"
+    assert list(model.tracked()) == ["val/auroc_mean", "val/auroc_mean_all"]
+    assert list(RegionNet(**kw).tracked()) == ["val/auroc_mean"]
+    with pytest.raises(ValueError, match=r"model.monitor='val/top1_acc'.*auroc_mean_all"):
+        RegionNet(**kw, monitor="val/top1_acc")

@@ -17,7 +17,8 @@ optimizer; a head type gives only what differs between them:
   films, and for a batch where none was readable;
 - `reset_metrics()`, `head_parameters()` (the parameters at the full learning rate;
   everything else trains at `backbone_lr_scale` x it), and the class attributes `task`,
-  `monitor`, `monitor_mode` and `stages`.
+  `monitor`, `monitor_mode` and `stages`. A model may set its own `monitor` (an instance
+  attribute, e.g. RegionNet's `model.monitor`); `<class monitor>_best` is logged beside it.
 
 Batches (`regionnet.data.dataset.collate_readable` and its landmark/box twins) hold the
 readable films under `image` and the unreadable ones under `errors` ((path, reason) pairs):
@@ -63,8 +64,15 @@ class HeadLoop(L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        # best-so-far of `monitor`, logged as `<monitor>_best` (sweeps read it)
-        self.val_best = MaxMetric() if self.monitor_mode == "max" else MinMetric()
+        # best-so-far of `monitor` and of the head type's own (class) monitor, logged as
+        # `<metric>_best`: sweeps, dashboards and the benchmark read `val/auroc_mean_best` etc.
+        # whichever metric a run's checkpoint follows (`tracked`)
+        self.val_best = torch.nn.ModuleDict(
+            {
+                name: MaxMetric() if self.monitor_mode == "max" else MinMetric()
+                for name in (type(self).monitor, "monitor")
+            }
+        )
         # the test stage's per-film outputs, every process's after the stage (`test_outputs`),
         # and the test stages' unreadable films as (path, reason) (`test_errors`)
         self._test_outputs: list[dict] = []
@@ -114,7 +122,8 @@ class HeadLoop(L.LightningModule):
     def on_train_start(self) -> None:
         # the sanity check's validation must not leak into the metrics or the best-so-far
         self.reset_metrics()
-        self.val_best.reset()
+        for best in self.val_best.values():
+            best.reset()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._warn_errors(batch)
@@ -146,9 +155,20 @@ class HeadLoop(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_stage("val")
-        if self.monitor in values and not self.trainer.sanity_checking:
-            self.val_best.update(torch.tensor(values[self.monitor]))
-            self.log(f"{self.monitor}_best", self.val_best.compute(), prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        for name, key in self.tracked().items():
+            if name in values:
+                self.val_best[key].update(torch.tensor(values[name]))
+                self.log(f"{name}_best", self.val_best[key].compute(), prog_bar=True)
+
+    def tracked(self) -> dict[str, str]:
+        """The validation metrics whose best-so-far is logged, each with its `val_best` key:
+        the head type's own monitor, and the model's `monitor` where it is another metric."""
+        out = {type(self).monitor: type(self).monitor}
+        if self.monitor != type(self).monitor:
+            out[self.monitor] = "monitor"
+        return out
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs, self._test_errors = [], []

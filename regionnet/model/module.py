@@ -26,8 +26,9 @@ that head no gradient). Metrics
 `stage/auroc/<finding>` etc. (`FindingMetrics`), thresholds chosen on validation
 (`finding_thresholds`, a buffer in the checkpoint); they never enter `stage/auroc_mean`, but
 `stage/auroc_mean_all` is the mean AUROC of every region head and binary finding head together:
-task=knee_oa's best checkpoint follows it, since the region heads' mean saturates (~0.997 on
-the shared data) long before the finding heads stop improving.
+task=knee_oa's best checkpoint, early stopping and plateau scheduler (`monitor`) follow it,
+since the region heads' mean saturates (~0.997 on the shared data) long before the finding
+heads stop improving.
 
 Ordinal findings (`{kl_grade: {region: knee, from: finding, grades: [KL0, KL1, KL2, KL3,
 KL4]}}`): an `OrdinalHead` with G-1 logits of P(grade > k), trained by the same masked BCE on
@@ -76,6 +77,11 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
     return loss.sum() / mask.sum().clamp(min=1)
 
 
+#: validation metrics a RegionNet may follow (`monitor`): the region heads' mean AUROC, or
+#: that of every region and binary finding head
+MONITORS = ("val/auroc_mean", "val/auroc_mean_all")
+
+
 class RegionNet(HeadLoop):
     """Shared-backbone multi-head region classifier (see module docstring); the loop is
     `HeadLoop`'s."""
@@ -117,8 +123,16 @@ class RegionNet(HeadLoop):
         finding_weight: float = 1.0,
         finding_thresholds: Sequence[float] | None = None,
         finding_backbone: str = "shared",
+        monitor: str = "val/auroc_mean",
     ):
         super().__init__()
+        if monitor not in MONITORS:
+            raise ValueError(
+                f"model.monitor={monitor!r}: use one of {list(MONITORS)} (the validation metric "
+                "a plateau scheduler follows; set callbacks.model_checkpoint.monitor alike)"
+            )
+        # the instance's: `<monitor>_best` is logged beside val/auroc_mean_best (HeadLoop)
+        self.monitor = monitor
         regions = list(validate_regions(regions))
         # The pixel intensity rule the training images were read with (regionnet.io). Old
         # checkpoints lack it and get the default: every film they were trained on (8-bit PNGs,
