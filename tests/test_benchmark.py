@@ -169,6 +169,12 @@ def test_overhead_trains_the_same_model_both_ways(shared_data, tmp_path):
     assert 0 <= res["val_auroc_mean"]["plain"] <= 1
 
 
+#: the landmarks section's settings block, as its report reads it
+LANDMARK_SETTINGS = {"image_size": 256, "backbone": "resnet18", "pretrained": "ImageNet",
+                     "stride": 8, "head_width": 128, "batch_size": 8, "optimizer": "AdamW",
+                     "precision": "32-true", "budget_minutes": 20, "torch_threads": 2}  # fmt: skip
+
+
 def test_landmark_section_names_its_figures_for_what_they_are(tmp_path):
     """The landmarks section (regionnet.bench.landmarks) on a fake evaluation: results keys
     such as landmarks.spine.two_step.test.cobb_smape, the training overrides and the report,
@@ -199,10 +205,7 @@ def test_landmark_section_names_its_figures_for_what_they_are(tmp_path):
            "max_epochs": 4, "train_seconds": 500.0, "budget_minutes": 9.0,
            "val_mre_pct_best": 10.0, "checkpoint": "best.ckpt",
            "predict_films_per_s": 2.5}  # fmt: skip
-    res = {"settings": {"image_size": 256, "backbone": "tf_efficientnet_lite0",
-                        "pretrained": "ImageNet", "stride": 8, "head_width": 128,
-                        "batch_size": 8, "optimizer": "AdamW", "precision": "32-true",
-                        "budget_minutes": 20, "torch_threads": 2},
+    res = {"settings": {**LANDMARK_SETTINGS, "backbone": "tf_efficientnet_lite0"},
            "spine": {"two_step": row}, "hand": {"two_step": {"skipped": "budget"}},
            "wall_seconds": 600.0}  # fmt: skip
     res["targets"] = targets(res)
@@ -231,7 +234,9 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     )
 
     s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
-    assert rows(s)[-1] == ("hand", "two_step")  # after the step-1 row it starts from
+    order = rows(s)  # a two-step row after the step-1 row it starts from, the detector's after it
+    assert order.index(("hand", "two_step")) > order.index(("hand", "step1"))
+    assert order.index(("spine", "detector_crops")) > order.index(("spine", "two_step"))
     one = replace(s, landmarks_rows=("hand.two_step",))
     assert rows(one) == [("hand", "two_step")]
     with pytest.raises(ValueError, match="hand.three_step"):
@@ -248,9 +253,7 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     assert kept["hand"] == {"step1": {**step1, "from_earlier_run": True}}  # skipped rows go
     assert kept["data"] == {"hand": {"films": 109}}
     two = {"test": {"mre_pct": 3.1, "films": 16}, "test_step1": {"mre_pct": 4.0}, **run}
-    res = {"settings": {"image_size": 256, "backbone": "resnet18", "pretrained": "ImageNet",
-                        "stride": 8, "head_width": 128, "batch_size": 8, "optimizer": "AdamW",
-                        "precision": "32-true", "budget_minutes": 20, "torch_threads": 2},
+    res = {"settings": LANDMARK_SETTINGS,
            "hand": {**kept["hand"], "two_step": two}, "wall_seconds": 60.0}  # fmt: skip
     text = "\n".join(landmarks_markdown(res))
     assert "| step 1 | 2-step: its step 1 | 2-step: final |" in text
@@ -267,6 +270,45 @@ def test_landmark_rows_can_rerun_alone_and_keep_the_others(tmp_path):
     fresh = {"hand": {"step1": {"checkpoint": str(best)}}}
     assert start_checkpoint(fresh, ("hand", "two_step")) == best
     assert start_checkpoint(fresh, ("hand", "step1")) is None
+
+
+def test_the_detector_crops_row_needs_both_checkpoints_and_one_split(tmp_path):
+    """spine.detector_crops trains nothing: it evaluates spine.two_step's checkpoint with the
+    findings section's box checkpoint, skipped with the reason where either is missing or
+    the two runs split the patients differently; measured, the table and levers show it."""
+    from regionnet.bench.landmarks import detector_row, landmarks_markdown
+
+    s = BenchSettings(tmp_path / "data", tmp_path / "out", "32-true")
+    row, root = ("spine", "detector_crops"), tmp_path / "runs"
+    ckpt = tmp_path / "two_step" / "checkpoints" / "best.ckpt"
+    res = {"spine": {"two_step": {"checkpoint": str(ckpt)}}}
+    assert (
+        "run both, then `--landmarks-rows spine.detector_crops`"
+        in (detector_row(s, res, row, root)["skipped"])
+    )
+    boxes = s.artifacts / "findings" / "boxes"
+    for d in (ckpt.parent, boxes / "checkpoints"):
+        d.mkdir(parents=True)
+        (d / "best.ckpt").write_bytes(b"")
+    split = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "split": ["train", "test"]})
+    split.to_csv(ckpt.parent.parent / "split.csv", index=False)
+    split.assign(split=["test", "train"]).to_csv(boxes / "split.csv", index=False)
+    assert "split the films differently" in detector_row(s, res, row, root)["skipped"]
+
+    run = {"max_epochs": 6, "epochs": 6, "train_seconds": 60.0, "budget_minutes": 9.0,
+           "val_mre_pct_best": 40.0, "checkpoint": "best.ckpt"}  # fmt: skip
+    two = {"test": {"off_level_pct": 35.0, "err_y_median_pct": 18.4, "cobb_smape": 13.2,
+                    "films": 72}, "test_step1": {}, **run}  # fmt: skip
+    det = {"test": {"off_level_pct": 45.0, "err_y_median_pct": 31.6, "cobb_smape": 14.3},
+           "eval_of": "two_step", "checkpoint": "best.ckpt", "detector": "boxes.ckpt",
+           "eval_seconds": 50.0}  # fmt: skip
+    res = {"settings": LANDMARK_SETTINGS,
+           "spine": {"two_step": two, "detector_crops": det}, "wall_seconds": 60.0}  # fmt: skip
+    text = "\n".join(landmarks_markdown(res))
+    assert "| 2-step, crops from the vertebra detector |" in text
+    assert "| n/a | n/a | 35.0 | 45.0 |" in text  # the off-level row
+    assert "45 % of vertebrae on another level against 35 % with step 1's crops" in text
+    assert "evaluated with `refine_detector=boxes.ckpt`" in text
 
 
 def test_committed_results_md_is_what_the_report_makes_of_results_json(tmp_path):
@@ -301,9 +343,7 @@ def test_spine_step1_at_twice_the_size_is_optional_and_reported_beside_step1(tmp
            "image_size": 256, "epochs": 11, **run}  # fmt: skip
     big = {"test": {"off_level_pct": 20.0, "err_y_median_pct": 12.0, "films": 72},
            "image_size": 512, "epochs": 5, **run}  # fmt: skip
-    res = {"settings": {"image_size": 256, "backbone": "resnet18", "pretrained": "ImageNet",
-                        "stride": 8, "head_width": 128, "batch_size": 8, "optimizer": "AdamW",
-                        "precision": "32-true", "budget_minutes": 20, "torch_threads": 2},
+    res = {"settings": LANDMARK_SETTINGS,
            "spine": {"step1": one, "step1_2x": big}, "wall_seconds": 60.0}  # fmt: skip
     text = "\n".join(landmarks_markdown(res))
     assert "| step 1 alone at 512 px |" in text
