@@ -101,8 +101,8 @@ def _train(cfg: DictConfig, job: DistributedJob, extra_callbacks: list | None) -
         log.warning(
             "no best checkpoint (fast_dev_run or no checkpoint callback): using last weights"
         )
-    best_keys = ("val/auroc_mean_best", "val/auroc_mean_all_best", "val/mre_pct_best",
-                 "val/map_50_best", "train/images_per_s")  # fmt: skip
+    # the best-so-far values the loop logs (HeadLoop.tracked), and the training throughput
+    best_keys = (*(f"{name}_best" for name in model.tracked()), "train/images_per_s")
     metrics = numbers(trainer.callback_metrics, best_keys)
     metrics["model/params"] = sum(p.numel() for p in model.parameters())
     trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)

@@ -64,15 +64,11 @@ class HeadLoop(L.LightningModule):
 
     def __init__(self):
         super().__init__()
-        # best-so-far of `monitor` and of the head type's own (class) monitor, logged as
-        # `<metric>_best`: sweeps, dashboards and the benchmark read `val/auroc_mean_best` etc.
-        # whichever metric a run's checkpoint follows (`tracked`)
-        self.val_best = torch.nn.ModuleDict(
-            {
-                name: MaxMetric() if self.monitor_mode == "max" else MinMetric()
-                for name in (type(self).monitor, "monitor")
-            }
-        )
+        # best-so-far of the head type's own (class) monitor and of the model's `monitor` where
+        # that is another metric (`tracked`), logged as `<metric>_best`: sweeps, dashboards and
+        # the benchmark read `val/auroc_mean_best` etc. whichever metric the checkpoint follows
+        best = MaxMetric if self.monitor_mode == "max" else MinMetric
+        self.val_best, self.monitor_best = best(), best()
         # the test stage's per-film outputs, every process's after the stage (`test_outputs`),
         # and the test stages' unreadable films as (path, reason) (`test_errors`)
         self._test_outputs: list[dict] = []
@@ -122,8 +118,8 @@ class HeadLoop(L.LightningModule):
     def on_train_start(self) -> None:
         # the sanity check's validation must not leak into the metrics or the best-so-far
         self.reset_metrics()
-        for best in self.val_best.values():
-            best.reset()
+        self.val_best.reset()
+        self.monitor_best.reset()
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         self._warn_errors(batch)
@@ -157,17 +153,17 @@ class HeadLoop(L.LightningModule):
         values = self._log_stage("val")
         if self.trainer.sanity_checking:
             return
-        for name, key in self.tracked().items():
+        for name, best in self.tracked().items():
             if name in values:
-                self.val_best[key].update(torch.tensor(values[name]))
-                self.log(f"{name}_best", self.val_best[key].compute(), prog_bar=True)
+                best.update(torch.tensor(values[name]))
+                self.log(f"{name}_best", best.compute(), prog_bar=True)
 
-    def tracked(self) -> dict[str, str]:
-        """The validation metrics whose best-so-far is logged, each with its `val_best` key:
-        the head type's own monitor, and the model's `monitor` where it is another metric."""
-        out = {type(self).monitor: type(self).monitor}
+    def tracked(self) -> dict[str, MaxMetric | MinMetric]:
+        """The validation metrics whose best-so-far is logged as `<metric>_best`, each with its
+        tracker: the head type's own monitor, and the model's `monitor` where it is another."""
+        out = {type(self).monitor: self.val_best}
         if self.monitor != type(self).monitor:
-            out[self.monitor] = "monitor"
+            out[self.monitor] = self.monitor_best
         return out
 
     def on_test_epoch_start(self) -> None:
